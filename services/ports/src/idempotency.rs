@@ -1,0 +1,28 @@
+//! Persistence of idempotency records (SPEC §6.1). The decision is `securepay_core::idempotency::decide`;
+//! stores only claim, complete and read records.
+
+use async_trait::async_trait;
+use securepay_core::idempotency::{Fingerprint, IdempotencyKey, Record};
+use securepay_core::ids::Subject;
+use time::OffsetDateTime;
+
+use crate::error::PortResult;
+
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Atomically claims (subject, key) as in flight for `fingerprint` if no record exists and
+    /// returns `None`; otherwise returns the existing record unchanged. Exactly one of any number of
+    /// concurrent claimers gets `None` (PostgreSQL: unique constraint; Redis: SET NX).
+    async fn claim(&self, subject: &Subject, key: &IdempotencyKey, fingerprint: Fingerprint, now: OffsetDateTime)
+        -> PortResult<Option<Record<Vec<u8>>>>;
+
+    /// Stores the response for replay. Only the claimer calls it.
+    async fn complete(&self, subject: &Subject, key: &IdempotencyKey, response: &[u8]) -> PortResult<()>;
+
+    /// Releases an in-flight claim whose request wrote nothing (validation failed, dependency
+    /// down), so the client may retry with the same key.
+    async fn release(&self, subject: &Subject, key: &IdempotencyKey) -> PortResult<()>;
+
+    /// Deletes records created before `cutoff` (kept at least 24 h). Returns how many.
+    async fn purge_before(&self, cutoff: OffsetDateTime) -> PortResult<u64>;
+}
