@@ -18,6 +18,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends cmake libcurl4-openssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# sqlx checks its queries against committed metadata, never against a live database at build time.
+ENV SQLX_OFFLINE=true
 COPY . .
 # The cargo registry and target dir are BuildKit caches shared by the four service builds, so the
 # workspace's common dependencies compile once. --locked: the image builds exactly Cargo.lock.
