@@ -1,1 +1,106 @@
-fn main() {}
+//! `cargo xtask`: the SecurePay platform runner (install, start, stop, inspect) and the test command.
+//!
+//! Code map:
+//! - `main.rs`     — the command line;
+//! - `platform.rs` — `up`, `down`, `status`, `logs` over all components and services;
+//! - `test.rs`     — `cargo xtask test`: test platform up, clippy, tests, simulation, tear-down;
+//! - `components/` — one file per infrastructure process (PostgreSQL, Redis, Kafka, Prometheus,
+//!   ...); see `components/mod.rs` for how to add one;
+//! - `services.rs` — the four SecurePay services and their port table;
+//! - `ctx.rs` (profiles, state dirs, ports), `install.rs` (apt, tool cache, system users),
+//!   `process.rs` (detached processes, pid files), `net.rs` (health probes),
+//!   `progress.rs` (step lines with timings), `fsutil.rs` (secrets, atomic writes).
+//!
+//! Architecture invariant: xtask is automation only — no service depends on it, and it depends
+//! only on `securepay-core` (names of topics, schemas, identities) and `securepay-testkit` (the
+//! env-var contract with the tests).
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod components;
+mod ctx;
+mod fsutil;
+mod install;
+mod net;
+mod platform;
+mod process;
+mod progress;
+mod services;
+mod test;
+
+use ctx::{Ctx, Profile};
+
+/// The SecurePay platform runner: real PostgreSQL 16, Redis 7, Kafka 4 (KRaft), Prometheus (and
+/// SPIRE, Jaeger) plus the four services, on loopback, without Docker.
+///
+/// State lives in `.securepay/` (profile dev) or `.securepay-test/` (profile test) in the
+/// workspace root; installs are cached in `${SECUREPAY_CACHE:-~/.cache/securepay}/tools/`.
+/// Ports: SPEC's for dev, +10000 for test; override any with `SECUREPAY_<KEY>_PORT` (dev) or
+/// `SECUREPAY_TEST_<KEY>_PORT` (test), keys: PG, REDIS, KAFKA, KAFKA_CONTROLLER, PROMETHEUS,
+/// GATEWAY, PAYMENT, PAYMENT_ADMIN, ACCOUNT, ACCOUNT_ADMIN, NOTIFICATION.
+#[derive(Parser)]
+#[command(name = "cargo xtask", version)]
+struct Cli {
+    /// Which platform instance to act on.
+    #[arg(long, global = true, value_enum, default_value = "dev")]
+    profile: Profile,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what is missing, start every component (then the services), wait until healthy.
+    Up {
+        /// Only these, comma-separated: pg, redis, kafka, prometheus, ..., services.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// Stop what this profile started (by pid file) and wait until its ports are closed.
+    Down {
+        /// Only these, comma-separated (as for `up`).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// Print the status table: component, address, pid, health.
+    Status,
+    /// Print a component's (or service's) log.
+    Logs {
+        /// pg, redis, kafka, prometheus, ..., api-gateway, payment-service, ...
+        component: String,
+        /// Only the last N lines.
+        #[arg(long, short = 'n')]
+        tail: Option<usize>,
+    },
+    /// Run everything CI runs: test platform up, clippy, tests, simulation; always tears down.
+    Test(test::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    if let Command::Test(args) = cli.command {
+        return test::run(args);
+    }
+    let ctx = Ctx::new(cli.profile)?;
+    match cli.command {
+        Command::Up { only } => platform::up(&ctx, &platform::Selection::parse(&only)?)?,
+        Command::Down { only } => platform::down(&ctx, &platform::Selection::parse(&only)?)?,
+        Command::Status => platform::print_status(&ctx),
+        Command::Logs { component, tail } => platform::logs(&ctx, &component, tail)?,
+        Command::Test(_) => unreachable!("handled above"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,110 @@
+//! Prometheus from Debian's `prometheus` package; its config is generated from
+//! `xtask/templates/prometheus.yml` with every service's and component's metrics endpoint, and
+//! the alert rules in `observability/prometheus/rules/*.yml` when that directory exists.
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result};
+use securepay_testkit::var;
+
+use super::{Component, ScrapeTarget, registry};
+use crate::ctx::{Ctx, Port};
+use crate::install::{ensure_apt, which};
+use crate::services::SERVICES;
+use crate::{fsutil, net, process};
+
+pub const PORT: Port = Port { key: "PROMETHEUS", dev: 9090 };
+const TEMPLATE: &str = include_str!("../../templates/prometheus.yml");
+const RULES_DIR: &str = "observability/prometheus/rules";
+
+pub struct Prometheus;
+
+impl Prometheus {
+    fn targets(&self, ctx: &Ctx) -> Result<Vec<ScrapeTarget>> {
+        let mut targets = vec![ScrapeTarget { job: "prometheus".into(), port: ctx.port(PORT)?, path: "/metrics" }];
+        for c in registry() {
+            targets.extend(c.scrape_targets(ctx)?);
+        }
+        for s in &SERVICES {
+            targets.push(s.scrape_target(ctx)?);
+        }
+        Ok(targets)
+    }
+
+    /// The generated `prometheus.yml` (public for the test that checks it lists every service).
+    pub fn render_config(&self, ctx: &Ctx) -> Result<String> {
+        let scrape_configs: String = self
+            .targets(ctx)?
+            .iter()
+            .map(|t| {
+                format!(
+                    "  - job_name: {job}\n    metrics_path: {path}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n",
+                    job = t.job,
+                    path = t.path,
+                    port = t.port
+                )
+            })
+            .collect();
+        let rules = ctx.root.join(RULES_DIR);
+        let rule_files = if rules.is_dir() {
+            format!("\n  - {}/*.yml", rules.display())
+        } else {
+            format!(" [] # none yet: {RULES_DIR}/ does not exist")
+        };
+        Ok(TEMPLATE
+            .replace("{{profile}}", &ctx.profile.to_string())
+            .replace("{{rule_files}}", &rule_files)
+            .replace("{{scrape_configs}}\n", &scrape_configs))
+    }
+}
+
+impl Component for Prometheus {
+    fn name(&self) -> &'static str {
+        "prometheus"
+    }
+
+    fn version(&self, _ctx: &Ctx) -> String {
+        which("prometheus")
+            .and_then(|bin| process::run(Command::new(bin).arg("--version")).ok())
+            .and_then(|v| v.split_whitespace().nth(2).map(str::to_string))
+            .unwrap_or_else(|| "2 (Debian)".to_string())
+    }
+
+    fn address(&self, ctx: &Ctx) -> Result<String> {
+        Ok(format!("http://127.0.0.1:{}", ctx.port(PORT)?))
+    }
+
+    fn ports(&self, ctx: &Ctx) -> Result<Vec<u16>> {
+        Ok(vec![ctx.port(PORT)?])
+    }
+
+    fn process_marker(&self) -> &'static str {
+        "prometheus"
+    }
+
+    fn install(&self, ctx: &Ctx) -> Result<()> {
+        ensure_apt(ctx, self.name(), "prometheus", &["prometheus"]).map(drop)
+    }
+
+    fn configure(&self, ctx: &Ctx) -> Result<()> {
+        std::fs::create_dir_all(ctx.data_dir(self.name()))?;
+        fsutil::write_atomic(&ctx.config_dir().join("prometheus.yml"), &self.render_config(ctx)?)
+    }
+
+    fn command(&self, ctx: &Ctx) -> Result<Command> {
+        let mut cmd = Command::new(which("prometheus").context("prometheus is not installed")?);
+        cmd.arg(format!("--config.file={}", ctx.config_dir().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", ctx.data_dir(self.name()).display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{}", ctx.port(PORT)?))
+            .arg("--storage.tsdb.retention.time=7d");
+        Ok(cmd)
+    }
+
+    fn health(&self, ctx: &Ctx) -> Result<()> {
+        net::http_ok(ctx.port(PORT)?, "/-/ready")
+    }
+
+    fn test_env(&self, ctx: &Ctx) -> Result<Vec<(&'static str, String)>> {
+        Ok(vec![(var::PROMETHEUS_URL, self.address(ctx)?)])
+    }
+}

@@ -1,0 +1,138 @@
+//! Where a profile keeps its state, which ports it uses and where the tool cache is.
+//!
+//! One profile = one state directory = one set of ports, so `cargo xtask test` (profile `test`)
+//! can run while a developer's platform (profile `dev`) is up, and never touches it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::progress::Progress;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    /// The developer's platform: SPEC ports, state in `.securepay/`.
+    Dev,
+    /// The tests' platform: SPEC ports + 10000, state in `.securepay-test/`.
+    Test,
+}
+
+impl std::fmt::Display for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Profile::Dev => "dev",
+            Profile::Test => "test",
+        })
+    }
+}
+
+impl Profile {
+    fn state_dir_name(self) -> &'static str {
+        match self {
+            Profile::Dev => ".securepay",
+            Profile::Test => ".securepay-test",
+        }
+    }
+
+    /// Added to every SPEC port so the two profiles never collide.
+    pub fn port_offset(self) -> u16 {
+        match self {
+            Profile::Dev => 0,
+            Profile::Test => 10_000,
+        }
+    }
+
+    /// Prefix of the port override variables: `SECUREPAY_PG_PORT` (dev), `SECUREPAY_TEST_PG_PORT` (test).
+    fn env_prefix(self) -> &'static str {
+        match self {
+            Profile::Dev => "SECUREPAY_",
+            Profile::Test => "SECUREPAY_TEST_",
+        }
+    }
+}
+
+/// A port the platform listens on. The dev value is SPEC's; every port can be overridden by env.
+#[derive(Debug, Clone, Copy)]
+pub struct Port {
+    /// Upper-case key of the override variable: `PG` → `SECUREPAY_PG_PORT`.
+    pub key: &'static str,
+    pub dev: u16,
+}
+
+/// Everything a command needs to know about the profile it runs in.
+pub struct Ctx {
+    pub profile: Profile,
+    /// The workspace root (the parent of `xtask/`).
+    pub root: PathBuf,
+    /// `.securepay/` or `.securepay-test/` in the workspace root.
+    pub state: PathBuf,
+    /// `${SECUREPAY_CACHE:-$HOME/.cache/securepay}`: installs shared by all profiles and clones.
+    pub cache: PathBuf,
+    pub progress: Progress,
+}
+
+impl Ctx {
+    pub fn new(profile: Profile) -> Result<Ctx> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask has no parent directory")?
+            .to_path_buf();
+        let cache = match std::env::var_os("SECUREPAY_CACHE") {
+            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+            _ => {
+                let home = std::env::var_os("HOME").context("HOME is not set; set SECUREPAY_CACHE")?;
+                PathBuf::from(home).join(".cache/securepay")
+            }
+        };
+        let state = root.join(profile.state_dir_name());
+        Ok(Ctx { profile, root, state, cache, progress: Progress::new() })
+    }
+
+    /// Creates the state directory layout (idempotent). `secrets/` is 0700.
+    pub fn create_state_dirs(&self) -> Result<()> {
+        for sub in ["data", "logs", "run", "config", "secrets"] {
+            std::fs::create_dir_all(self.state.join(sub))
+                .with_context(|| format!("creating {}", self.state.join(sub).display()))?;
+        }
+        crate::fsutil::set_mode(&self.secrets_dir(), 0o700)
+    }
+
+    pub fn data_dir(&self, component: &str) -> PathBuf {
+        self.state.join("data").join(component)
+    }
+
+    pub fn log_file(&self, component: &str) -> PathBuf {
+        self.state.join("logs").join(format!("{component}.log"))
+    }
+
+    pub fn pid_file(&self, component: &str) -> PathBuf {
+        self.state.join("run").join(format!("{component}.pid"))
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.state.join("config")
+    }
+
+    pub fn secrets_dir(&self) -> PathBuf {
+        self.state.join("secrets")
+    }
+
+    /// `<cache>/tools/<name>-<version>`; see [`crate::install::cached_tool`].
+    pub fn tool_dir(&self, name: &str, version: &str) -> PathBuf {
+        self.cache.join("tools").join(format!("{name}-{version}"))
+    }
+
+    /// The port for this profile: the override variable if set, else SPEC's port + the profile offset.
+    pub fn port(&self, port: Port) -> Result<u16> {
+        let var = format!("{}{}_PORT", self.profile.env_prefix(), port.key);
+        match std::env::var(&var) {
+            Ok(value) if !value.is_empty() => {
+                value.parse().with_context(|| format!("{var}={value} is not a port number"))
+            }
+            _ => match port.dev.checked_add(self.profile.port_offset()) {
+                Some(p) => Ok(p),
+                None => bail!("{var}: default port {} + offset overflows; set {var}", port.dev),
+            },
+        }
+    }
+}

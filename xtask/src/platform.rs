@@ -1,0 +1,135 @@
+//! `up`, `down`, `status` and `logs` over the whole platform: the components of
+//! [`registry`] in order, then the four services.
+
+use anyhow::{Result, bail};
+
+use crate::components::{Component, lifecycle, registry};
+use crate::ctx::{Ctx, Profile};
+use crate::services::{self, SERVICES};
+
+/// Which parts of the platform a command acts on (`--only pg,redis`); empty = everything.
+pub struct Selection {
+    only: Vec<String>,
+}
+
+/// The `--only` name that selects the four services.
+const SERVICES_NAME: &str = "services";
+
+impl Selection {
+    pub fn parse(only: &[String]) -> Result<Selection> {
+        let known: Vec<&str> =
+            registry().iter().map(|c| c.name()).chain(std::iter::once(SERVICES_NAME)).collect();
+        for name in only {
+            if !known.contains(&name.as_str()) {
+                bail!("unknown component {name:?}; known: {}", known.join(", "));
+            }
+        }
+        Ok(Selection { only: only.to_vec() })
+    }
+
+    pub fn all() -> Selection {
+        Selection { only: Vec::new() }
+    }
+
+    /// Every infrastructure component, no services (what the tests need).
+    pub fn infrastructure() -> Selection {
+        Selection { only: registry().iter().map(|c| c.name().to_string()).collect() }
+    }
+
+    fn includes(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|n| n == name)
+    }
+
+    fn components(&self) -> Vec<Box<dyn Component>> {
+        registry().into_iter().filter(|c| self.includes(c.name())).collect()
+    }
+}
+
+pub fn up(ctx: &Ctx, selection: &Selection) -> Result<()> {
+    ctx.create_state_dirs()?;
+    eprintln!(
+        "SecurePay platform, profile {}: state {}, tool cache {}",
+        ctx.profile,
+        ctx.state.display(),
+        ctx.cache.display()
+    );
+    for c in selection.components() {
+        if let Err(e) = lifecycle::up(ctx, c.as_ref()) {
+            eprintln!("\nwhat is up keeps running; `cargo xtask down` stops it, `cargo xtask logs {}` shows why", c.name());
+            return Err(e);
+        }
+    }
+    if selection.includes(SERVICES_NAME) {
+        services::up(ctx)?;
+    }
+    eprintln!("platform up in {:.1}s\n", ctx.progress.elapsed_secs());
+    print_status(ctx);
+    if ctx.profile == Profile::Dev && selection.includes(SERVICES_NAME) {
+        print_first_payment(ctx);
+    }
+    Ok(())
+}
+
+pub fn down(ctx: &Ctx, selection: &Selection) -> Result<()> {
+    if selection.includes(SERVICES_NAME) {
+        services::down(ctx)?;
+    }
+    let mut first_error = None;
+    for c in selection.components().iter().rev() {
+        // Keep stopping the rest: one stuck component must not leave the others running.
+        if let Err(e) = lifecycle::down(ctx, c.as_ref()) {
+            eprintln!("error: {e:#}");
+            first_error.get_or_insert(e);
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+pub fn print_status(ctx: &Ctx) {
+    let mut rows: Vec<_> = registry().iter().map(|c| lifecycle::status(ctx, c.as_ref())).collect();
+    rows.extend(SERVICES.iter().map(|s| services::status(ctx, s)));
+    let width = |f: &dyn Fn(&lifecycle::StatusRow) -> usize, min: usize| rows.iter().map(f).max().unwrap_or(0).max(min);
+    let name_w = width(&|r| r.name.len(), 9);
+    let addr_w = width(&|r| r.address.len(), 7);
+    println!("{:<name_w$}  {:<addr_w$}  {:>7}  health", "component", "address", "pid");
+    for r in &rows {
+        let pid = r.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
+        println!("{:<name_w$}  {:<addr_w$}  {pid:>7}  {}", r.name, r.address, r.health);
+    }
+    println!("(profile {}, state {})", ctx.profile, ctx.state.display());
+}
+
+fn print_first_payment(ctx: &Ctx) {
+    let gateway = ctx.port(SERVICES[0].main).unwrap_or(8080);
+    println!(
+        "\nFirst payment: the gateway (http://127.0.0.1:{gateway}) is still a service shell that logs and waits\n\
+         for a signal — it does not serve the public API yet. What exists now: PostgreSQL, Redis, Kafka (topics\n\
+         created), Prometheus (http://127.0.0.1:{prom}/targets). Once POST /api/v1/payments exists:\n\
+         \n  curl -sS -X POST http://127.0.0.1:{gateway}/api/v1/payments \\\n\
+         \x20   -H 'Authorization: Bearer <dev token>' -H 'Idempotency-Key: first-payment' \\\n\
+         \x20   -H 'Content-Type: application/json' \\\n\
+         \x20   -d '{{\"from_account\":\"<uuid>\",\"to_account\":\"<uuid>\",\"amount\":\"10.50\",\"currency\":\"EUR\"}}'\n",
+        prom = ctx.port(crate::components::prometheus::PORT).unwrap_or(9090),
+    );
+}
+
+pub fn logs(ctx: &Ctx, name: &str, tail: Option<usize>) -> Result<()> {
+    let known: Vec<&str> =
+        registry().iter().map(|c| c.name()).chain(SERVICES.iter().map(|s| s.name())).collect();
+    if !known.contains(&name) {
+        bail!("unknown component {name:?}; known: {}", known.join(", "));
+    }
+    let path = ctx.log_file(name);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => bail!("no log at {}: {e} (was it ever started in profile {}?)", path.display(), ctx.profile),
+    };
+    match tail {
+        Some(n) => println!("{}", crate::fsutil::tail(&path, n)),
+        None => print!("{text}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! The four SecurePay services as the runner sees them: one table of ports (SPEC §2), how to
+//! build and start them, and their rows in the status table.
+//!
+//! Services are built as debug binaries (`cargo build -p ...`) into `target/` and started with
+//! their listen addresses and every component's [`Component::service_env`] in the environment.
+//!
+//! [`Component::service_env`]: crate::components::Component::service_env
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use securepay_core::identity::ServiceIdentity;
+
+use crate::components::lifecycle::{StatusRow, wait_ports_closed};
+use crate::components::{ScrapeTarget, registry};
+use crate::ctx::{Ctx, Port};
+use crate::{net, process};
+
+pub struct Service {
+    pub identity: ServiceIdentity,
+    /// The port clients call (HTTP for gateway/notification, gRPC for payment/account).
+    pub main: Port,
+    /// The admin HTTP port (`/health`, `/metrics`) for gRPC services; `None`: served on `main`.
+    pub admin: Option<Port>,
+}
+
+/// SPEC §2. Admin ports are ours: payment 9181, account 9151 (test profile: +10000).
+pub const SERVICES: [Service; 4] = [
+    Service {
+        identity: ServiceIdentity::ApiGateway,
+        main: Port { key: "GATEWAY", dev: 8080 },
+        admin: None,
+    },
+    Service {
+        identity: ServiceIdentity::PaymentService,
+        main: Port { key: "PAYMENT", dev: 8081 },
+        admin: Some(Port { key: "PAYMENT_ADMIN", dev: 9181 }),
+    },
+    Service {
+        identity: ServiceIdentity::AccountService,
+        main: Port { key: "ACCOUNT", dev: 50051 },
+        admin: Some(Port { key: "ACCOUNT_ADMIN", dev: 9151 }),
+    },
+    Service {
+        identity: ServiceIdentity::NotificationService,
+        main: Port { key: "NOTIFICATION", dev: 8083 },
+        admin: None,
+    },
+];
+
+impl Service {
+    /// `api-gateway`, `payment-service`, ...: the SPIFFE ID's path, also the Prometheus job name.
+    pub fn name(&self) -> &'static str {
+        let id = self.identity.spiffe_id();
+        id.rsplit('/').next().unwrap_or(id)
+    }
+
+    pub fn binary(&self) -> &'static str {
+        self.identity.binary()
+    }
+
+    /// The HTTP port serving `/health` and `/metrics`.
+    pub fn http_port(&self, ctx: &Ctx) -> Result<u16> {
+        ctx.port(self.admin.unwrap_or(self.main))
+    }
+
+    pub fn address(&self, ctx: &Ctx) -> Result<String> {
+        let main = ctx.port(self.main)?;
+        Ok(match self.admin {
+            Some(admin) => format!("127.0.0.1:{main} (admin :{})", ctx.port(admin)?),
+            None => format!("127.0.0.1:{main}"),
+        })
+    }
+
+    pub fn scrape_target(&self, ctx: &Ctx) -> Result<ScrapeTarget> {
+        Ok(ScrapeTarget { job: self.name().to_string(), port: self.http_port(ctx)?, path: "/metrics" })
+    }
+
+    fn pid_name(&self) -> String {
+        format!("svc-{}", self.name())
+    }
+
+    /// The environment a service starts with: its own listen addresses, its peers' addresses and
+    /// every component's `service_env`.
+    fn env(&self, ctx: &Ctx) -> Result<Vec<(String, String)>> {
+        let mut env = vec![
+            ("SECUREPAY_PROFILE".to_string(), ctx.profile.to_string()),
+            ("SECUREPAY_LISTEN_ADDR".to_string(), format!("127.0.0.1:{}", ctx.port(self.main)?)),
+            ("RUST_LOG".to_string(), std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())),
+        ];
+        if let Some(admin) = self.admin {
+            env.push(("SECUREPAY_ADMIN_ADDR".into(), format!("127.0.0.1:{}", ctx.port(admin)?)));
+        }
+        for peer in &SERVICES {
+            let key = peer.name().split('-').next().unwrap_or_default().to_uppercase();
+            env.push((format!("SECUREPAY_{key}_ADDR"), format!("127.0.0.1:{}", ctx.port(peer.main)?)));
+        }
+        for c in registry() {
+            env.extend(c.service_env(ctx)?.into_iter().map(|(k, v)| (k.to_string(), v)));
+        }
+        Ok(env)
+    }
+}
+
+/// `cargo build -p <each service>`: debug builds into the workspace's `target/`.
+pub fn build(ctx: &Ctx) -> Result<()> {
+    ctx.progress.step("services", "cargo build (debug) of the four services", || {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(&ctx.root).args(["build", "--quiet"]);
+        for s in &SERVICES {
+            cmd.args(["-p", s.binary()]);
+        }
+        process::run(&mut cmd).map(drop)
+    })
+}
+
+/// Starts each service that is not running. A service that does not listen yet (the shells of
+/// the first milestone) is reported as running without a listener, not as a failure.
+pub fn up(ctx: &Ctx) -> Result<()> {
+    build(ctx)?;
+    for s in &SERVICES {
+        let pid_file = ctx.pid_file(&s.pid_name());
+        if let Some(pid) = process::running_pid(&pid_file, s.binary()) {
+            ctx.progress.note(s.name(), &format!("already running (pid {pid})"));
+            continue;
+        }
+        let port = s.http_port(ctx)?;
+        if net::port_open(port) {
+            anyhow::bail!("{}: port {port} is already in use by a process this profile did not start", s.name());
+        }
+        ctx.progress.step(s.name(), &format!("start {}", s.address(ctx)?), || {
+            let bin = ctx.root.join("target/debug").join(s.binary());
+            let mut cmd = Command::new(&bin);
+            cmd.current_dir(&ctx.root).envs(s.env(ctx)?);
+            let mut child = process::spawn_detached(&mut cmd, &ctx.log_file(s.name()), &pid_file)
+                .with_context(|| format!("starting {}", bin.display()))?;
+            // Give it a moment to fail fast or to open its HTTP port.
+            process::wait_until(Duration::from_secs(5), || {
+                net::port_open(port) || !matches!(child.try_wait(), Ok(None))
+            });
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!(
+                    "{} exited at start ({status}):\n{}",
+                    s.name(),
+                    crate::fsutil::tail(&ctx.log_file(s.name()), 20)
+                );
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+pub fn down(ctx: &Ctx) -> Result<()> {
+    for s in SERVICES.iter().rev() {
+        let pid_file = ctx.pid_file(&s.pid_name());
+        match process::running_pid(&pid_file, s.binary()) {
+            Some(pid) => ctx.progress.step(s.name(), &format!("stop pid {pid}"), || {
+                process::stop(pid, s.binary(), "TERM", Duration::from_secs(15))?;
+                let mut ports = vec![ctx.port(s.main)?];
+                ports.extend(s.admin.map(|p| ctx.port(p)).transpose()?);
+                wait_ports_closed(&ports)
+            })?,
+            None => ctx.progress.note(s.name(), "not running"),
+        }
+        let _ = std::fs::remove_file(&pid_file);
+    }
+    Ok(())
+}
+
+pub fn status(ctx: &Ctx, s: &Service) -> StatusRow {
+    let pid = process::running_pid(&ctx.pid_file(&s.pid_name()), s.binary());
+    let health = match (pid, s.http_port(ctx)) {
+        (None, _) => "not started".to_string(),
+        (Some(_), Ok(port)) if net::port_open(port) => match net::http_ok(port, "/health") {
+            Ok(()) => "healthy".to_string(),
+            Err(e) => format!("UNHEALTHY: {e:#}"),
+        },
+        (Some(_), _) => "running, no HTTP listener yet".to_string(),
+    };
+    StatusRow {
+        name: s.name().to_string(),
+        address: s.address(ctx).unwrap_or_else(|e| format!("{e:#}")),
+        pid,
+        health,
+    }
+}

@@ -1,0 +1,208 @@
+//! `cargo xtask test`: the one test command (README, CI).
+//!
+//! 1. brings up the infrastructure in the TEST profile (own ports, own state dir: a developer's
+//!    running dev platform is never touched);
+//! 2. exports `securepay_testkit::var::*` and `SECUREPAY_INFRA_REQUIRED=1`, so an integration test
+//!    whose component is missing fails instead of skipping;
+//! 3. runs clippy, `cargo test --workspace`, then the madsim simulation tests;
+//! 4. always tears the test platform down (also after a failure, Ctrl-C or SIGTERM), prints one
+//!    summary line per stage and exits non-zero if any stage failed.
+
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Instant;
+
+use anyhow::Result;
+use securepay_testkit::var;
+
+use crate::components::registry;
+use crate::ctx::{Ctx, Profile};
+use crate::platform::{self, Selection};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip `cargo clippy --workspace --all-targets -- -D warnings`.
+    #[arg(long)]
+    skip_clippy: bool,
+    /// Skip `cargo test --workspace`.
+    #[arg(long)]
+    skip_unit: bool,
+    /// Skip the deterministic simulation tests (`cargo sim`).
+    #[arg(long)]
+    skip_sim: bool,
+    /// Leave the test platform running afterwards (faster reruns; `cargo xtask --profile test down`).
+    #[arg(long)]
+    keep_up: bool,
+    /// Extra arguments for `cargo test` (with `-p`/`--package`, `--workspace` is dropped).
+    #[arg(last = true)]
+    cargo_test_args: Vec<String>,
+}
+
+enum Outcome {
+    Passed,
+    Failed(String),
+    Skipped(&'static str),
+}
+
+struct Stage {
+    name: &'static str,
+    outcome: Outcome,
+    secs: f64,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let ctx = Ctx::new(Profile::Test)?;
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let current_child = Arc::new(AtomicU32::new(0));
+    {
+        let (interrupted, current_child) = (interrupted.clone(), current_child.clone());
+        ctrlc::set_handler(move || {
+            interrupted.store(true, Ordering::SeqCst);
+            // SIGINT from a terminal reaches the stage's cargo too; SIGTERM (CI) only reaches us.
+            let pid = current_child.load(Ordering::SeqCst);
+            if pid != 0 {
+                let _ = crate::process::signal(pid, "TERM");
+            }
+        })?;
+    }
+
+    let mut stages = Vec::new();
+    let started = Instant::now();
+    let platform_up = timed(&mut stages, "test platform up", || {
+        platform::up(&ctx, &Selection::infrastructure()).map_err(|e| format!("{e:#}"))
+    });
+
+    let env = if platform_up { test_env(&ctx)? } else { Vec::new() };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let runner = StageRunner { ctx: &ctx, env: &env, interrupted: &interrupted, current_child: &current_child };
+
+    if args.skip_clippy {
+        skip(&mut stages, "clippy", "--skip-clippy");
+    } else {
+        let mut cmd = Command::new(&cargo);
+        cmd.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+        runner.stage(&mut stages, "clippy", cmd);
+    }
+
+    if args.skip_unit {
+        skip(&mut stages, "cargo test", "--skip-unit");
+    } else if !platform_up {
+        skip(&mut stages, "cargo test", "the test platform did not come up");
+    } else {
+        let mut cmd = Command::new(&cargo);
+        cmd.arg("test");
+        if !args.cargo_test_args.iter().any(|a| a == "-p" || a.starts_with("--package")) {
+            cmd.arg("--workspace");
+        }
+        cmd.args(&args.cargo_test_args);
+        runner.stage(&mut stages, "cargo test", cmd);
+    }
+
+    if args.skip_sim {
+        skip(&mut stages, "simulation", "--skip-sim");
+    } else {
+        let mut cmd = Command::new(&cargo);
+        cmd.args(["test", "-p", "securepay-sim", "--features", "sim"])
+            .args(["--config", "target.'cfg(all())'.rustflags=['--cfg','madsim']", "--target-dir", "target/sim"])
+            // RUSTFLAGS would silently replace the `--cfg madsim` above.
+            .env_remove("RUSTFLAGS")
+            .env("MADSIM_TEST_SEED", std::env::var("MADSIM_TEST_SEED").unwrap_or_else(|_| "1".into()))
+            .env("MADSIM_TEST_NUM", std::env::var("MADSIM_TEST_NUM").unwrap_or_else(|_| "20".into()))
+            .env("MADSIM_TEST_CHECK_DETERMINISM", "1");
+        runner.stage(&mut stages, "simulation", cmd);
+    }
+
+    if args.keep_up && !interrupted.load(Ordering::SeqCst) {
+        eprintln!("test platform left running (--keep-up); stop it with `cargo xtask --profile test down`");
+    } else {
+        timed(&mut stages, "test platform down", || {
+            platform::down(&ctx, &Selection::all()).map_err(|e| format!("{e:#}"))
+        });
+    }
+
+    Ok(summary(&stages, started, interrupted.load(Ordering::SeqCst)))
+}
+
+/// The testkit variables for every component, plus the state dir and `INFRA_REQUIRED=1`.
+fn test_env(ctx: &Ctx) -> Result<Vec<(String, String)>> {
+    let mut env = vec![
+        (var::INFRA_REQUIRED.to_string(), "1".to_string()),
+        (var::STATE_DIR.to_string(), ctx.state.display().to_string()),
+    ];
+    for c in registry() {
+        env.extend(c.test_env(ctx)?.into_iter().map(|(k, v)| (k.to_string(), v)));
+    }
+    Ok(env)
+}
+
+struct StageRunner<'a> {
+    ctx: &'a Ctx,
+    env: &'a [(String, String)],
+    interrupted: &'a AtomicBool,
+    current_child: &'a AtomicU32,
+}
+
+impl StageRunner<'_> {
+    fn stage(&self, stages: &mut Vec<Stage>, name: &'static str, mut cmd: Command) {
+        if self.interrupted.load(Ordering::SeqCst) {
+            return skip(stages, name, "interrupted");
+        }
+        eprintln!("\n==> {name}: {}", describe(&cmd));
+        cmd.current_dir(&self.ctx.root).envs(self.env.iter().map(|(k, v)| (k, v)));
+        timed(stages, name, || {
+            let mut child = cmd.spawn().map_err(|e| format!("spawning cargo: {e}"))?;
+            self.current_child.store(child.id(), Ordering::SeqCst);
+            let status = child.wait().map_err(|e| format!("waiting for cargo: {e}"));
+            self.current_child.store(0, Ordering::SeqCst);
+            match status? {
+                s if s.success() => Ok(()),
+                s => Err(format!("exited with {s}")),
+            }
+        });
+    }
+}
+
+fn timed(stages: &mut Vec<Stage>, name: &'static str, f: impl FnOnce() -> Result<(), String>) -> bool {
+    let started = Instant::now();
+    let outcome = match f() {
+        Ok(()) => Outcome::Passed,
+        Err(e) => {
+            eprintln!("stage {name} failed: {e}");
+            Outcome::Failed(e)
+        }
+    };
+    let passed = matches!(outcome, Outcome::Passed);
+    stages.push(Stage { name, outcome, secs: started.elapsed().as_secs_f64() });
+    passed
+}
+
+fn skip(stages: &mut Vec<Stage>, name: &'static str, why: &'static str) {
+    stages.push(Stage { name, outcome: Outcome::Skipped(why), secs: 0.0 });
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn summary(stages: &[Stage], started: Instant, interrupted: bool) -> ExitCode {
+    let failed = stages.iter().filter(|s| matches!(s.outcome, Outcome::Failed(_))).count();
+    eprintln!("\n==> summary ({:.0}s)", started.elapsed().as_secs_f64());
+    for s in stages {
+        let (word, detail) = match &s.outcome {
+            Outcome::Passed => ("passed", String::new()),
+            Outcome::Failed(why) => ("FAILED", format!("  ({})", why.lines().next().unwrap_or_default())),
+            Outcome::Skipped(why) => ("skipped", format!("  ({why})")),
+        };
+        eprintln!("  {:<20} {word:<8} {:>7.1}s{detail}", s.name, s.secs);
+    }
+    if interrupted {
+        eprintln!("interrupted");
+        return ExitCode::from(130);
+    }
+    if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
