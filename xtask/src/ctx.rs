@@ -136,3 +136,17 @@ impl Ctx {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_test_profile_never_shares_a_port_or_state_dir_with_dev() {
+        const SPEC: Port = Port { key: "XTASK_SELFTEST", dev: 5432 };
+        let (dev, test) = (Ctx::new(Profile::Dev).unwrap(), Ctx::new(Profile::Test).unwrap());
+        assert_eq!(dev.port(SPEC).unwrap(), 5432);
+        assert_eq!(test.port(SPEC).unwrap(), 15432);
+        assert_ne!(dev.state, test.state);
+    }
+}

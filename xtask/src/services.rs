@@ -17,6 +17,9 @@ use crate::components::{ScrapeTarget, registry};
 use crate::ctx::{Ctx, Port};
 use crate::{net, process};
 
+/// How long `up` waits for the services' HTTP ports before reporting them as not listening yet.
+const SERVICE_LISTEN_WAIT: Duration = Duration::from_secs(5);
+
 pub struct Service {
     pub identity: ServiceIdentity,
     /// The port clients call (HTTP for gateway/notification, gRPC for payment/account).
@@ -115,10 +118,12 @@ pub fn build(ctx: &Ctx) -> Result<()> {
     })
 }
 
-/// Starts each service that is not running. A service that does not listen yet (the shells of
-/// the first milestone) is reported as running without a listener, not as a failure.
+/// Starts each service that is not running, then gives them together a few seconds to fail fast
+/// or to open their HTTP port. A service that does not listen yet (the shells of the first
+/// milestone) is reported as running without a listener, not as a failure.
 pub fn up(ctx: &Ctx) -> Result<()> {
     build(ctx)?;
+    let mut started = Vec::new();
     for s in &SERVICES {
         let pid_file = ctx.pid_file(&s.pid_name());
         if let Some(pid) = process::running_pid(&pid_file, s.binary()) {
@@ -129,16 +134,23 @@ pub fn up(ctx: &Ctx) -> Result<()> {
         if net::port_open(port) {
             anyhow::bail!("{}: port {port} is already in use by a process this profile did not start", s.name());
         }
-        ctx.progress.step(s.name(), &format!("start {}", s.address(ctx)?), || {
+        let child = ctx.progress.step(s.name(), &format!("start {}", s.address(ctx)?), || {
             let bin = ctx.root.join("target/debug").join(s.binary());
             let mut cmd = Command::new(&bin);
             cmd.current_dir(&ctx.root).envs(s.env(ctx)?);
-            let mut child = process::spawn_detached(&mut cmd, &ctx.log_file(s.name()), &pid_file)
-                .with_context(|| format!("starting {}", bin.display()))?;
-            // Give it a moment to fail fast or to open its HTTP port.
-            process::wait_until(Duration::from_secs(5), || {
-                net::port_open(port) || !matches!(child.try_wait(), Ok(None))
-            });
+            process::spawn_detached(&mut cmd, &ctx.log_file(s.name()), &pid_file)
+                .with_context(|| format!("starting {}", bin.display()))
+        })?;
+        started.push((s, port, child));
+    }
+    if started.is_empty() {
+        return Ok(());
+    }
+    ctx.progress.step("services", "wait for HTTP listeners (5 s at most)", || {
+        process::wait_until(SERVICE_LISTEN_WAIT, || {
+            started.iter_mut().all(|(_, port, child)| net::port_open(*port) || !matches!(child.try_wait(), Ok(None)))
+        });
+        for (s, _, child) in &mut started {
             if let Some(status) = child.try_wait()? {
                 anyhow::bail!(
                     "{} exited at start ({status}):\n{}",
@@ -146,10 +158,9 @@ pub fn up(ctx: &Ctx) -> Result<()> {
                     crate::fsutil::tail(&ctx.log_file(s.name()), 20)
                 );
             }
-            Ok(())
-        })?;
-    }
-    Ok(())
+        }
+        Ok(())
+    })
 }
 
 pub fn down(ctx: &Ctx) -> Result<()> {

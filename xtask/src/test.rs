@@ -69,6 +69,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
     let mut stages = Vec::new();
     let started = Instant::now();
+    timed(&mut stages, "build prerequisites", || {
+        build_prerequisites(&ctx).map_err(|e| format!("{e:#}"))
+    });
     let platform_up = timed(&mut stages, "test platform up", || {
         platform::up(&ctx, &Selection::infrastructure()).map_err(|e| format!("{e:#}"))
     });
@@ -122,6 +125,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
 
     Ok(summary(&stages, started, interrupted.load(Ordering::SeqCst)))
+}
+
+/// Native build dependencies of the workspace: rdkafka's `cmake-build` compiles librdkafka with
+/// cmake and libcurl.
+fn build_prerequisites(ctx: &Ctx) -> Result<()> {
+    crate::install::ensure_apt(ctx, "build", "cmake", &["cmake"])?;
+    // `curl-config` ships with the development package.
+    crate::install::ensure_apt(ctx, "build", "curl-config", &["libcurl4-openssl-dev"]).map(drop)
 }
 
 /// The testkit variables for every component, plus the state dir and `INFRA_REQUIRED=1`.

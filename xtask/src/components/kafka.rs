@@ -236,3 +236,24 @@ fn cluster_id() -> Result<String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_ids_are_22_base64url_characters_like_random_uuid() {
+        let id = cluster_id().unwrap();
+        assert_eq!(id.len(), 22, "{id}");
+        assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{id}");
+        assert_ne!(id, cluster_id().unwrap());
+    }
+
+    #[test]
+    fn the_broker_listens_on_loopback_only() {
+        let props = server_properties(Path::new("/tmp/k"), 19092, 19093);
+        for line in props.lines().filter(|l| l.contains("://")) {
+            assert!(!line.contains("0.0.0.0") && line.contains("127.0.0.1"), "{line}");
+        }
+    }
+}

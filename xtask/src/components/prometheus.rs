@@ -108,3 +108,22 @@ impl Component for Prometheus {
         Ok(vec![(var::PROMETHEUS_URL, self.address(ctx)?)])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ctx::Profile;
+
+    #[test]
+    fn the_generated_config_scrapes_every_service_and_prometheus() {
+        let ctx = Ctx::new(Profile::Test).unwrap();
+        let config = Prometheus.render_config(&ctx).unwrap();
+        for s in &SERVICES {
+            let port = s.http_port(&ctx).unwrap();
+            assert!(config.contains(&format!("job_name: {}\n", s.name())), "{config}");
+            assert!(config.contains(&format!("'127.0.0.1:{port}'")), "{config}");
+        }
+        assert!(config.contains("job_name: prometheus\n"));
+        assert!(!config.contains("{{"), "unfilled placeholder: {config}");
+    }
+}
