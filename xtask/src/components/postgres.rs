@@ -28,6 +28,9 @@ pub const SUPERUSER: &str = "postgres";
 /// The file in `secrets/` holding the superuser's password, generated at `initdb`.
 pub const SUPERUSER_PASSWORD_FILE: &str = "pg-superuser-password";
 const SYSTEM_USER: &str = "securepay-pg";
+/// The database holding the `payments`, `accounts` and `notifications` schemas.
+pub const DATABASE: &str = "securepay";
+
 
 pub struct Postgres;
 
@@ -49,6 +52,24 @@ impl Postgres {
         }
     }
 
+    /// The cluster's data directory: `data/pg` in the state dir, unless the cluster's user cannot
+    /// enter the state dir (a clone under `/root`): then a directory of that user's, keyed by the
+    /// state dir's path, with a symlink `data/pg` pointing at it.
+    fn cluster_dir(&self, ctx: &Ctx) -> PathBuf {
+        let in_state = ctx.data_dir(self.name());
+        if !is_root() || traversable_by_others(&in_state) {
+            return in_state;
+        }
+        let key: String = ctx
+            .state
+            .display()
+            .to_string()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        PathBuf::from(format!("/var/lib/{SYSTEM_USER}/clusters/{key}"))
+    }
+
     /// The user the cluster runs as: `securepay-pg` under root, else the caller.
     fn system_user(&self) -> Result<Option<SystemUser>> {
         if is_root() { ensure_system_user(SYSTEM_USER).map(Some) } else { Ok(None) }
@@ -61,7 +82,7 @@ impl Postgres {
             cmd.uid(user.uid).gid(user.gid).env("HOME", &user.home).env("USER", user.name);
         }
         // The daemon's cwd must be enterable after the uid switch.
-        cmd.current_dir(ctx.data_dir(self.name()));
+        cmd.current_dir(self.cluster_dir(ctx));
         Ok(cmd)
     }
 
@@ -164,21 +185,29 @@ impl Component for Postgres {
     }
 
     fn configure(&self, ctx: &Ctx) -> Result<()> {
-        let data = ctx.data_dir(self.name());
-        if data.join("PG_VERSION").is_file() {
+        let data = self.cluster_dir(ctx);
+        let password_known = ctx.secrets_dir().join(SUPERUSER_PASSWORD_FILE).is_file();
+        if data.join("PG_VERSION").is_file() && password_known {
             return Ok(());
         }
-        // A data dir without PG_VERSION is a failed initdb: start over.
+        // A data dir without PG_VERSION is a failed initdb, and one whose superuser password is
+        // gone (state dir deleted, cluster outside it kept) is unusable: start over.
         if data.exists() {
             std::fs::remove_dir_all(&data)?;
         }
         std::fs::create_dir_all(&data)?;
+        let link = ctx.data_dir(self.name());
+        if link != data {
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&data, &link).with_context(|| format!("linking {}", link.display()))?;
+        }
         let user = self.system_user()?;
         if let Some(user) = &user {
             std::os::unix::fs::chown(&data, Some(user.uid), Some(user.gid))?;
         }
         fsutil::set_mode(&data, 0o700)?;
-        let pwfile = ctx.state.join("run").join("pg-initdb-pwfile");
+        // Beside the data dir: wherever that is, the cluster's user can read it there.
+        let pwfile = data.with_extension("initdb-pwfile");
         std::fs::write(&pwfile, self.superuser_password(ctx)?)?;
         fsutil::set_mode(&pwfile, 0o600)?;
         if let Some(user) = &user {
@@ -199,7 +228,7 @@ impl Component for Postgres {
     fn command(&self, ctx: &Ctx) -> Result<Command> {
         let mut cmd = self.as_owner(ctx, "postgres")?;
         cmd.arg("-D")
-            .arg(ctx.data_dir(self.name()))
+            .arg(self.cluster_dir(ctx))
             .args(["-p", &ctx.port(PORT)?.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="])
             .args(["-c", "password_encryption=scram-sha-256", "-c", "max_connections=200"]);
@@ -224,8 +253,8 @@ impl Component for Postgres {
     }
 
     fn after_start(&self, _ctx: &Ctx) -> Result<()> {
-        // HOOK(securepay-postgres): call its `setup` (migrations, role passwords, demo seed) here
-        // once the crate exists.
+        // HOOK(securepay-postgres): `setup` (migrations, role passwords from secrets/
+        // pg-role-<role>, demo seed) is called here once that crate is on main.
         Ok(())
     }
 
@@ -236,6 +265,7 @@ impl Component for Postgres {
     fn service_env(&self, ctx: &Ctx) -> Result<Vec<(&'static str, String)>> {
         Ok(vec![
             ("SECUREPAY_PG_ADDR", self.address(ctx)?),
+            ("SECUREPAY_PG_DATABASE", DATABASE.to_string()),
             ("SECUREPAY_SECRETS_DIR", ctx.secrets_dir().display().to_string()),
         ])
     }
