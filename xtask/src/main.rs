@@ -42,7 +42,7 @@ use ctx::{Ctx, Profile};
 /// `SECUREPAY_TEST_<KEY>_PORT` (test), keys: PG, REDIS, KAFKA, KAFKA_CONTROLLER, PROMETHEUS,
 /// GATEWAY, PAYMENT, PAYMENT_ADMIN, ACCOUNT, ACCOUNT_ADMIN, NOTIFICATION.
 #[derive(Parser)]
-#[command(name = "cargo xtask", version)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", version)]
 struct Cli {
     /// Which platform instance to act on.
     #[arg(long, global = true, value_enum, default_value = "dev")]
