@@ -32,6 +32,14 @@ pub fn secret(dir: &Path, name: &str) -> Result<String> {
     Ok(value)
 }
 
+/// Reads an existing secret; unlike [`secret`] it never creates one.
+pub fn read_secret(dir: &Path, name: &str) -> Result<String> {
+    let path = dir.join(name);
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_string())
+        .with_context(|| format!("reading {} (created by `cargo xtask up`)", path.display()))
+}
+
 /// `len` characters from [A-Za-z0-9] (URL- and shell-safe), from the kernel's CSPRNG.
 pub fn random_token(len: usize) -> Result<String> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
