@@ -104,15 +104,23 @@ pub fn print_status(ctx: &Ctx) {
 
 fn print_first_payment(ctx: &Ctx) {
     let gateway = ctx.port(SERVICES[0].main).unwrap_or(8080);
+    let prometheus = ctx.port(crate::components::prometheus::PORT).unwrap_or(9090);
+    let demo = &securepay_postgres::DEMO_ACCOUNTS;
+    println!("\nDemo accounts (database {}):", crate::components::postgres::DATABASE);
+    for a in demo {
+        println!("  {}  owner {:<6} {} {}", a.account_id, a.owner, a.opening_balance(), a.currency);
+    }
+    let (from, to) = (demo[0], demo[2]);
     println!(
         "\nFirst payment: the gateway (http://127.0.0.1:{gateway}) is still a service shell that logs and waits\n\
-         for a signal — it does not serve the public API yet. What exists now: PostgreSQL, Redis, Kafka (topics\n\
-         created), Prometheus (http://127.0.0.1:{prom}/targets). Once POST /api/v1/payments exists:\n\
+         for a signal; it does not serve the public API yet. What exists now: PostgreSQL (migrated, seeded),\n\
+         Redis, Kafka (topics created), Prometheus (http://127.0.0.1:{prometheus}/targets).\n\
+         Once POST /api/v1/payments exists ({} pays {} 10.50 {}):\n\
          \n  curl -sS -X POST http://127.0.0.1:{gateway}/api/v1/payments \\\n\
-         \x20   -H 'Authorization: Bearer <dev token>' -H 'Idempotency-Key: first-payment' \\\n\
+         \x20   -H \"Authorization: Bearer $TOKEN\" -H 'Idempotency-Key: first-payment' \\\n\
          \x20   -H 'Content-Type: application/json' \\\n\
-         \x20   -d '{{\"from_account\":\"<uuid>\",\"to_account\":\"<uuid>\",\"amount\":\"10.50\",\"currency\":\"EUR\"}}'\n",
-        prom = ctx.port(crate::components::prometheus::PORT).unwrap_or(9090),
+         \x20   -d '{{\"from_account\":\"{}\",\"to_account\":\"{}\",\"amount\":\"10.50\",\"currency\":\"{}\"}}'\n",
+        from.owner, to.owner, from.currency, from.account_id, to.account_id, from.currency,
     );
 }
 

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
+use securepay_postgres::RolePasswords;
 use securepay_testkit::var;
 
 use super::Component;
@@ -31,6 +32,10 @@ const SYSTEM_USER: &str = "securepay-pg";
 /// The database holding the `payments`, `accounts` and `notifications` schemas.
 pub const DATABASE: &str = "securepay";
 
+/// The file in `secrets/` holding a service role's password (`pg-role-payment_service`).
+pub fn role_password_file(role: &str) -> String {
+    format!("pg-role-{role}")
+}
 
 pub struct Postgres;
 
@@ -253,9 +258,21 @@ impl Component for Postgres {
         "INT"
     }
 
-    fn after_start(&self, _ctx: &Ctx) -> Result<()> {
-        // HOOK(securepay-postgres): `setup` (migrations, role passwords from secrets/
-        // pg-role-<role>, demo seed) is called here once that crate is on main.
+    /// Database, migrations, service-role passwords (from `secrets/`), demo accounts: all
+    /// idempotent, so this runs on every `up`.
+    fn after_start(&self, ctx: &Ctx) -> Result<()> {
+        let password = |role: &str| fsutil::secret(&ctx.secrets_dir(), &role_password_file(role));
+        let passwords = RolePasswords {
+            payment_service: password("payment_service")?,
+            account_service: password("account_service")?,
+            notification_service: password("notification_service")?,
+        };
+        let admin_url = self.admin_url(ctx)?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            securepay_postgres::setup(&admin_url, DATABASE, &passwords).await?;
+            securepay_postgres::seed_demo(&admin_url, DATABASE).await
+        })?;
         Ok(())
     }
 
