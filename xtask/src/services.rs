@@ -95,9 +95,9 @@ impl Service {
         if let Some(admin) = self.admin {
             env.push(("SECUREPAY_ADMIN_ADDR".into(), format!("127.0.0.1:{}", ctx.port(admin)?)));
         }
+        // Where each service listens: SECUREPAY_GATEWAY_ADDR, SECUREPAY_PAYMENT_ADDR, ...
         for peer in &SERVICES {
-            let key = peer.name().split('-').next().unwrap_or_default().to_uppercase();
-            env.push((format!("SECUREPAY_{key}_ADDR"), format!("127.0.0.1:{}", ctx.port(peer.main)?)));
+            env.push((format!("SECUREPAY_{}_ADDR", peer.main.key), format!("127.0.0.1:{}", ctx.port(peer.main)?)));
         }
         for c in registry() {
             env.extend(c.service_env(ctx)?.into_iter().map(|(k, v)| (k.to_string(), v)));
