@@ -90,8 +90,9 @@ pub enum SetupError {
 /// creates it if missing, applies [`MIGRATOR`] (creating the service roles and schemas), then sets
 /// each service role's password. Idempotent: run it on every start of the platform.
 ///
-/// `admin_url` is e.g. `postgres://postgres:pw@127.0.0.1:15432/postgres`; its database part is
-/// ignored. Passwords never appear in a statement's text (they travel as bind parameters), and
+/// `admin_url` is e.g. `postgres://postgres:pw@127.0.0.1:15432/postgres`; its database is only
+/// where `CREATE DATABASE` runs. Concurrent calls for the same cluster may race on `ALTER ROLE`
+/// ("tuple concurrently updated"): call it from one place (the runner). Passwords never appear in a statement's text (they travel as bind parameters), and
 /// statement logging is off on the connection that sets them.
 pub async fn setup(
     admin_url: &str,
@@ -115,7 +116,13 @@ pub async fn setup(
 /// Creates `database` unless it exists; a concurrent creator is not an error.
 pub async fn create_database_if_missing(admin_url: &str, database: &str) -> Result<(), SetupError> {
     validate_database_name(database)?;
-    let mut conn = connect(admin_url, "postgres").await?;
+    // The admin URL's own database (usually `postgres`) is where CREATE DATABASE runs.
+    let options = PgConnectOptions::from_str(admin_url).map_err(SetupError::AdminUrl)?;
+    let mut conn = options
+        .disable_statement_logging()
+        .connect()
+        .await
+        .map_err(SetupError::Connect)?;
     let exists: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1)",
     )
