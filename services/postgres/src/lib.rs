@@ -16,6 +16,10 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 use uuid::Uuid;
 
+pub mod ledger;
+
+pub use ledger::PgLedgerStore;
+
 /// Every migration of `migrations/`, embedded at compile time, applied in order.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
 

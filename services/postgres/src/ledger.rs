@@ -1,0 +1,506 @@
+//! `PgLedgerStore`: the account service's [`LedgerStore`] over the `accounts` schema, connected as
+//! the `account_service` role (which may only move `balance`/`updated_at` and append everything else).
+//!
+//! One `settle` call is ONE transaction for the whole batch:
+//! 1. lock every account the batch names, in `account_id` order (`FOR UPDATE`), so two batches
+//!    touching the same accounts queue behind each other and can never deadlock on them;
+//! 2. read which of the batch's events and payments were processed before (after the locks, so a
+//!    settlement committed by the batch we waited for is seen);
+//! 3. per request, in order: a seen event or payment is `Duplicate(first verdict)`; otherwise
+//!    `securepay_core::ledger::verdict` decides against the locked balances, the payer is debited
+//!    only `WHERE balance >= amount` (0 rows = insufficient funds), the payee credited, and the
+//!    processed row, the two ledger rows and the outcome event are inserted.
+//!
+//! A request the rule refuses (unknown account, currency mismatch, no funds) gets its FAILED verdict
+//! and never aborts the batch. Deadlocks, serialization failures and a concurrent settlement of the
+//! same event or payment abort the transaction; it is retried from scratch, at most
+//! [`SETTLE_ATTEMPTS_MAX`] times, then reported as `Unavailable`. Nothing is half-written: the
+//! schema's constraints (balance ≥ 0, one settlement per payment, balanced ledger checked at commit)
+//! are the last guard.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use async_trait::async_trait;
+use prost::Message as _;
+use rust_decimal::Decimal;
+use securepay_core::events::PaymentSettled;
+use securepay_core::ids::{AccountId, Subject};
+use securepay_core::ledger::{Account, Settled, verdict};
+use securepay_core::money::Currency;
+use securepay_core::payment::{FailureReason, Outcome};
+use securepay_ports::{
+    AccountView, LedgerStore, OutboxEvent, PortError, PortResult, SettlementRequest,
+    SettlementResult,
+};
+use securepay_proto::events::v1 as wire;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Most requests one `settle` call accepts: bounds the transaction's locks and its duration.
+pub const SETTLE_BATCH_LEN_MAX: usize = 256;
+/// Attempts of one batch's transaction before a deadlock/serialization failure is `Unavailable`.
+pub const SETTLE_ATTEMPTS_MAX: u32 = 8;
+/// Most outbox events one `unpublished`/`mark_published` call handles.
+pub const OUTBOX_BATCH_LEN_MAX: usize = 1024;
+/// How long a caller waits for a pooled connection before the store is `Unavailable`.
+pub const ACQUIRE_TIMEOUT_MS: u64 = 5_000;
+
+const COMPONENT: &str = "postgresql";
+
+/// The account service's store of record in PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgLedgerStore {
+    pool: PgPool,
+}
+
+impl PgLedgerStore {
+    /// Over an existing pool; its connections must log in as `account_service`.
+    pub fn new(pool: PgPool) -> PgLedgerStore {
+        PgLedgerStore { pool }
+    }
+
+    /// A pool of at most `connections_max` connections with `options` (role `account_service`).
+    pub async fn connect(options: PgConnectOptions, connections_max: u32) -> PortResult<PgLedgerStore> {
+        assert!(connections_max > 0, "a pool needs at least one connection");
+        let pool = PgPoolOptions::new()
+            .max_connections(connections_max)
+            .acquire_timeout(std::time::Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+            .connect_with(options)
+            .await
+            .map_err(port_error)?;
+        Ok(PgLedgerStore { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn settle_once(
+        &self,
+        batch: &[SettlementRequest],
+        now: OffsetDateTime,
+    ) -> Result<Vec<SettlementResult>, Failure> {
+        let mut tx = self.pool.begin().await?;
+        let mut accounts = lock_accounts(&mut tx, batch).await?;
+        let mut seen = Seen::load(&mut tx, batch).await?;
+        let mut results = Vec::with_capacity(batch.len());
+        for request in batch {
+            let settled = match seen.verdict_of(request) {
+                Some(first) => Settled::Duplicate(first),
+                None => {
+                    let outcome = settle_new(&mut tx, &mut accounts, request, now).await?;
+                    seen.record(request, outcome);
+                    Settled::New(outcome)
+                }
+            };
+            results.push(SettlementResult { event_id: request.event_id, settled });
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+}
+
+#[async_trait]
+impl LedgerStore for PgLedgerStore {
+    async fn settle(&self, batch: &[SettlementRequest], now: OffsetDateTime) -> PortResult<Vec<SettlementResult>> {
+        if batch.len() > SETTLE_BATCH_LEN_MAX {
+            return Err(PortError::Refused { rule: "settle_batch_len_max" });
+        }
+        // The schema refuses a ledger with debit and credit on one account; upstream refuses such a
+        // payment (`RequestError::SameAccount`), so an event carrying one is invalid input for the
+        // caller's dead-letter queue, not a verdict.
+        if batch.iter().any(|r| r.transfer.from == r.transfer.to) {
+            return Err(PortError::Refused { rule: "transfer_same_account" });
+        }
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut attempt = 1;
+        loop {
+            match self.settle_once(batch, now).await {
+                Ok(results) => {
+                    debug_assert_eq!(results.len(), batch.len());
+                    return Ok(results);
+                }
+                Err(Failure::Sql(e)) if is_retryable(&e) && attempt < SETTLE_ATTEMPTS_MAX => attempt += 1,
+                Err(Failure::Sql(e)) if is_retryable(&e) => {
+                    return Err(PortError::Unavailable { component: COMPONENT });
+                }
+                Err(Failure::Sql(e)) => return Err(port_error(e)),
+                Err(Failure::Corrupt(what)) => return Err(PortError::Corrupt { what }),
+            }
+        }
+    }
+
+    async fn account(&self, id: AccountId) -> PortResult<Option<AccountView>> {
+        let row = sqlx::query("SELECT owner, currency, balance FROM accounts.accounts WHERE account_id = $1")
+            .bind(id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(port_error)?;
+        let Some(row) = row else { return Ok(None) };
+        let owner: String = row.try_get("owner").map_err(port_error)?;
+        let currency: String = row.try_get("currency").map_err(port_error)?;
+        let balance: Decimal = row.try_get("balance").map_err(port_error)?;
+        Ok(Some(AccountView {
+            id,
+            owner: Subject::parse(&owner).map_err(|_| corrupt("account owner"))?,
+            currency: parse_currency(&currency)?,
+            balance,
+        }))
+    }
+
+    async fn unpublished(&self, limit: usize) -> PortResult<Vec<OutboxEvent>> {
+        let limit = limit.min(OUTBOX_BATCH_LEN_MAX);
+        let rows = sqlx::query(
+            "SELECT id, topic, key, payload, headers FROM accounts.outbox \
+             WHERE published_at IS NULL ORDER BY id LIMIT $1",
+        )
+        .bind(i64::try_from(limit).expect("OUTBOX_BATCH_LEN_MAX fits i64"))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(port_error)?;
+        rows.iter()
+            .map(|row| {
+                let headers: sqlx::types::Json<BTreeMap<String, String>> =
+                    row.try_get("headers").map_err(|_| corrupt("outbox headers"))?;
+                Ok(OutboxEvent {
+                    sequence: row.try_get("id").map_err(port_error)?,
+                    topic: row.try_get("topic").map_err(port_error)?,
+                    key: row.try_get("key").map_err(port_error)?,
+                    payload: row.try_get("payload").map_err(port_error)?,
+                    headers: headers.0.into_iter().collect(),
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_published(&self, sequences: &[i64]) -> PortResult<()> {
+        if sequences.len() > OUTBOX_BATCH_LEN_MAX {
+            return Err(PortError::Refused { rule: "outbox_batch_len_max" });
+        }
+        sqlx::query("UPDATE accounts.outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL")
+            .bind(sequences)
+            .execute(&self.pool)
+            .await
+            .map_err(port_error)?;
+        Ok(())
+    }
+}
+
+/// Locks every account named by the batch, in `account_id` order, and returns them as the ledger
+/// model sees them. Absent ids are simply missing (the verdict says `unknown_account`).
+async fn lock_accounts(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &[SettlementRequest],
+) -> Result<BTreeMap<AccountId, Account>, Failure> {
+    let ids: BTreeSet<Uuid> = batch
+        .iter()
+        .flat_map(|r| [r.transfer.from.as_uuid(), r.transfer.to.as_uuid()])
+        .collect();
+    let ids: Vec<Uuid> = ids.into_iter().collect();
+    let rows = sqlx::query(
+        "SELECT account_id, currency, balance FROM accounts.accounts \
+         WHERE account_id = ANY($1) ORDER BY account_id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut accounts = BTreeMap::new();
+    for row in rows {
+        let id: Uuid = row.try_get("account_id")?;
+        let currency: String = row.try_get("currency")?;
+        let balance: Decimal = row.try_get("balance")?;
+        let currency = parse_currency(&currency).map_err(|_| Failure::Corrupt("account currency".into()))?;
+        accounts.insert(AccountId::from_uuid(id), Account { currency, balance });
+    }
+    Ok(accounts)
+}
+
+/// Settles one request not seen before; returns its verdict. Balances in `accounts` follow the
+/// database's, so later requests of the batch are decided against them.
+async fn settle_new(
+    tx: &mut Transaction<'_, Postgres>,
+    accounts: &mut BTreeMap<AccountId, Account>,
+    request: &SettlementRequest,
+    now: OffsetDateTime,
+) -> Result<Outcome, Failure> {
+    let transfer = request.transfer;
+    let amount = transfer.amount.value();
+    let mut outcome = verdict(accounts.get(&transfer.from), accounts.get(&transfer.to), transfer.amount);
+    if outcome == Outcome::Completed {
+        let debited = sqlx::query(
+            "UPDATE accounts.accounts SET balance = balance - $1, updated_at = $3 \
+             WHERE account_id = $2 AND balance >= $1",
+        )
+        .bind(amount)
+        .bind(transfer.from.as_uuid())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if debited == 0 {
+            // Only reachable if the locked balance and the model disagree; the database wins.
+            outcome = Outcome::Failed(FailureReason::InsufficientFunds);
+        } else {
+            sqlx::query("UPDATE accounts.accounts SET balance = balance + $1, updated_at = $3 WHERE account_id = $2")
+                .bind(amount)
+                .bind(transfer.to.as_uuid())
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+            let payer = accounts.get_mut(&transfer.from).expect("verdict saw the payer");
+            payer.balance -= amount;
+            assert!(payer.balance >= Decimal::ZERO, "a debit made a balance negative");
+            accounts.get_mut(&transfer.to).expect("verdict saw the payee").balance += amount;
+        }
+    }
+    let (outcome_text, failure_reason) = match outcome {
+        Outcome::Completed => ("COMPLETED", None),
+        Outcome::Failed(reason) => ("FAILED", Some(reason.code())),
+    };
+    sqlx::query(
+        "INSERT INTO accounts.processed_events (event_id, payment_id, outcome, failure_reason, processed_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(request.event_id.as_uuid())
+    .bind(transfer.payment_id.as_uuid())
+    .bind(outcome_text)
+    .bind(failure_reason)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    if outcome == Outcome::Completed {
+        sqlx::query(
+            "INSERT INTO accounts.ledger_entries (payment_id, account_id, direction, amount, currency, created_at) \
+             VALUES ($1, $2, 'DEBIT', $4, $5, $6), ($1, $3, 'CREDIT', $4, $5, $6)",
+        )
+        .bind(transfer.payment_id.as_uuid())
+        .bind(transfer.from.as_uuid())
+        .bind(transfer.to.as_uuid())
+        .bind(amount)
+        .bind(transfer.amount.currency().code())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    let event = PaymentSettled {
+        event_id: request.outcome_event_id,
+        payment_id: transfer.payment_id,
+        from: transfer.from,
+        to: transfer.to,
+        amount: transfer.amount,
+        outcome,
+        occurred_at: now,
+    };
+    sqlx::query("INSERT INTO accounts.outbox (event_id, topic, key, payload, created_at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(event.event_id.as_uuid())
+        .bind(event.topic())
+        .bind(event.payment_id.to_string())
+        .bind(encode_outcome(&event))
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(outcome)
+}
+
+/// Verdicts of events and payments already processed: before this batch, or earlier in it.
+struct Seen {
+    by_event: HashMap<Uuid, Outcome>,
+    by_payment: HashMap<Uuid, Outcome>,
+}
+
+impl Seen {
+    async fn load(tx: &mut Transaction<'_, Postgres>, batch: &[SettlementRequest]) -> Result<Seen, Failure> {
+        let events: Vec<Uuid> = batch.iter().map(|r| r.event_id.as_uuid()).collect();
+        let payments: Vec<Uuid> = batch.iter().map(|r| r.transfer.payment_id.as_uuid()).collect();
+        let rows = sqlx::query(
+            "SELECT event_id, payment_id, outcome, failure_reason FROM accounts.processed_events \
+             WHERE event_id = ANY($1) OR payment_id = ANY($2)",
+        )
+        .bind(&events)
+        .bind(&payments)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut seen = Seen { by_event: HashMap::new(), by_payment: HashMap::new() };
+        for row in rows {
+            let outcome_text: String = row.try_get("outcome")?;
+            let failure_reason: Option<String> = row.try_get("failure_reason")?;
+            let outcome = parse_outcome(&outcome_text, failure_reason.as_deref())
+                .ok_or_else(|| Failure::Corrupt("processed event outcome".into()))?;
+            seen.by_event.insert(row.try_get("event_id")?, outcome);
+            seen.by_payment.insert(row.try_get("payment_id")?, outcome);
+        }
+        Ok(seen)
+    }
+
+    fn verdict_of(&self, request: &SettlementRequest) -> Option<Outcome> {
+        self.by_event
+            .get(&request.event_id.as_uuid())
+            .or_else(|| self.by_payment.get(&request.transfer.payment_id.as_uuid()))
+            .copied()
+    }
+
+    fn record(&mut self, request: &SettlementRequest, outcome: Outcome) {
+        self.by_event.insert(request.event_id.as_uuid(), outcome);
+        self.by_payment.insert(request.transfer.payment_id.as_uuid(), outcome);
+    }
+}
+
+fn parse_outcome(outcome: &str, failure_reason: Option<&str>) -> Option<Outcome> {
+    match (outcome, failure_reason) {
+        ("COMPLETED", None) => Some(Outcome::Completed),
+        ("FAILED", Some(code)) => FailureReason::parse(code).map(Outcome::Failed),
+        _ => None,
+    }
+}
+
+fn parse_currency(code: &str) -> PortResult<Currency> {
+    Currency::from_code(code).map_err(|_| corrupt("currency"))
+}
+
+/// The outbox payload: `events.v1.PaymentCompleted` or `PaymentFailed`, protobuf-encoded.
+pub fn encode_outcome(event: &PaymentSettled) -> Vec<u8> {
+    let amount = Some(wire::Money {
+        amount: event.amount.to_string(),
+        currency: event.amount.currency().code().to_owned(),
+    });
+    let occurred_at = Some(prost_types::Timestamp {
+        seconds: event.occurred_at.unix_timestamp(),
+        nanos: i32::try_from(event.occurred_at.nanosecond()).expect("nanoseconds < 1e9"),
+    });
+    match event.outcome {
+        Outcome::Completed => wire::PaymentCompleted {
+            event_id: event.event_id.to_string(),
+            payment_id: event.payment_id.to_string(),
+            from_account: event.from.to_string(),
+            to_account: event.to.to_string(),
+            amount,
+            occurred_at,
+        }
+        .encode_to_vec(),
+        Outcome::Failed(reason) => wire::PaymentFailed {
+            event_id: event.event_id.to_string(),
+            payment_id: event.payment_id.to_string(),
+            from_account: event.from.to_string(),
+            to_account: event.to.to_string(),
+            amount,
+            occurred_at,
+            reason: reason.code().to_owned(),
+        }
+        .encode_to_vec(),
+    }
+}
+
+/// Why one attempt of a settlement transaction did not commit.
+enum Failure {
+    Sql(sqlx::Error),
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Failure {
+        Failure::Sql(e)
+    }
+}
+
+const SERIALIZATION_FAILURE: &str = "40001";
+const DEADLOCK_DETECTED: &str = "40P01";
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// Errors after which the same batch, retried, may commit: a lost race, not a bad request.
+fn is_retryable(e: &sqlx::Error) -> bool {
+    let Some(db) = e.as_database_error() else { return false };
+    match db.code().as_deref() {
+        Some(SERIALIZATION_FAILURE | DEADLOCK_DETECTED) => true,
+        // Another transaction settled the same event or payment first; the retry reads its verdict.
+        Some(UNIQUE_VIOLATION) => {
+            matches!(db.constraint(), Some("processed_events_pkey" | "processed_events_payment_unique"))
+        }
+        _ => false,
+    }
+}
+
+/// The constraints of `accounts` a write can hit, as the `rule` of `PortError::Refused`.
+const CONSTRAINTS: &[&str] = &[
+    "accounts_balance_non_negative",
+    "accounts_balance_scale",
+    "processed_events_pkey",
+    "processed_events_payment_unique",
+    "processed_events_outcome_known",
+    "processed_events_failure_reason_iff_failed",
+    "processed_events_failure_reason_bounded",
+    "ledger_entries_direction_known",
+    "ledger_entries_amount_positive",
+    "ledger_entries_amount_scale",
+    "ledger_entries_currency_format",
+    "ledger_entries_one_per_direction",
+    "ledger_entries_account_fkey",
+    "ledger_entries_settlement_fkey",
+    "ledger_entries_balanced",
+    "outbox_event_id_unique",
+    "outbox_topic_known",
+    "outbox_key_bounded",
+    "outbox_payload_bounded",
+    "outbox_headers_object",
+];
+
+/// The one mapping of driver errors to the port's: by kind and SQLSTATE, never by driver text.
+pub(crate) fn port_error(e: sqlx::Error) -> PortError {
+    match &e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            if code.starts_with("23") {
+                let rule = db
+                    .constraint()
+                    .and_then(|name| CONSTRAINTS.iter().copied().find(|known| *known == name))
+                    .unwrap_or("integrity_constraint");
+                return PortError::Refused { rule };
+            }
+            match &code[..code.len().min(2)] {
+                // Transaction rollback, connection, resources, operator intervention, system error.
+                "40" | "08" | "53" | "57" | "58" => PortError::Unavailable { component: COMPONENT },
+                "42" if code == "42501" => PortError::Refused { rule: "insufficient_privilege" },
+                _ => PortError::Corrupt { what: format!("unexpected database error {code}") },
+            }
+        }
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::RowNotFound => corrupt("row of the accounts schema"),
+        _ => PortError::Unavailable { component: COMPONENT },
+    }
+}
+
+fn corrupt(what: &str) -> PortError {
+    PortError::Corrupt { what: what.to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_outcomes_read_back_exactly() {
+        assert_eq!(parse_outcome("COMPLETED", None), Some(Outcome::Completed));
+        for reason in FailureReason::ALL {
+            assert_eq!(parse_outcome("FAILED", Some(reason.code())), Some(Outcome::Failed(reason)));
+        }
+        for (outcome, reason) in [("COMPLETED", Some("insufficient_funds")), ("FAILED", None), ("FAILED", Some("x")), ("", None)] {
+            assert_eq!(parse_outcome(outcome, reason), None);
+        }
+    }
+
+    #[test]
+    fn driver_errors_never_reach_the_display() {
+        let e = port_error(sqlx::Error::Protocol("secret driver text".into()));
+        assert_eq!(e, PortError::Unavailable { component: COMPONENT });
+        assert!(!e.to_string().contains("secret"));
+        assert!(matches!(port_error(sqlx::Error::RowNotFound), PortError::Corrupt { .. }));
+        assert!(matches!(port_error(sqlx::Error::PoolTimedOut), PortError::Unavailable { .. }));
+    }
+}
