@@ -34,6 +34,8 @@ pub mod lifecycle;
 pub mod postgres;
 pub mod prometheus;
 pub mod redis;
+pub mod spire;
+pub mod jaeger;
 
 /// Every infrastructure component, in start order (`down` stops in reverse).
 pub fn registry() -> Vec<Box<dyn Component>> {
@@ -41,7 +43,9 @@ pub fn registry() -> Vec<Box<dyn Component>> {
         Box::new(postgres::Postgres),
         Box::new(redis::Redis),
         Box::new(kafka::Kafka),
-        // SPIRE (spire-server, then spire-agent) and Jaeger go here, before Prometheus.
+        Box::new(spire::SpireServer),
+        Box::new(spire::SpireAgent),
+        Box::new(jaeger::Jaeger),
         Box::new(prometheus::Prometheus),
     ]
 }
