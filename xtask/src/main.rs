@@ -40,7 +40,8 @@ use ctx::{Ctx, Profile};
 /// workspace root; installs are cached in `${SECUREPAY_CACHE:-~/.cache/securepay}/tools/`.
 /// Ports: SPEC's for dev, +10000 for test; override any with `SECUREPAY_<KEY>_PORT` (dev) or
 /// `SECUREPAY_TEST_<KEY>_PORT` (test), keys: PG, REDIS, KAFKA, KAFKA_CONTROLLER, PROMETHEUS,
-/// GATEWAY, PAYMENT, PAYMENT_ADMIN, ACCOUNT, ACCOUNT_ADMIN, NOTIFICATION.
+/// SPIRE_SERVER (8181: 8081 is payment's), OTLP_GRPC, OTLP_HTTP, JAEGER_QUERY, JAEGER_QUERY_GRPC,
+/// JAEGER_METRICS, GATEWAY, PAYMENT, PAYMENT_ADMIN, ACCOUNT, ACCOUNT_ADMIN, NOTIFICATION.
 #[derive(Parser)]
 #[command(name = "cargo xtask", bin_name = "cargo xtask", version)]
 struct Cli {
