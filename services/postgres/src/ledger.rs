@@ -46,6 +46,8 @@ pub const SETTLE_ATTEMPTS_MAX: u32 = 8;
 pub const OUTBOX_BATCH_LEN_MAX: usize = 1024;
 /// How long a caller waits for a pooled connection before the store is `Unavailable`.
 pub const ACQUIRE_TIMEOUT_MS: u64 = 5_000;
+/// Longest a statement (a row-lock wait included) may run before the store is `Unavailable`.
+pub const STATEMENT_TIMEOUT_MS: u64 = 5_000;
 
 const COMPONENT: &str = "postgresql";
 
@@ -61,9 +63,11 @@ impl PgLedgerStore {
         PgLedgerStore { pool }
     }
 
-    /// A pool of at most `connections_max` connections with `options` (role `account_service`).
+    /// A pool of at most `connections_max` connections with `options` (role `account_service`),
+    /// each with a [`STATEMENT_TIMEOUT_MS`] statement timeout.
     pub async fn connect(options: PgConnectOptions, connections_max: u32) -> PortResult<PgLedgerStore> {
         assert!(connections_max > 0, "a pool needs at least one connection");
+        let options = options.options([("statement_timeout", STATEMENT_TIMEOUT_MS.to_string())]);
         let pool = PgPoolOptions::new()
             .max_connections(connections_max)
             .acquire_timeout(std::time::Duration::from_millis(ACQUIRE_TIMEOUT_MS))
@@ -71,10 +75,6 @@ impl PgLedgerStore {
             .await
             .map_err(port_error)?;
         Ok(PgLedgerStore { pool })
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
     }
 
     async fn settle_once(

@@ -15,7 +15,10 @@ use securepay_core::ids::{AccountId, EventId, PaymentId};
 use securepay_core::ledger::{Direction, Settled, Transfer};
 use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::{FailureReason, Outcome};
-use securepay_ports::{LedgerStore, SettlementRequest, SettlementResult};
+use securepay_core::ids::Subject;
+use securepay_memory::MemoryLedgerStore;
+use securepay_ports::{LedgerStore, PortError, SettlementRequest, SettlementResult};
+use securepay_postgres::ledger::SETTLE_BATCH_LEN_MAX;
 use securepay_postgres::{MIGRATOR, PgLedgerStore, RolePasswords, admin_options, create_database_if_missing, set_role_passwords};
 use securepay_proto::events::v1 as wire;
 use securepay_testkit::{component, var};
@@ -273,6 +276,21 @@ async fn contract_outbox_events_stay_unpublished_until_marked_in_sequence_order<
     assert!(h.store().unpublished(100).await.unwrap().is_empty());
 }
 
+async fn contract_an_oversized_batch_or_a_payment_to_oneself_is_refused_and_writes_nothing<H: Harness>(h: H) {
+    assert_eq!(securepay_memory::ledger::SETTLE_BATCH_LEN_MAX, SETTLE_BATCH_LEN_MAX, "both stores take the same batches");
+    let payer = h.open("EUR", "1000.00").await;
+    let payee = h.open("EUR", "0").await;
+    let oversized: Vec<_> = (0..=SETTLE_BATCH_LEN_MAX).map(|_| request(payer, payee, "1.00", "EUR")).collect();
+    assert_eq!(h.store().settle(&oversized, now()).await, Err(PortError::Refused { rule: "settle_batch_len_max" }));
+    let to_oneself = [request(payer, payee, "1.00", "EUR"), request(payer, payer, "1.00", "EUR")];
+    assert_eq!(h.store().settle(&to_oneself, now()).await, Err(PortError::Refused { rule: "transfer_same_account" }));
+
+    assert_eq!(balances(&h, &[payer, payee]).await, [dec("1000.00"), dec("0")]);
+    assert!(h.store().unpublished(100).await.unwrap().is_empty());
+    let full: Vec<_> = (0..SETTLE_BATCH_LEN_MAX).map(|_| request(payer, payee, "1.00", "EUR")).collect();
+    assert_eq!(h.store().settle(&full, now()).await.unwrap().len(), SETTLE_BATCH_LEN_MAX, "the limit itself is accepted");
+}
+
 /// Instantiates every contract test for one implementation.
 macro_rules! contract_suite {
     ($module:ident, $make:path) => {
@@ -299,11 +317,50 @@ macro_rules! contract_suite {
             case!(contract_a_batch_with_one_bad_request_still_settles_the_others);
             case!(contract_a_mixed_batch_conserves_the_sum_of_balances_and_decides_in_order);
             case!(contract_outbox_events_stay_unpublished_until_marked_in_sequence_order);
+            case!(contract_an_oversized_batch_or_a_payment_to_oneself_is_refused_and_writes_nothing);
         }
     };
 }
 
+contract_suite!(memory, memory_harness);
 contract_suite!(postgres, pg_harness);
+
+// ---------------------------------------------------------------------------------------------
+// In memory: the simulator's store, a fresh one per test.
+
+struct MemoryHarness {
+    store: MemoryLedgerStore,
+}
+
+async fn memory_harness() -> Option<MemoryHarness> {
+    Some(MemoryHarness { store: MemoryLedgerStore::new() })
+}
+
+#[async_trait]
+impl Harness for MemoryHarness {
+    type Store = MemoryLedgerStore;
+
+    fn store(&self) -> &MemoryLedgerStore {
+        &self.store
+    }
+
+    async fn open(&self, currency: &str, opening: &str) -> AccountId {
+        let id = AccountId::from_uuid(Uuid::new_v4());
+        let owner = Subject::parse("contract").unwrap();
+        self.store.open(id, owner, Currency::from_code(currency).unwrap(), dec(opening)).expect("open account");
+        id
+    }
+
+    async fn ledger_entries(&self, payment: PaymentId) -> Vec<(AccountId, Direction, Decimal)> {
+        let ledger = self.store.ledger();
+        ledger
+            .entries()
+            .iter()
+            .filter(|e| e.payment_id == payment)
+            .map(|e| (e.account, e.direction, e.amount.value()))
+            .collect()
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL: a fresh, migrated database per test; the store logs in as `account_service`.
