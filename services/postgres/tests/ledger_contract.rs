@@ -478,7 +478,26 @@ async fn role_passwords(admin_url: &str) -> &'static RolePasswords {
 }
 
 // ---------------------------------------------------------------------------------------------
-// PostgreSQL only: concurrency.
+// PostgreSQL only: the schema as the last guard, and concurrency.
+
+/// A caller bug the verdict cannot see (an outcome event id minted twice) is refused by the named
+/// constraint, and the whole batch — including the request that had settled — writes nothing.
+#[tokio::test]
+async fn a_write_the_schema_refuses_is_refused_by_name_and_the_batch_writes_nothing() {
+    let Some(h) = pg_harness().await else { return };
+    let payer = h.open("EUR", "100.00").await;
+    let payee = h.open("EUR", "0").await;
+    let first = request(payer, payee, "10.00", "EUR");
+    let clash = SettlementRequest { outcome_event_id: first.outcome_event_id, ..request(payer, payee, "20.00", "EUR") };
+
+    let refused = h.store().settle(&[first.clone(), clash], now()).await;
+
+    assert_eq!(refused, Err(PortError::Refused { rule: "outbox_event_id_unique" }));
+    assert_eq!(refused.unwrap_err().to_string(), "refused by the store: outbox_event_id_unique", "no driver text");
+    assert_eq!(balances(&h, &[payer, payee]).await, [dec("100.00"), dec("0")]);
+    assert!(h.store().unpublished(100).await.unwrap().is_empty());
+    assert_eq!(settle_one(&h, &first).await, Settled::New(Outcome::Completed), "nothing of the refused batch was recorded");
+}
 
 const DRAIN_TASKS: usize = 20;
 const DRAIN_BATCHES_PER_TASK: usize = 10;
