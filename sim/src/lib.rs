@@ -1,1 +1,28 @@
-//! placeholder
+//! Deterministic simulation of SecurePay under madsim.
+//!
+//! The same service logic and ports as production run on madsim nodes, talking over madsim-tonic,
+//! while the harness injects faults drawn from the seed; every run is reproducible from its seed.
+//! Build and run it only through the `cargo sim` alias (`--cfg madsim`, own target dir); the `sim`
+//! feature refuses to compile without that cfg. Without the feature and the cfg this crate still
+//! builds in the normal workspace build (the node code is plain tonic then), so it never rots.
+//!
+//! - [`ledger_node`]: a ledger node's settlement RPC, backed by any `LedgerStore`.
+//! - [`run`] (madsim only): what every simulation test shares — seed, replay command, summary.
+//!
+//! Architecture invariant: nothing here is linked into a service binary, and nothing here opens real
+//! IO: stores are the in-memory twins of `securepay-memory`, randomness is `madsim::rand`.
+
+#[cfg(all(feature = "sim", not(madsim)))]
+compile_error!(
+    "the `sim` feature needs `--cfg madsim`: run the simulator with `cargo sim` (and no RUSTFLAGS in the environment)"
+);
+
+pub mod ledger_node;
+#[cfg(madsim)]
+pub mod run;
+
+/// Code generated from `proto/ledger_node.proto`.
+#[allow(clippy::all, unreachable_pub, missing_docs)]
+pub mod wire {
+    tonic::include_proto!("securepay.sim.ledger_node.v1");
+}
