@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use securepay_testkit::var;
 
 use crate::components::registry;
@@ -85,7 +85,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     } else {
         let mut cmd = Command::new(&cargo);
         cmd.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
-        runner.stage(&mut stages, "clippy", cmd);
+        runner.stage(&mut stages, "clippy", vec![cmd]);
     }
 
     if args.skip_unit {
@@ -99,21 +99,31 @@ pub fn run(args: Args) -> Result<ExitCode> {
             cmd.arg("--workspace");
         }
         cmd.args(&args.cargo_test_args);
-        runner.stage(&mut stages, "cargo test", cmd);
+        runner.stage(&mut stages, "cargo test", vec![cmd]);
     }
 
     if args.skip_sim {
         skip(&mut stages, "simulation", "--skip-sim");
+        skip(&mut stages, "simulation determinism", "--skip-sim");
     } else {
-        let mut cmd = Command::new(&cargo);
-        cmd.args(["test", "-p", "securepay-sim", "--features", "sim"])
-            .args(["--config", "target.'cfg(all())'.rustflags=['--cfg','madsim']", "--target-dir", "target/sim"])
-            // RUSTFLAGS would silently replace the `--cfg madsim` above.
-            .env_remove("RUSTFLAGS")
-            .env("MADSIM_TEST_SEED", std::env::var("MADSIM_TEST_SEED").unwrap_or_else(|_| "1".into()))
-            .env("MADSIM_TEST_NUM", std::env::var("MADSIM_TEST_NUM").unwrap_or_else(|_| "20".into()))
-            .env("MADSIM_TEST_CHECK_DETERMINISM", "1");
-        runner.stage(&mut stages, "simulation", cmd);
+        let first_seed: u64 = env_or("MADSIM_TEST_SEED", 1)?;
+        let seed_count: u64 = env_or("MADSIM_TEST_NUM", 20)?;
+        let mut sweep = sim_command(&cargo);
+        sweep.env("MADSIM_TEST_SEED", first_seed.to_string()).env("MADSIM_TEST_NUM", seed_count.to_string());
+        runner.stage(&mut stages, "simulation", vec![sweep]);
+        // madsim's determinism check runs only the first seed of MADSIM_TEST_NUM (0.2.34), so
+        // each seed gets its own run: every seed of the sweep is replayed twice and compared.
+        let replays = (first_seed..first_seed + seed_count)
+            .map(|seed| {
+                let mut cmd = sim_command(&cargo);
+                cmd.args(["--quiet"])
+                    .env("MADSIM_TEST_SEED", seed.to_string())
+                    .env("MADSIM_TEST_NUM", "1")
+                    .env("MADSIM_TEST_CHECK_DETERMINISM", "1");
+                cmd
+            })
+            .collect();
+        runner.stage(&mut stages, "simulation determinism", replays);
     }
 
     if args.keep_up && !interrupted.load(Ordering::SeqCst) {
@@ -155,22 +165,47 @@ struct StageRunner<'a> {
 }
 
 impl StageRunner<'_> {
-    fn stage(&self, stages: &mut Vec<Stage>, name: &'static str, mut cmd: Command) {
+    /// Runs the commands in order as one stage; the first failure fails the stage.
+    fn stage(&self, stages: &mut Vec<Stage>, name: &'static str, commands: Vec<Command>) {
         if self.interrupted.load(Ordering::SeqCst) {
             return skip(stages, name, "interrupted");
         }
-        eprintln!("\n==> {name}: {}", describe(&cmd));
-        cmd.current_dir(&self.ctx.root).envs(self.env.iter().map(|(k, v)| (k, v)));
         timed(stages, name, || {
-            let mut child = cmd.spawn().map_err(|e| format!("spawning cargo: {e}"))?;
-            self.current_child.store(child.id(), Ordering::SeqCst);
-            let status = child.wait().map_err(|e| format!("waiting for cargo: {e}"));
-            self.current_child.store(0, Ordering::SeqCst);
-            match status? {
-                s if s.success() => Ok(()),
-                s => Err(format!("exited with {s}")),
+            for mut cmd in commands {
+                if self.interrupted.load(Ordering::SeqCst) {
+                    return Err("interrupted".into());
+                }
+                eprintln!("\n==> {name}: {}", describe(&cmd));
+                cmd.current_dir(&self.ctx.root).envs(self.env.iter().map(|(k, v)| (k, v)));
+                let mut child = cmd.spawn().map_err(|e| format!("spawning cargo: {e}"))?;
+                self.current_child.store(child.id(), Ordering::SeqCst);
+                let status = child.wait().map_err(|e| format!("waiting for cargo: {e}"));
+                self.current_child.store(0, Ordering::SeqCst);
+                match status? {
+                    s if s.success() => {}
+                    s => return Err(format!("`{}` exited with {s}", describe(&cmd))),
+                }
             }
+            Ok(())
         });
+    }
+}
+
+/// `cargo sim`, spelled out: `--cfg madsim` in its own target dir, without the caller's RUSTFLAGS
+/// (which would silently replace the cfg).
+fn sim_command(cargo: &str) -> Command {
+    let mut cmd = Command::new(cargo);
+    cmd.args(["test", "-p", "securepay-sim", "--features", "sim"])
+        .args(["--config", "target.'cfg(all())'.rustflags=['--cfg','madsim']", "--target-dir", "target/sim"])
+        .env_remove("RUSTFLAGS");
+    cmd
+}
+
+/// A numeric setting from the environment, or its default.
+fn env_or(name: &str, default: u64) -> Result<u64> {
+    match std::env::var(name) {
+        Ok(text) => text.parse().with_context(|| format!("{name} must be a whole number, got {text:?}")),
+        Err(_) => Ok(default),
     }
 }
 

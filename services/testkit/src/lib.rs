@@ -27,7 +27,7 @@ pub mod var {
     pub const OTLP_HTTP: &str = "SECUREPAY_TEST_OTLP_HTTP";
     /// Jaeger OTLP/gRPC endpoint, `http://127.0.0.1:14317`.
     pub const OTLP_GRPC: &str = "SECUREPAY_TEST_OTLP_GRPC";
-    /// Jaeger query API base URL, `http://127.0.0.1:16687`.
+    /// Jaeger query API base URL, `http://127.0.0.1:26686`.
     pub const JAEGER_QUERY_URL: &str = "SECUREPAY_TEST_JAEGER_QUERY_URL";
     /// Prometheus base URL, `http://127.0.0.1:19090`.
     pub const PROMETHEUS_URL: &str = "SECUREPAY_TEST_PROMETHEUS_URL";
