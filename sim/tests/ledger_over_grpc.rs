@@ -26,7 +26,9 @@ use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::Outcome;
 use securepay_memory::{MemoryLedgerStore, SeededIds, SimClock};
 use securepay_ports::{Ids, LedgerStore, SettlementRequest};
-use securepay_sim::ledger_node::{LEDGER_NODE_PORT, LedgerNode, LedgerNodeClient, LedgerNodeServer, outcome_code, parse_outcome, to_wire};
+use securepay_sim::ledger_node::{
+    LEDGER_NODE_PORT, LedgerNode, LedgerNodeClient, LedgerNodeServer, outcome_code, parse_outcome, to_wire,
+};
 use securepay_sim::run::{self, Checker};
 use tokio::time::{Instant, sleep, timeout};
 use tonic::transport::{Endpoint, Server};
@@ -103,7 +105,8 @@ async fn settlement_over_clogged_links_conserves_money_and_settles_each_payment_
     }
     let mut clients: Vec<(NodeHandle, tokio::task::JoinHandle<ClientReport>)> = Vec::new();
     for (index, plan) in (1..=CLIENT_COUNT).zip(plans.iter().cloned()) {
-        let node = handle.create_node().name(format!("client-{index}")).ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, index))).build();
+        let node =
+            handle.create_node().name(format!("client-{index}")).ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, index))).build();
         let join = node.spawn(run_client(ledger_addr, plan));
         clients.push((node, join));
     }
@@ -144,13 +147,17 @@ async fn settlement_over_clogged_links_conserves_money_and_settles_each_payment_
     for (index, (_, join)) in (1..).zip(clients) {
         let left = liveness_end.saturating_duration_since(Instant::now());
         let report = timeout(left, join).await;
-        check.check(report.is_ok(), || format!("client-{index} did not finish within {LIVENESS_BOUND_MS} ms of healing"));
+        check.check(report.is_ok(), || {
+            format!("client-{index} did not finish within {LIVENESS_BOUND_MS} ms of healing")
+        });
         reports.push(report.expect("checked").expect("client task"));
     }
 
     // Invariants.
     let ledger = store.ledger();
-    check.check(ledger.totals() == opening_totals, || format!("totals {:?} != opening {opening_totals:?}", ledger.totals()));
+    check.check(ledger.totals() == opening_totals, || {
+        format!("totals {:?} != opening {opening_totals:?}", ledger.totals())
+    });
     for (id, account) in ledger.accounts() {
         check.check(account.balance >= Decimal::ZERO, || format!("account {id} is negative: {}", account.balance));
     }
@@ -168,7 +175,9 @@ async fn settlement_over_clogged_links_conserves_money_and_settles_each_payment_
         let rows = entries_per_payment.get(&payment).copied().unwrap_or(0);
         let recorded = ledger.outcome(payment);
         check.check(recorded.is_some(), || format!("payment {payment} reached no verdict in the ledger"));
-        check.check(rows == 0 || rows == 2, || format!("payment {payment} has {rows} ledger rows (settled more than once?)"));
+        check.check(rows == 0 || rows == 2, || {
+            format!("payment {payment} has {rows} ledger rows (settled more than once?)")
+        });
         check.check((rows == 2) == (recorded == Some(Outcome::Completed)), || {
             format!("payment {payment}: {rows} ledger rows but verdict {recorded:?}")
         });
@@ -178,7 +187,9 @@ async fn settlement_over_clogged_links_conserves_money_and_settles_each_payment_
     }
     let mut observed: BTreeMap<PaymentId, Outcome> = BTreeMap::new();
     for report in &reports {
-        check.check(report.unresolved.is_empty(), || format!("payments without a verdict after {ATTEMPTS_MAX} attempts: {:?}", report.unresolved));
+        check.check(report.unresolved.is_empty(), || {
+            format!("payments without a verdict after {ATTEMPTS_MAX} attempts: {:?}", report.unresolved)
+        });
         for &(payment, outcome) in &report.verdicts {
             check.check(ledger.outcome(payment) == Some(outcome), || {
                 format!("client saw {outcome:?} for {payment}, the ledger recorded {:?}", ledger.outcome(payment))
@@ -186,9 +197,13 @@ async fn settlement_over_clogged_links_conserves_money_and_settles_each_payment_
             observed.insert(payment, outcome);
         }
     }
-    check.check(observed.len() == sent.len(), || format!("{} of {} payments got a verdict at their client", observed.len(), sent.len()));
+    check.check(observed.len() == sent.len(), || {
+        format!("{} of {} payments got a verdict at their client", observed.len(), sent.len())
+    });
     let outbox = store.unpublished(usize::MAX).await.expect("outbox");
-    check.check(outbox.len() == sent.len(), || format!("{} outcome events for {} settled payments", outbox.len(), sent.len()));
+    check.check(outbox.len() == sent.len(), || {
+        format!("{} outcome events for {} settled payments", outbox.len(), sent.len())
+    });
 
     let retries: u64 = reports.iter().map(|r| r.retries).sum();
     let duplicates: u64 = reports.iter().map(|r| r.duplicates).sum();
@@ -232,8 +247,10 @@ fn plan_transfers(accounts: &[(AccountId, Currency)]) -> Vec<SettlementRequest> 
                 others[rng.gen_range(0..others.len())].0
             };
             let currency = if rng.gen_range(0..1_000) < CURRENCY_MISMATCH_PER_MILLE {
-                Currency::from_code(CURRENCIES.iter().copied().find(|c| *c != payer_currency.code()).expect("two currencies"))
-                    .expect("supported currency")
+                Currency::from_code(
+                    CURRENCIES.iter().copied().find(|c| *c != payer_currency.code()).expect("two currencies"),
+                )
+                .expect("supported currency")
             } else {
                 payer_currency
             };

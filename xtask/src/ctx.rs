@@ -73,10 +73,8 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(profile: Profile) -> Result<Ctx> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .context("xtask has no parent directory")?
-            .to_path_buf();
+        let root =
+            Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask has no parent directory")?.to_path_buf();
         let cache = match std::env::var_os("SECUREPAY_CACHE") {
             Some(dir) if !dir.is_empty() => PathBuf::from(dir),
             _ => {

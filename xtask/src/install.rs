@@ -151,7 +151,5 @@ fn lookup_user(name: &str) -> Option<(u32, u32, PathBuf)> {
 /// Whether every directory above `path` lets other users through (mode o+x), i.e. whether a
 /// dedicated daemon user can execute what is stored there.
 pub fn traversable_by_others(path: &Path) -> bool {
-    path.ancestors()
-        .skip(1)
-        .all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.mode() & 0o001 != 0))
+    path.ancestors().skip(1).all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.mode() & 0o001 != 0))
 }

@@ -17,8 +17,7 @@ const SERVICES_NAME: &str = "services";
 
 impl Selection {
     pub fn parse(only: &[String]) -> Result<Selection> {
-        let known: Vec<&str> =
-            registry().iter().map(|c| c.name()).chain(std::iter::once(SERVICES_NAME)).collect();
+        let known: Vec<&str> = registry().iter().map(|c| c.name()).chain(std::iter::once(SERVICES_NAME)).collect();
         for name in only {
             if !known.contains(&name.as_str()) {
                 bail!("unknown component {name:?}; known: {}", known.join(", "));
@@ -55,7 +54,10 @@ pub fn up(ctx: &Ctx, selection: &Selection) -> Result<()> {
     );
     for c in selection.components() {
         if let Err(e) = lifecycle::up(ctx, c.as_ref()) {
-            eprintln!("\nwhat is up keeps running; `cargo xtask down` stops it, `cargo xtask logs {}` shows why", c.name());
+            eprintln!(
+                "\nwhat is up keeps running; `cargo xtask down` stops it, `cargo xtask logs {}` shows why",
+                c.name()
+            );
             return Err(e);
         }
     }
@@ -125,8 +127,7 @@ fn print_first_payment(ctx: &Ctx) {
 }
 
 pub fn logs(ctx: &Ctx, name: &str, tail: Option<usize>) -> Result<()> {
-    let known: Vec<&str> =
-        registry().iter().map(|c| c.name()).chain(SERVICES.iter().map(|s| s.name())).collect();
+    let known: Vec<&str> = registry().iter().map(|c| c.name()).chain(SERVICES.iter().map(|s| s.name())).collect();
     if !known.contains(&name) {
         bail!("unknown component {name:?}; known: {}", known.join(", "));
     }

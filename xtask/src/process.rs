@@ -16,11 +16,8 @@ use anyhow::{Context as _, Result, bail};
 /// it), stdout+stderr appended to `log`, and records its pid in `pid_file`.
 /// The `Child` is returned so the caller can notice an early exit while waiting for health.
 pub fn spawn_detached(cmd: &mut Command, log: &Path, pid_file: &Path) -> Result<Child> {
-    let out = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
+    let out =
+        OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("opening {}", log.display()))?;
     let err = out.try_clone()?;
     let child = cmd
         .stdin(Stdio::null())
@@ -29,8 +26,7 @@ pub fn spawn_detached(cmd: &mut Command, log: &Path, pid_file: &Path) -> Result<
         .process_group(0)
         .spawn()
         .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
-    std::fs::write(pid_file, format!("{}\n", child.id()))
-        .with_context(|| format!("writing {}", pid_file.display()))?;
+    std::fs::write(pid_file, format!("{}\n", child.id())).with_context(|| format!("writing {}", pid_file.display()))?;
     Ok(child)
 }
 
@@ -99,20 +95,13 @@ pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 /// Runs a short command to completion; on failure the error carries its output's tail.
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    let output = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {:?}", cmd.get_program()))?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let both = format!("{stdout}\n{stderr}");
         let lines: Vec<&str> = both.lines().filter(|l| !l.trim().is_empty()).collect();
-        bail!(
-            "{cmd:?} failed ({}):\n{}",
-            output.status,
-            lines[lines.len().saturating_sub(25)..].join("\n")
-        );
+        bail!("{cmd:?} failed ({}):\n{}", output.status, lines[lines.len().saturating_sub(25)..].join("\n"));
     }
     Ok(stdout)
 }

@@ -30,11 +30,7 @@ pub struct Service {
 
 /// SPEC §2. Admin ports are ours: payment 9181, account 9151 (test profile: +10000).
 pub const SERVICES: [Service; 4] = [
-    Service {
-        identity: ServiceIdentity::ApiGateway,
-        main: Port { key: "GATEWAY", dev: 8080 },
-        admin: None,
-    },
+    Service { identity: ServiceIdentity::ApiGateway, main: Port { key: "GATEWAY", dev: 8080 }, admin: None },
     Service {
         identity: ServiceIdentity::PaymentService,
         main: Port { key: "PAYMENT", dev: 8081 },
@@ -190,10 +186,5 @@ pub fn status(ctx: &Ctx, s: &Service) -> StatusRow {
         },
         (Some(_), _) => "running, no HTTP listener yet".to_string(),
     };
-    StatusRow {
-        name: s.name().to_string(),
-        address: s.address(ctx).unwrap_or_else(|e| format!("{e:#}")),
-        pid,
-        health,
-    }
+    StatusRow { name: s.name().to_string(), address: s.address(ctx).unwrap_or_else(|e| format!("{e:#}")), pid, health }
 }

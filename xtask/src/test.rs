@@ -69,9 +69,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
     let mut stages = Vec::new();
     let started = Instant::now();
-    timed(&mut stages, "build prerequisites", || {
-        build_prerequisites(&ctx).map_err(|e| format!("{e:#}"))
-    });
+    timed(&mut stages, "build prerequisites", || build_prerequisites(&ctx).map_err(|e| format!("{e:#}")));
     let platform_up = timed(&mut stages, "test platform up", || {
         platform::up(&ctx, &Selection::infrastructure()).map_err(|e| format!("{e:#}"))
     });
@@ -81,11 +79,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let runner = StageRunner { ctx: &ctx, env: &env, interrupted: &interrupted, current_child: &current_child };
 
     if args.skip_clippy {
-        skip(&mut stages, "clippy", "--skip-clippy");
+        skip(&mut stages, "fmt + clippy", "--skip-clippy");
     } else {
-        let mut cmd = Command::new(&cargo);
-        cmd.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
-        runner.stage(&mut stages, "clippy", vec![cmd]);
+        let mut fmt = Command::new(&cargo);
+        fmt.args(["fmt", "--all", "--check"]);
+        let mut clippy = Command::new(&cargo);
+        clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+        runner.stage(&mut stages, "fmt + clippy", vec![fmt, clippy]);
     }
 
     if args.skip_unit {

@@ -11,16 +11,8 @@ use securepay_core::topology::{self, topic};
 use serde_norway::Value;
 
 /// The platform's long-running components (SPEC §1 layout, seed table).
-const INFRASTRUCTURE: [&str; 8] = [
-    "postgres",
-    "redis",
-    "kafka",
-    "spire-server",
-    "spire-agent",
-    "jaeger",
-    "prometheus",
-    "grafana",
-];
+const INFRASTRUCTURE: [&str; 8] =
+    ["postgres", "redis", "kafka", "spire-server", "spire-agent", "jaeger", "prometheus", "grafana"];
 /// compose service name → the binary its image runs (`ServiceIdentity::binary`).
 const SECUREPAY_SERVICES: [(&str, ServiceIdentity); 4] = [
     ("gateway", ServiceIdentity::ApiGateway),
@@ -47,10 +39,7 @@ const PUBLISHED_PORTS: [(&str, u16); 10] = [
 const SPIRE_SERVER_PORT: u16 = 8081;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ has a parent").to_path_buf()
 }
 
 fn read(relative: &str) -> String {
@@ -59,13 +48,11 @@ fn read(relative: &str) -> String {
 }
 
 fn yaml(relative: &str) -> Value {
-    serde_norway::from_str(&read(relative))
-        .unwrap_or_else(|e| panic!("{relative} is not valid YAML: {e}"))
+    serde_norway::from_str(&read(relative)).unwrap_or_else(|e| panic!("{relative} is not valid YAML: {e}"))
 }
 
 fn json(relative: &str) -> serde_json::Value {
-    serde_json::from_str(&read(relative))
-        .unwrap_or_else(|e| panic!("{relative} is not valid JSON: {e}"))
+    serde_json::from_str(&read(relative)).unwrap_or_else(|e| panic!("{relative} is not valid JSON: {e}"))
 }
 
 fn compose() -> Value {
@@ -73,32 +60,19 @@ fn compose() -> Value {
 }
 
 fn services(compose: &Value) -> BTreeMap<String, Value> {
-    let services = compose["services"]
-        .as_mapping()
-        .expect("compose.yaml has a `services` mapping");
+    let services = compose["services"].as_mapping().expect("compose.yaml has a `services` mapping");
     services
         .iter()
-        .map(|(name, body)| {
-            (
-                name.as_str()
-                    .expect("service names are strings")
-                    .to_string(),
-                body.clone(),
-            )
-        })
+        .map(|(name, body)| (name.as_str().expect("service names are strings").to_string(), body.clone()))
         .collect()
 }
 
 fn service<'a>(services: &'a BTreeMap<String, Value>, name: &str) -> &'a Value {
-    services
-        .get(name)
-        .unwrap_or_else(|| panic!("compose.yaml has no service `{name}`"))
+    services.get(name).unwrap_or_else(|| panic!("compose.yaml has no service `{name}`"))
 }
 
 fn long_running(services: &BTreeMap<String, Value>) -> impl Iterator<Item = (&String, &Value)> {
-    services
-        .iter()
-        .filter(|(name, _)| !ONE_SHOTS.contains(&name.as_str()))
+    services.iter().filter(|(name, _)| !ONE_SHOTS.contains(&name.as_str()))
 }
 
 /// A service's environment, from either compose form (mapping or `KEY=value` list).
@@ -113,12 +87,7 @@ fn environment(service: &Value) -> BTreeMap<String, String> {
                     Value::Bool(b) => b.to_string(),
                     other => panic!("environment value {other:?} is not a scalar"),
                 };
-                (
-                    k.as_str()
-                        .expect("environment keys are strings")
-                        .to_string(),
-                    value,
-                )
+                (k.as_str().expect("environment keys are strings").to_string(), value)
             })
             .collect(),
         Value::Sequence(items) => items
@@ -134,12 +103,7 @@ fn labels(service: &Value) -> BTreeMap<String, String> {
     match &service["labels"] {
         Value::Mapping(map) => map
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().unwrap_or_default().to_string(),
-                    v.as_str().unwrap_or_default().to_string(),
-                )
-            })
+            .map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), v.as_str().unwrap_or_default().to_string()))
             .collect(),
         Value::Sequence(items) => items
             .iter()
@@ -161,12 +125,9 @@ fn published_ports(service: &Value) -> Vec<(u16, u16)> {
             Value::String(spec) => {
                 let spec = spec.split('/').next().unwrap_or(spec);
                 let parts: Vec<&str> = spec.rsplitn(3, ':').collect();
-                let container: u16 = parts[0]
-                    .parse()
-                    .unwrap_or_else(|_| panic!("bad port spec {spec}"));
-                let host: u16 = parts.get(1).map_or(container, |h| {
-                    h.parse().unwrap_or_else(|_| panic!("bad port spec {spec}"))
-                });
+                let container: u16 = parts[0].parse().unwrap_or_else(|_| panic!("bad port spec {spec}"));
+                let host: u16 =
+                    parts.get(1).map_or(container, |h| h.parse().unwrap_or_else(|_| panic!("bad port spec {spec}")));
                 (host, container)
             }
             Value::Mapping(_) => {
@@ -187,22 +148,13 @@ fn published_ports(service: &Value) -> Vec<(u16, u16)> {
 
 /// The port of a `host:port` listen address.
 fn port_of(address: &str) -> u16 {
-    address
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("`{address}` is not host:port"))
+    address.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("`{address}` is not host:port"))
 }
 
 /// The user of a `postgres://user:password@host:port/db` URL.
 fn url_user(url: &str) -> &str {
-    let rest = url
-        .strip_prefix("postgres://")
-        .unwrap_or_else(|| panic!("`{url}` is not a postgres:// URL"));
-    let credentials = rest
-        .split_once('@')
-        .unwrap_or_else(|| panic!("`{url}` has no user"))
-        .0;
+    let rest = url.strip_prefix("postgres://").unwrap_or_else(|| panic!("`{url}` is not a postgres:// URL"));
+    let credentials = rest.split_once('@').unwrap_or_else(|| panic!("`{url}` has no user")).0;
     credentials.split(':').next().unwrap_or(credentials)
 }
 
@@ -218,31 +170,17 @@ fn build_arg_service(service: &Value) -> Option<&str> {
 /// The docker label selectors (`label:<key>:<value>`) of each registration entry, by SPIFFE ID.
 fn registration_entries() -> BTreeMap<String, Vec<String>> {
     let entries = json("spire/compose/entries.json");
-    let entries = entries["entries"]
-        .as_array()
-        .expect("entries.json has an `entries` array");
+    let entries = entries["entries"].as_array().expect("entries.json has an `entries` array");
     let mut by_id = BTreeMap::new();
     for entry in entries {
-        let id = entry["spiffe_id"]
-            .as_str()
-            .expect("every entry has a spiffe_id")
-            .to_string();
+        let id = entry["spiffe_id"].as_str().expect("every entry has a spiffe_id").to_string();
         let selectors = entry["selectors"]
             .as_array()
             .expect("every entry has selectors")
             .iter()
-            .map(|s| {
-                format!(
-                    "{}:{}",
-                    s["type"].as_str().unwrap_or_default(),
-                    s["value"].as_str().unwrap_or_default()
-                )
-            })
+            .map(|s| format!("{}:{}", s["type"].as_str().unwrap_or_default(), s["value"].as_str().unwrap_or_default()))
             .collect();
-        assert!(
-            by_id.insert(id.clone(), selectors).is_none(),
-            "two registration entries for {id}"
-        );
+        assert!(by_id.insert(id.clone(), selectors).is_none(), "two registration entries for {id}");
     }
     by_id
 }
@@ -250,18 +188,9 @@ fn registration_entries() -> BTreeMap<String, Vec<String>> {
 #[test]
 fn compose_defines_every_platform_component_the_four_services_and_the_init_one_shots() {
     let services = services(&compose());
-    let expected = INFRASTRUCTURE
-        .iter()
-        .chain(&ONE_SHOTS)
-        .copied()
-        .chain(SECUREPAY_SERVICES.iter().map(|(n, _)| *n));
-    let missing: Vec<&str> = expected
-        .filter(|name| !services.contains_key(*name))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "compose.yaml lacks services {missing:?}"
-    );
+    let expected = INFRASTRUCTURE.iter().chain(&ONE_SHOTS).copied().chain(SECUREPAY_SERVICES.iter().map(|(n, _)| *n));
+    let missing: Vec<&str> = expected.filter(|name| !services.contains_key(*name)).collect();
+    assert!(missing.is_empty(), "compose.yaml lacks services {missing:?}");
 }
 
 #[test]
@@ -270,16 +199,8 @@ fn each_securepay_service_is_built_from_the_dockerfile_for_its_own_binary() {
     let dockerfile = read("Dockerfile");
     for (name, identity) in SECUREPAY_SERVICES {
         let service = service(&services, name);
-        assert_eq!(
-            build_arg_service(service),
-            Some(identity.binary()),
-            "{name}: build.args.SERVICE"
-        );
-        assert!(
-            dockerfile.contains(identity.binary()),
-            "Dockerfile does not accept SERVICE={}",
-            identity.binary()
-        );
+        assert_eq!(build_arg_service(service), Some(identity.binary()), "{name}: build.args.SERVICE");
+        assert!(dockerfile.contains(identity.binary()), "Dockerfile does not accept SERVICE={}", identity.binary());
     }
 }
 
@@ -288,10 +209,7 @@ fn published_ports_match_spec_and_seed() {
     let services = services(&compose());
     for (name, port) in PUBLISHED_PORTS {
         let ports = published_ports(service(&services, name));
-        assert!(
-            ports.contains(&(port, port)),
-            "{name} must publish {port}:{port}, publishes {ports:?}"
-        );
+        assert!(ports.contains(&(port, port)), "{name} must publish {port}:{port}, publishes {ports:?}");
     }
     let mut owners: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
     for (name, body) in &services {
@@ -300,33 +218,18 @@ fn published_ports_match_spec_and_seed() {
         }
     }
     let clashes: Vec<_> = owners.iter().filter(|(_, names)| names.len() > 1).collect();
-    assert!(
-        clashes.is_empty(),
-        "host ports published twice: {clashes:?}"
-    );
+    assert!(clashes.is_empty(), "host ports published twice: {clashes:?}");
 }
 
 #[test]
 fn spire_server_keeps_the_seed_port_8081_inside_its_container_and_does_not_publish_it() {
     let services = services(&compose());
-    assert!(
-        published_ports(service(&services, "spire-server")).is_empty(),
-        "spire-server must not publish ports"
-    );
+    assert!(published_ports(service(&services, "spire-server")).is_empty(), "spire-server must not publish ports");
     let server_conf = read("spire/compose/server.conf");
-    assert!(
-        server_conf.contains(&format!("bind_port = \"{SPIRE_SERVER_PORT}\"")),
-        "server.conf: bind_port"
-    );
+    assert!(server_conf.contains(&format!("bind_port = \"{SPIRE_SERVER_PORT}\"")), "server.conf: bind_port");
     let agent_conf = read("spire/compose/agent.conf");
-    assert!(
-        agent_conf.contains(&format!("server_port = \"{SPIRE_SERVER_PORT}\"")),
-        "agent.conf: server_port"
-    );
-    assert!(
-        agent_conf.contains("server_address = \"spire-server\""),
-        "agent.conf: server_address"
-    );
+    assert!(agent_conf.contains(&format!("server_port = \"{SPIRE_SERVER_PORT}\"")), "agent.conf: server_port");
+    assert!(agent_conf.contains("server_address = \"spire-server\""), "agent.conf: server_address");
 }
 
 #[test]
@@ -334,24 +237,13 @@ fn every_long_running_service_has_a_healthcheck() {
     let services = services(&compose());
     for (name, body) in long_running(&services) {
         let check = &body["healthcheck"];
-        assert_ne!(
-            check["disable"].as_bool(),
-            Some(true),
-            "{name}: healthcheck disabled"
-        );
+        assert_ne!(check["disable"].as_bool(), Some(true), "{name}: healthcheck disabled");
         let test = match &check["test"] {
-            Value::Sequence(argv) => argv
-                .iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join(" "),
+            Value::Sequence(argv) => argv.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "),
             Value::String(command) => command.clone(),
             _ => String::new(),
         };
-        assert!(
-            !test.trim().is_empty() && test != "NONE",
-            "{name} has no healthcheck test"
-        );
+        assert!(!test.trim().is_empty() && test != "NONE", "{name} has no healthcheck test");
     }
 }
 
@@ -359,18 +251,10 @@ fn every_long_running_service_has_a_healthcheck() {
 fn one_shots_run_once_and_long_running_services_restart() {
     let services = services(&compose());
     for name in ONE_SHOTS {
-        assert_eq!(
-            service(&services, name)["restart"].as_str(),
-            Some("no"),
-            "{name}: restart"
-        );
+        assert_eq!(service(&services, name)["restart"].as_str(), Some("no"), "{name}: restart");
     }
     for (name, body) in long_running(&services) {
-        assert_eq!(
-            body["restart"].as_str(),
-            Some("unless-stopped"),
-            "{name}: restart"
-        );
+        assert_eq!(body["restart"].as_str(), Some("unless-stopped"), "{name}: restart");
     }
 }
 
@@ -383,20 +267,10 @@ fn dependencies_wait_for_healthy_services_and_completed_one_shots() {
             Value::Mapping(deps) => {
                 for (dep, spec) in deps {
                     let dep = dep.as_str().expect("dependency names are strings");
-                    assert!(
-                        services.contains_key(dep),
-                        "{name} depends on unknown service {dep}"
-                    );
-                    let expected = if ONE_SHOTS.contains(&dep) {
-                        "service_completed_successfully"
-                    } else {
-                        "service_healthy"
-                    };
-                    assert_eq!(
-                        spec["condition"].as_str(),
-                        Some(expected),
-                        "{name} → {dep}: condition"
-                    );
+                    assert!(services.contains_key(dep), "{name} depends on unknown service {dep}");
+                    let expected =
+                        if ONE_SHOTS.contains(&dep) { "service_completed_successfully" } else { "service_healthy" };
+                    assert_eq!(spec["condition"].as_str(), Some(expected), "{name} → {dep}: condition");
                 }
             }
             other => {
@@ -412,34 +286,14 @@ fn securepay_services_start_after_their_infrastructure_and_callees() {
     let deps = |name: &str| -> BTreeSet<String> {
         service(&services, name)["depends_on"]
             .as_mapping()
-            .map(|m| {
-                m.keys()
-                    .filter_map(|k| k.as_str().map(str::to_string))
-                    .collect()
-            })
+            .map(|m| m.keys().filter_map(|k| k.as_str().map(str::to_string)).collect())
             .unwrap_or_default()
     };
     let required: [(&str, &[&str]); 7] = [
         ("gateway", &["spire-agent", "jaeger", "payment", "account"]),
-        (
-            "payment",
-            &[
-                "postgres",
-                "redis",
-                "kafka-init",
-                "spire-agent",
-                "jaeger",
-                "account",
-            ],
-        ),
-        (
-            "account",
-            &["postgres", "redis", "kafka-init", "spire-agent", "jaeger"],
-        ),
-        (
-            "notification",
-            &["postgres", "kafka-init", "spire-agent", "jaeger"],
-        ),
+        ("payment", &["postgres", "redis", "kafka-init", "spire-agent", "jaeger", "account"]),
+        ("account", &["postgres", "redis", "kafka-init", "spire-agent", "jaeger"]),
+        ("notification", &["postgres", "kafka-init", "spire-agent", "jaeger"]),
         ("spire-agent", &["spire-server", "spire-init"]),
         ("spire-init", &["spire-server"]),
         ("kafka-init", &["kafka"]),
@@ -478,24 +332,14 @@ fn each_service_container_carries_the_label_its_registration_entry_selects() {
                 .strip_prefix("docker:label:")
                 .and_then(|kv| kv.split_once(':'))
                 .unwrap_or_else(|| panic!("{selector} is not docker:label:<key>:<value>"));
-            assert_eq!(
-                labels.get(key).map(String::as_str),
-                Some(value),
-                "{name} must carry label {key}={value}"
-            );
+            assert_eq!(labels.get(key).map(String::as_str), Some(value), "{name} must carry label {key}={value}");
         }
         // No service may carry another identity's label: that would hand it the other SVID too.
         for other in ServiceIdentity::ALL.into_iter().filter(|o| *o != identity) {
             for selector in &entries[other.spiffe_id()] {
                 let kv = selector.trim_start_matches("docker:label:");
-                let carried = kv
-                    .split_once(':')
-                    .is_some_and(|(k, v)| labels.get(k).map(String::as_str) == Some(v));
-                assert!(
-                    !carried,
-                    "{name} carries {selector}, the selector of {}",
-                    other.spiffe_id()
-                );
+                let carried = kv.split_once(':').is_some_and(|(k, v)| labels.get(k).map(String::as_str) == Some(v));
+                assert!(!carried, "{name} carries {selector}, the selector of {}", other.spiffe_id());
             }
         }
     }
@@ -504,10 +348,7 @@ fn each_service_container_carries_the_label_its_registration_entry_selects() {
 #[test]
 fn spire_init_registers_the_entries_file_and_the_agent_attests_docker_workloads() {
     let init_dockerfile = read("spire/compose/init.Dockerfile");
-    assert!(
-        init_dockerfile.contains("entries.json"),
-        "spire-init image does not ship entries.json"
-    );
+    assert!(init_dockerfile.contains("entries.json"), "spire-init image does not ship entries.json");
     let init_script = read("spire/compose/init.sh");
     assert!(
         init_script.contains("entry create") && init_script.contains("-data"),
@@ -519,26 +360,13 @@ fn spire_init_registers_the_entries_file_and_the_agent_attests_docker_workloads(
         .iter()
         .map(|e| e["parent_id"].as_str().unwrap_or_default().to_string())
         .collect();
-    assert_eq!(
-        parents.len(),
-        1,
-        "all workloads hang off the one compose agent: {parents:?}"
-    );
+    assert_eq!(parents.len(), 1, "all workloads hang off the one compose agent: {parents:?}");
     let parent = parents.into_iter().next().unwrap_or_default();
-    assert!(
-        init_script.contains(&parent),
-        "init.sh must alias the agent's join token to {parent}"
-    );
-    assert!(
-        read("spire/compose/agent.conf").contains("WorkloadAttestor \"docker\""),
-        "agent.conf: docker attestor"
-    );
+    assert!(init_script.contains(&parent), "init.sh must alias the agent's join token to {parent}");
+    assert!(read("spire/compose/agent.conf").contains("WorkloadAttestor \"docker\""), "agent.conf: docker attestor");
     let services = services(&compose());
     let agent_volumes = format!("{:?}", service(&services, "spire-agent")["volumes"]);
-    assert!(
-        agent_volumes.contains("/var/run/docker.sock"),
-        "the docker attestor needs the Docker socket"
-    );
+    assert!(agent_volumes.contains("/var/run/docker.sock"), "the docker attestor needs the Docker socket");
     assert_eq!(
         service(&services, "spire-agent")["pid"].as_str(),
         Some("host"),
@@ -566,13 +394,10 @@ fn every_service_gets_the_agent_socket_and_nothing_else_from_spire() {
             Some("unix:///run/spire/agent-sockets/api.sock"),
             "{name}: SPIFFE_ENDPOINT_SOCKET"
         );
-        let volumes: Vec<&str> = body["volumes"]
-            .as_sequence()
-            .map(|v| v.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
+        let volumes: Vec<&str> =
+            body["volumes"].as_sequence().map(|v| v.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
         assert!(
-            volumes
-                .contains(&format!("{agent_socket_volume}:/run/spire/agent-sockets:ro").as_str()),
+            volumes.contains(&format!("{agent_socket_volume}:/run/spire/agent-sockets:ro").as_str()),
             "{name} must mount the agent socket volume read-only, has {volumes:?}"
         );
         assert!(
@@ -586,17 +411,10 @@ fn every_service_gets_the_agent_socket_and_nothing_else_from_spire() {
 fn kafka_init_creates_exactly_the_topics_of_the_topology() {
     let services = services(&compose());
     let env = environment(service(&services, "kafka-init"));
-    let listed: Vec<&str> = env
-        .get("SECUREPAY_TOPICS")
-        .expect("kafka-init: SECUREPAY_TOPICS")
-        .split_whitespace()
-        .collect();
+    let listed: Vec<&str> =
+        env.get("SECUREPAY_TOPICS").expect("kafka-init: SECUREPAY_TOPICS").split_whitespace().collect();
     let created: BTreeSet<&str> = listed.iter().copied().collect();
-    assert_eq!(
-        created.len(),
-        listed.len(),
-        "a topic is listed twice: {listed:?}"
-    );
+    assert_eq!(created.len(), listed.len(), "a topic is listed twice: {listed:?}");
     assert_eq!(created, topic::ALL.into_iter().collect::<BTreeSet<_>>());
     let command = format!("{:?}", service(&services, "kafka-init")["command"]);
     assert!(
@@ -615,22 +433,13 @@ fn database_roles_and_schemas_match_the_topology() {
         let Some(url) = env.get("SECUREPAY_DATABASE_URL") else {
             continue;
         };
-        let schema = env
-            .get("SECUREPAY_DATABASE_SCHEMA")
-            .unwrap_or_else(|| panic!("{name}: SECUREPAY_DATABASE_SCHEMA"));
-        assert!(
-            used.insert((schema.clone(), url_user(url).to_string())),
-            "{name} shares a database role"
-        );
+        let schema =
+            env.get("SECUREPAY_DATABASE_SCHEMA").unwrap_or_else(|| panic!("{name}: SECUREPAY_DATABASE_SCHEMA"));
+        assert!(used.insert((schema.clone(), url_user(url).to_string())), "{name} shares a database role");
     }
-    let expected: BTreeSet<(String, String)> = topology::SCHEMAS
-        .iter()
-        .map(|(schema, role)| (schema.to_string(), role.to_string()))
-        .collect();
-    assert_eq!(
-        used, expected,
-        "(schema, role) of the services' SECUREPAY_DATABASE_URL"
-    );
+    let expected: BTreeSet<(String, String)> =
+        topology::SCHEMAS.iter().map(|(schema, role)| (schema.to_string(), role.to_string())).collect();
+    assert_eq!(used, expected, "(schema, role) of the services' SECUREPAY_DATABASE_URL");
 
     let roles_sql = compose["configs"]["postgres-service-roles"]["content"]
         .as_str()
@@ -642,10 +451,7 @@ fn database_roles_and_schemas_match_the_topology() {
         .collect();
     assert_eq!(
         created,
-        topology::SCHEMAS
-            .iter()
-            .map(|(_, role)| *role)
-            .collect::<BTreeSet<_>>(),
+        topology::SCHEMAS.iter().map(|(_, role)| *role).collect::<BTreeSet<_>>(),
         "roles given a password"
     );
 }
@@ -666,14 +472,8 @@ fn prometheus_config_parses_and_scrapes_every_service_every_5s() {
                 .flat_map(|sc| sc["targets"].as_sequence().cloned().unwrap_or_default())
                 .filter_map(|t| t.as_str().map(str::to_string))
                 .collect();
-            let path = job["metrics_path"]
-                .as_str()
-                .unwrap_or("/metrics")
-                .to_string();
-            (
-                job["job_name"].as_str().expect("job_name").to_string(),
-                (targets, path),
-            )
+            let path = job["metrics_path"].as_str().unwrap_or("/metrics").to_string();
+            (job["job_name"].as_str().expect("job_name").to_string(), (targets, path))
         })
         .collect();
     let services = services(&compose());
@@ -686,14 +486,8 @@ fn prometheus_config_parses_and_scrapes_every_service_every_5s() {
             .unwrap_or_else(|| panic!("{name}: no SECUREPAY_ADMIN_ADDR / SECUREPAY_LISTEN_ADDR"));
         let target = format!("{name}:{}", port_of(address));
         let job = spiffe_path(identity);
-        let (targets, path) = jobs
-            .get(job)
-            .unwrap_or_else(|| panic!("prometheus.yml has no job {job}"));
-        assert_eq!(
-            targets,
-            &vec![target.clone()],
-            "job {job} must scrape {target}"
-        );
+        let (targets, path) = jobs.get(job).unwrap_or_else(|| panic!("prometheus.yml has no job {job}"));
+        assert_eq!(targets, &vec![target.clone()], "job {job} must scrape {target}");
         assert_eq!(path, "/metrics", "job {job}: metrics_path");
     }
 }
@@ -704,10 +498,8 @@ fn healthchecks_probe_the_ports_the_services_listen_on() {
     for (name, _) in SECUREPAY_SERVICES {
         let body = service(&services, name);
         let env = environment(body);
-        let http = env
-            .get("SECUREPAY_ADMIN_ADDR")
-            .or_else(|| env.get("SECUREPAY_LISTEN_ADDR"))
-            .expect("listen address");
+        let http =
+            env.get("SECUREPAY_ADMIN_ADDR").or_else(|| env.get("SECUREPAY_LISTEN_ADDR")).expect("listen address");
         let test = format!("{:?}", body["healthcheck"]["test"]);
         assert!(
             test.contains(&format!(":{}/health", port_of(http))),
@@ -719,38 +511,18 @@ fn healthchecks_probe_the_ports_the_services_listen_on() {
 #[test]
 fn alert_rules_parse_and_cover_failures_lag_svid_expiry_auth_and_down_services() {
     let prometheus = yaml("observability/prometheus/prometheus.yml");
-    let rule_files: Vec<&str> = prometheus["rule_files"]
-        .as_sequence()
-        .expect("rule_files")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    assert_eq!(
-        rule_files,
-        ["rules/*.yml"],
-        "compose mounts observability/prometheus/rules at rules/"
-    );
+    let rule_files: Vec<&str> =
+        prometheus["rule_files"].as_sequence().expect("rule_files").iter().filter_map(Value::as_str).collect();
+    assert_eq!(rule_files, ["rules/*.yml"], "compose mounts observability/prometheus/rules at rules/");
     let rules = yaml("observability/prometheus/rules/securepay.rules.yml");
     let mut exprs = BTreeMap::new();
     for group in rules["groups"].as_sequence().expect("groups") {
         for rule in group["rules"].as_sequence().expect("rules") {
-            let alert = rule["alert"]
-                .as_str()
-                .expect("every rule is an alert")
-                .to_string();
+            let alert = rule["alert"].as_str().expect("every rule is an alert").to_string();
             let expr = rule["expr"].as_str().expect("expr").to_string();
-            assert!(
-                rule["annotations"]["summary"].as_str().is_some(),
-                "{alert}: summary"
-            );
-            assert!(
-                rule["labels"]["severity"].as_str().is_some(),
-                "{alert}: severity"
-            );
-            assert!(
-                exprs.insert(alert.clone(), expr).is_none(),
-                "alert {alert} defined twice"
-            );
+            assert!(rule["annotations"]["summary"].as_str().is_some(), "{alert}: summary");
+            assert!(rule["labels"]["severity"].as_str().is_some(), "{alert}: severity");
+            assert!(exprs.insert(alert.clone(), expr).is_none(), "alert {alert} defined twice");
         }
     }
     for metric in [
@@ -761,21 +533,11 @@ fn alert_rules_parse_and_cover_failures_lag_svid_expiry_auth_and_down_services()
         "securepay_auth_failures_total",
         "up{",
     ] {
-        assert!(
-            exprs.values().any(|e| e.contains(metric)),
-            "no alert on {metric}"
-        );
+        assert!(exprs.values().any(|e| e.contains(metric)), "no alert on {metric}");
     }
-    let down = exprs
-        .values()
-        .find(|e| e.starts_with("up{"))
-        .expect("a service-down alert");
+    let down = exprs.values().find(|e| e.starts_with("up{")).expect("a service-down alert");
     for identity in ServiceIdentity::ALL {
-        assert!(
-            down.contains(spiffe_path(identity)),
-            "the service-down alert misses {}",
-            spiffe_path(identity)
-        );
+        assert!(down.contains(spiffe_path(identity)), "the service-down alert misses {}", spiffe_path(identity));
     }
 }
 
@@ -785,9 +547,7 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     let mut rest = text;
     while let Some(at) = rest.find("securepay_") {
         let tail = &rest[at..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
         names.insert(tail[..end].to_string());
         rest = &tail[end..];
     }
@@ -820,48 +580,22 @@ fn dashboard_files() -> Vec<String> {
 #[test]
 fn every_dashboard_parses_and_every_panel_has_a_query_on_the_provisioned_datasource() {
     let datasources = yaml("observability/grafana/provisioning/datasources/prometheus.yml");
-    let uid = datasources["datasources"][0]["uid"]
-        .as_str()
-        .expect("the datasource has a uid")
-        .to_string();
-    assert_eq!(
-        datasources["datasources"][0]["url"].as_str(),
-        Some("http://prometheus:9090")
-    );
+    let uid = datasources["datasources"][0]["uid"].as_str().expect("the datasource has a uid").to_string();
+    assert_eq!(datasources["datasources"][0]["url"].as_str(), Some("http://prometheus:9090"));
     for file in dashboard_files() {
         let dashboard = json(&file);
-        assert!(
-            dashboard["uid"].as_str().is_some_and(|u| !u.is_empty()),
-            "{file}: uid"
-        );
-        let panels: Vec<_> = panels(&dashboard)
-            .into_iter()
-            .filter(|p| p["type"] != "row")
-            .collect();
+        assert!(dashboard["uid"].as_str().is_some_and(|u| !u.is_empty()), "{file}: uid");
+        let panels: Vec<_> = panels(&dashboard).into_iter().filter(|p| p["type"] != "row").collect();
         assert!(!panels.is_empty(), "{file}: no panels");
         for panel in panels {
             let title = panel["title"].as_str().unwrap_or("?");
-            let targets = panel["targets"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default();
+            let targets = panel["targets"].as_array().map(Vec::as_slice).unwrap_or_default();
             assert!(!targets.is_empty(), "{file}: panel {title} has no target");
             for target in targets {
                 let expr = target["expr"].as_str().unwrap_or_default();
-                assert!(
-                    !expr.trim().is_empty(),
-                    "{file}: panel {title} has a target without expr"
-                );
-                let ds = if target["datasource"].is_null() {
-                    &panel["datasource"]
-                } else {
-                    &target["datasource"]
-                };
-                assert_eq!(
-                    ds["uid"].as_str(),
-                    Some(uid.as_str()),
-                    "{file}: panel {title} queries another datasource"
-                );
+                assert!(!expr.trim().is_empty(), "{file}: panel {title} has a target without expr");
+                let ds = if target["datasource"].is_null() { &panel["datasource"] } else { &target["datasource"] };
+                assert_eq!(ds["uid"].as_str(), Some(uid.as_str()), "{file}: panel {title} queries another datasource");
             }
         }
     }
@@ -888,9 +622,7 @@ fn dashboards_query_only_metrics_of_the_documented_contract() {
 #[test]
 fn grafana_provisions_the_datasource_and_the_dashboards_compose_mounts() {
     let provider = yaml("observability/grafana/provisioning/dashboards/securepay.yml");
-    let path = provider["providers"][0]["options"]["path"]
-        .as_str()
-        .expect("dashboard provider path");
+    let path = provider["providers"][0]["options"]["path"].as_str().expect("dashboard provider path");
     let services = services(&compose());
     let volumes: Vec<&str> = service(&services, "grafana")["volumes"]
         .as_sequence()

@@ -121,10 +121,9 @@ fn kafka_message_produced_with_rdkafka_is_consumed_by_a_consumer_group() {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin client");
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let created = futures_executor::block_on(admin.create_topics(
-        &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
-        &options,
-    ))
+    let created = futures_executor::block_on(
+        admin.create_topics(&[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))], &options),
+    )
     .expect("create_topics");
     assert!(created.iter().all(Result::is_ok), "{created:?}");
 
@@ -181,9 +180,8 @@ fn prometheus_reports_its_targets_including_every_service() {
         };
         // Services may not run in the test profile: listed is what we check, not up. Right after
         // start-up the target list can still be empty, hence the retries.
-        let service_jobs_listed = ServiceIdentity::ALL
-            .iter()
-            .all(|s| job_health(s.spiffe_id().rsplit('/').next().unwrap()).is_some());
+        let service_jobs_listed =
+            ServiceIdentity::ALL.iter().all(|s| job_health(s.spiffe_id().rsplit('/').next().unwrap()).is_some());
         if service_jobs_listed && job_health("prometheus").as_deref() == Some("up") {
             return;
         }

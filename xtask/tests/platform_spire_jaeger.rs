@@ -49,12 +49,7 @@ fn each_service_binary_gets_an_svid_with_exactly_its_own_spiffe_id() {
             std::thread::sleep(Duration::from_millis(500));
         };
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{} identity failed: {}",
-            binary.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{} identity failed: {}", binary.display(), String::from_utf8_lossy(&out.stderr));
         assert_eq!(stdout.lines().count(), 1, "one JSON line, got {stdout:?}");
         let svid: serde_json::Value = serde_json::from_str(&stdout).expect("identity prints JSON");
         assert_eq!(svid["spiffe_id"], service.spiffe_id(), "{}", binary.display());
@@ -85,7 +80,12 @@ fn a_copy_of_a_service_binary_at_another_path_gets_no_svid() {
     let out = identity(Command::new("/bin/sh").arg("-c").arg("exec \"$0\" identity").arg(&copy), &agent_socket);
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a copy at {} got an identity: {}", copy.display(), String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "a copy at {} got an identity: {}",
+        copy.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(out.stdout.is_empty(), "nothing on stdout when failing closed");
     assert!(stderr.contains("no identity"), "stderr: {stderr}");
 }
@@ -130,7 +130,10 @@ fn a_span_sent_over_otlp_http_comes_back_from_jaeger() {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "trace {trace_id} of {service} not in Jaeger after {TRACE_WAIT:?}: {status} {answer}");
+        assert!(
+            Instant::now() < deadline,
+            "trace {trace_id} of {service} not in Jaeger after {TRACE_WAIT:?}: {status} {answer}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }

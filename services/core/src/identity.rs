@@ -75,10 +75,7 @@ pub const ALLOWED_CALLERS: &[(&str, &[ServiceIdentity])] = &[
 
 /// Whether `caller` may invoke `method`. Unknown methods are denied (fail closed).
 pub fn is_allowed(method: &str, caller: ServiceIdentity) -> bool {
-    ALLOWED_CALLERS
-        .iter()
-        .find(|(m, _)| *m == method)
-        .is_some_and(|(_, callers)| callers.contains(&caller))
+    ALLOWED_CALLERS.iter().find(|(m, _)| *m == method).is_some_and(|(_, callers)| callers.contains(&caller))
 }
 
 #[cfg(test)]

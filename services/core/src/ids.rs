@@ -71,9 +71,7 @@ impl Subject {
     pub const LEN_MAX: usize = 128;
 
     pub fn parse(text: &str) -> Result<Subject, InvalidSubject> {
-        let ok = !text.is_empty()
-            && text.len() <= Self::LEN_MAX
-            && text.bytes().all(|b| b.is_ascii_graphic());
+        let ok = !text.is_empty() && text.len() <= Self::LEN_MAX && text.bytes().all(|b| b.is_ascii_graphic());
         if ok { Ok(Subject(text.to_owned())) } else { Err(InvalidSubject) }
     }
 

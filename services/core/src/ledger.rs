@@ -126,11 +126,7 @@ impl Ledger {
         if let Some(&outcome) = self.settled.get(&transfer.payment_id) {
             return Settled::Duplicate(outcome);
         }
-        let outcome = verdict(
-            self.accounts.get(&transfer.from),
-            self.accounts.get(&transfer.to),
-            transfer.amount,
-        );
+        let outcome = verdict(self.accounts.get(&transfer.from), self.accounts.get(&transfer.to), transfer.amount);
         if outcome == Outcome::Completed {
             self.move_funds(transfer);
         }
@@ -205,7 +201,12 @@ mod tests {
     }
 
     fn transfer(payment: u128, amount: &str) -> Transfer {
-        Transfer { payment_id: PaymentId::from_uuid(Uuid::from_u128(payment)), from: account(1), to: account(2), amount: eur(amount) }
+        Transfer {
+            payment_id: PaymentId::from_uuid(Uuid::from_u128(payment)),
+            from: account(1),
+            to: account(2),
+            amount: eur(amount),
+        }
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! Time and ids come in as arguments, from the ports.
 
 pub mod events;
-pub mod identity;
 pub mod idempotency;
+pub mod identity;
 pub mod ids;
 pub mod ledger;
 pub mod money;

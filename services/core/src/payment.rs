@@ -49,10 +49,8 @@ impl fmt::Display for PaymentStatus {
 
 /// THE transition table. The database enforces the same pairs (migrations), the simulator checks
 /// histories against it; nothing else decides whether a status may change.
-pub const TRANSITIONS: &[(PaymentStatus, PaymentStatus)] = &[
-    (PaymentStatus::Pending, PaymentStatus::Completed),
-    (PaymentStatus::Pending, PaymentStatus::Failed),
-];
+pub const TRANSITIONS: &[(PaymentStatus, PaymentStatus)] =
+    &[(PaymentStatus::Pending, PaymentStatus::Completed), (PaymentStatus::Pending, PaymentStatus::Failed)];
 
 pub fn is_legal(from: PaymentStatus, to: PaymentStatus) -> bool {
     TRANSITIONS.contains(&(from, to))

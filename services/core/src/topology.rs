@@ -20,8 +20,5 @@ pub mod consumer_group {
 }
 
 /// PostgreSQL schemas and the role of the one service allowed to touch each (SPEC §7).
-pub const SCHEMAS: [(&str, &str); 3] = [
-    ("payments", "payment_service"),
-    ("accounts", "account_service"),
-    ("notifications", "notification_service"),
-];
+pub const SCHEMAS: [(&str, &str); 3] =
+    [("payments", "payment_service"), ("accounts", "account_service"), ("notifications", "notification_service")];

@@ -2,13 +2,11 @@
 
 use proptest::prelude::*;
 use rust_decimal::Decimal;
+use securepay_core::ids::Subject;
 use securepay_core::ids::{AccountId, PaymentId};
 use securepay_core::ledger::{Ledger, Settled, Transfer};
 use securepay_core::money::{Amount, AmountPolicy, Currency, parse_decimal_text};
-use securepay_core::payment::{
-    Applied, FailureReason, Outcome, Payment, PaymentRequest, PaymentStatus, TRANSITIONS,
-};
-use securepay_core::ids::Subject;
+use securepay_core::payment::{Applied, FailureReason, Outcome, Payment, PaymentRequest, PaymentStatus, TRANSITIONS};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -212,7 +210,5 @@ fn ledger_workload() -> impl Strategy<Value = (Vec<Opening>, Vec<Transfer>)> {
         }
         deliveries
     });
-    (openings, payments).prop_flat_map(|(openings, deliveries)| {
-        (Just(openings), Just(deliveries).prop_shuffle())
-    })
+    (openings, payments).prop_flat_map(|(openings, deliveries)| (Just(openings), Just(deliveries).prop_shuffle()))
 }

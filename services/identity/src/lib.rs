@@ -71,9 +71,8 @@ pub async fn fetch_x509_svid_from_env() -> Result<SvidSummary, IdentityError> {
 #[cfg(not(madsim))]
 pub async fn fetch_x509_svid(endpoint: &str) -> Result<SvidSummary, IdentityError> {
     let timeout = std::time::Duration::from_millis(FETCH_TIMEOUT_MS_MAX);
-    let fetched = tokio::time::timeout(timeout, fetch_unbounded(endpoint))
-        .await
-        .map_err(|_| IdentityError::Timeout)??;
+    let fetched =
+        tokio::time::timeout(timeout, fetch_unbounded(endpoint)).await.map_err(|_| IdentityError::Timeout)??;
     check_trust_domain(fetched)
 }
 
@@ -88,10 +87,9 @@ async fn fetch_unbounded(endpoint: &str) -> Result<SvidSummary, IdentityError> {
     use spiffe::{WorkloadApiClient, WorkloadApiError};
 
     let client = WorkloadApiClient::connect_to(endpoint).await.map_err(|e| match e {
-        WorkloadApiError::Endpoint(reason) => IdentityError::InvalidEndpoint {
-            endpoint: endpoint.to_owned(),
-            reason: reason.to_string(),
-        },
+        WorkloadApiError::Endpoint(reason) => {
+            IdentityError::InvalidEndpoint { endpoint: endpoint.to_owned(), reason: reason.to_string() }
+        }
         other => IdentityError::AgentUnreachable { endpoint: endpoint.to_owned(), reason: other.to_string() },
     })?;
     let svid = client.fetch_x509_svid().await.map_err(|e| match e {

@@ -163,7 +163,11 @@ impl LedgerStore for MemoryLedgerStore {
     async fn account(&self, id: AccountId) -> PortResult<Option<AccountView>> {
         let state = self.lock();
         let Some(account) = state.ledger.account(id) else { return Ok(None) };
-        let owner = state.owners.get(&id).cloned().ok_or_else(|| PortError::Corrupt { what: "account without owner".into() })?;
+        let owner = state
+            .owners
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| PortError::Corrupt { what: "account without owner".into() })?;
         Ok(Some(AccountView { id, owner, currency: account.currency, balance: account.balance }))
     }
 
@@ -188,10 +192,8 @@ impl LedgerStore for MemoryLedgerStore {
 /// The outbox payload: `events.v1.PaymentCompleted` or `PaymentFailed`, protobuf-encoded (the same
 /// bytes `securepay_postgres::encode_outcome` writes; the contract suite decodes both).
 pub fn encode_outcome(event: &PaymentSettled) -> Vec<u8> {
-    let amount = Some(wire::Money {
-        amount: event.amount.to_string(),
-        currency: event.amount.currency().code().to_owned(),
-    });
+    let amount =
+        Some(wire::Money { amount: event.amount.to_string(), currency: event.amount.currency().code().to_owned() });
     let occurred_at = Some(prost_types::Timestamp {
         seconds: event.occurred_at.unix_timestamp(),
         nanos: i32::try_from(event.occurred_at.nanosecond()).expect("nanoseconds < 1e9"),
@@ -200,7 +202,8 @@ pub fn encode_outcome(event: &PaymentSettled) -> Vec<u8> {
     let (from_account, to_account) = (event.from.to_string(), event.to.to_string());
     match event.outcome {
         Outcome::Completed => {
-            wire::PaymentCompleted { event_id, payment_id, from_account, to_account, amount, occurred_at }.encode_to_vec()
+            wire::PaymentCompleted { event_id, payment_id, from_account, to_account, amount, occurred_at }
+                .encode_to_vec()
         }
         Outcome::Failed(reason) => wire::PaymentFailed {
             event_id,
@@ -248,7 +251,9 @@ mod tests {
     fn store_with(balances: &[(u128, &str)]) -> MemoryLedgerStore {
         let store = MemoryLedgerStore::new();
         for &(n, opening) in balances {
-            store.open(account(n), Subject::parse("alice").unwrap(), eur(), Decimal::from_str(opening).unwrap()).unwrap();
+            store
+                .open(account(n), Subject::parse("alice").unwrap(), eur(), Decimal::from_str(opening).unwrap())
+                .unwrap();
         }
         store
     }
@@ -284,12 +289,18 @@ mod tests {
         let store = store_with(&[(1, "100.00"), (2, "0")]);
         let r = request(10, 1, 2, "30.25");
         assert_eq!(settled(&store, std::slice::from_ref(&r)).await, [Settled::New(Outcome::Completed)]);
-        assert_eq!(balances(&store, &[1, 2]).await, [Decimal::from_str("69.75").unwrap(), Decimal::from_str("30.25").unwrap()]);
+        assert_eq!(
+            balances(&store, &[1, 2]).await,
+            [Decimal::from_str("69.75").unwrap(), Decimal::from_str("30.25").unwrap()]
+        );
         let rows: Vec<_> = store.ledger().entries().iter().map(|e| (e.account, e.direction)).collect();
         assert_eq!(rows, [(account(1), Direction::Debit), (account(2), Direction::Credit)]);
         let outbox = store.unpublished(100).await.unwrap();
         assert_eq!(outbox.len(), 1);
-        assert_eq!((outbox[0].topic.as_str(), outbox[0].key.clone()), ("payment.completed", r.transfer.payment_id.to_string()));
+        assert_eq!(
+            (outbox[0].topic.as_str(), outbox[0].key.clone()),
+            ("payment.completed", r.transfer.payment_id.to_string())
+        );
         let event = wire::PaymentCompleted::decode(outbox[0].payload.as_slice()).unwrap();
         assert_eq!(event.event_id, r.outcome_event_id.to_string());
         assert_eq!(event.amount.map(|m| (m.amount, m.currency)), Some(("30.25".into(), "EUR".into())));
@@ -344,7 +355,12 @@ mod tests {
     #[tokio::test]
     async fn a_batch_decides_in_order_against_the_balances_before_it() {
         let store = store_with(&[(1, "100.00"), (2, "50.00"), (3, "0")]);
-        let batch = [request(10, 1, 2, "60.00"), request(11, 1, 3, "60.00"), request(12, 2, 3, "110.00"), request(13, 3, 9, "1.00")];
+        let batch = [
+            request(10, 1, 2, "60.00"),
+            request(11, 1, 3, "60.00"),
+            request(12, 2, 3, "110.00"),
+            request(13, 3, 9, "1.00"),
+        ];
         assert_eq!(
             settled(&store, &batch).await,
             [

@@ -13,8 +13,13 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Atomically claims (subject, key) as in flight for `fingerprint` if no record exists and
     /// returns `None`; otherwise returns the existing record unchanged. Exactly one of any number of
     /// concurrent claimers gets `None` (PostgreSQL: unique constraint; Redis: SET NX).
-    async fn claim(&self, subject: &Subject, key: &IdempotencyKey, fingerprint: Fingerprint, now: OffsetDateTime)
-        -> PortResult<Option<Record<Vec<u8>>>>;
+    async fn claim(
+        &self,
+        subject: &Subject,
+        key: &IdempotencyKey,
+        fingerprint: Fingerprint,
+        now: OffsetDateTime,
+    ) -> PortResult<Option<Record<Vec<u8>>>>;
 
     /// Stores the response for replay. Only the claimer calls it.
     async fn complete(&self, subject: &Subject, key: &IdempotencyKey, response: &[u8]) -> PortResult<()>;

@@ -44,11 +44,7 @@ pub fn authorize_peer(peer: Option<&Svid>, method: &str, now: OffsetDateTime) ->
         return Err(PeerRefusal::Expired);
     }
     let caller = ServiceIdentity::from_spiffe_id(&peer.spiffe_id).ok_or(PeerRefusal::UnknownIdentity)?;
-    if securepay_core::identity::is_allowed(method, caller) {
-        Ok(caller)
-    } else {
-        Err(PeerRefusal::MethodNotAllowed)
-    }
+    if securepay_core::identity::is_allowed(method, caller) { Ok(caller) } else { Err(PeerRefusal::MethodNotAllowed) }
 }
 
 #[cfg(test)]

@@ -26,7 +26,12 @@ pub trait PaymentStore: Send + Sync + 'static {
     /// Writes a new PENDING payment AND its `payment.initiated` outbox event atomically: both or
     /// neither (the transactional outbox — no accepted payment without its event).
     /// `Refused { rule: "payment_exists" }` if the id is taken.
-    async fn insert_with_event(&self, payment: &Payment, event: &PaymentInitiated, headers: &[(String, String)]) -> PortResult<()>;
+    async fn insert_with_event(
+        &self,
+        payment: &Payment,
+        event: &PaymentInitiated,
+        headers: &[(String, String)],
+    ) -> PortResult<()>;
 
     /// The payment with its transition history, if any.
     async fn get(&self, id: PaymentId) -> PortResult<Option<Payment>>;
@@ -34,7 +39,12 @@ pub trait PaymentStore: Send + Sync + 'static {
     /// Persists one transition and the new status atomically, only if the stored status is still
     /// `transition.from` (compare-and-set); otherwise `Refused { rule: "illegal_transition" }`.
     /// The store enforces the transition table itself, even if the caller is wrong.
-    async fn record_transition(&self, id: PaymentId, transition: &Transition, failure_reason: Option<&str>) -> PortResult<()>;
+    async fn record_transition(
+        &self,
+        id: PaymentId,
+        transition: &Transition,
+        failure_reason: Option<&str>,
+    ) -> PortResult<()>;
 
     /// Up to `limit` unpublished outbox events in sequence order. Safe with several relays: an
     /// event may be handed to two relays (at-least-once), never lost.

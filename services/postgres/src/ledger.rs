@@ -29,8 +29,7 @@ use securepay_core::ledger::{Account, Settled, verdict};
 use securepay_core::money::Currency;
 use securepay_core::payment::{FailureReason, Outcome};
 use securepay_ports::{
-    AccountView, LedgerStore, OutboxEvent, PortError, PortResult, SettlementRequest,
-    SettlementResult,
+    AccountView, LedgerStore, OutboxEvent, PortError, PortResult, SettlementRequest, SettlementResult,
 };
 use securepay_proto::events::v1 as wire;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -196,10 +195,7 @@ async fn lock_accounts(
     tx: &mut Transaction<'_, Postgres>,
     batch: &[SettlementRequest],
 ) -> Result<BTreeMap<AccountId, Account>, Failure> {
-    let ids: BTreeSet<Uuid> = batch
-        .iter()
-        .flat_map(|r| [r.transfer.from.as_uuid(), r.transfer.to.as_uuid()])
-        .collect();
+    let ids: BTreeSet<Uuid> = batch.iter().flat_map(|r| [r.transfer.from.as_uuid(), r.transfer.to.as_uuid()]).collect();
     let ids: Vec<Uuid> = ids.into_iter().collect();
     let rows = sqlx::query(
         "SELECT account_id, currency, balance FROM accounts.accounts \
@@ -363,10 +359,8 @@ fn parse_currency(code: &str) -> PortResult<Currency> {
 
 /// The outbox payload: `events.v1.PaymentCompleted` or `PaymentFailed`, protobuf-encoded.
 pub fn encode_outcome(event: &PaymentSettled) -> Vec<u8> {
-    let amount = Some(wire::Money {
-        amount: event.amount.to_string(),
-        currency: event.amount.currency().code().to_owned(),
-    });
+    let amount =
+        Some(wire::Money { amount: event.amount.to_string(), currency: event.amount.currency().code().to_owned() });
     let occurred_at = Some(prost_types::Timestamp {
         seconds: event.occurred_at.unix_timestamp(),
         nanos: i32::try_from(event.occurred_at.nanosecond()).expect("nanoseconds < 1e9"),
@@ -490,7 +484,9 @@ mod tests {
         for reason in FailureReason::ALL {
             assert_eq!(parse_outcome("FAILED", Some(reason.code())), Some(Outcome::Failed(reason)));
         }
-        for (outcome, reason) in [("COMPLETED", Some("insufficient_funds")), ("FAILED", None), ("FAILED", Some("x")), ("", None)] {
+        for (outcome, reason) in
+            [("COMPLETED", Some("insufficient_funds")), ("FAILED", None), ("FAILED", Some("x")), ("", None)]
+        {
             assert_eq!(parse_outcome(outcome, reason), None);
         }
     }

@@ -68,24 +68,16 @@ pub enum SetupError {
         "database name {0:?} is not 1 to {DATABASE_NAME_LEN_MAX} characters of [a-z0-9_] starting with a letter or _"
     )]
     DatabaseName(String),
-    #[error(
-        "password of {role} must be {PASSWORD_LEN_MIN} to {PASSWORD_LEN_MAX} characters without NUL"
-    )]
+    #[error("password of {role} must be {PASSWORD_LEN_MIN} to {PASSWORD_LEN_MAX} characters without NUL")]
     Password { role: &'static str },
     #[error("cannot connect to PostgreSQL: {0}")]
     Connect(#[source] sqlx::Error),
     #[error("cannot create database {database}: {source}")]
-    CreateDatabase {
-        database: String,
-        source: sqlx::Error,
-    },
+    CreateDatabase { database: String, source: sqlx::Error },
     #[error("cannot apply migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("cannot set the password of role {role}: {source}")]
-    SetPassword {
-        role: &'static str,
-        source: sqlx::Error,
-    },
+    SetPassword { role: &'static str, source: sqlx::Error },
     #[error("cannot seed demo accounts: {0}")]
     Seed(#[source] sqlx::Error),
 }
@@ -98,15 +90,9 @@ pub enum SetupError {
 /// where `CREATE DATABASE` runs. Concurrent calls for the same cluster may race on `ALTER ROLE`
 /// ("tuple concurrently updated"): call it from one place (the runner). Passwords never appear in a statement's text (they travel as bind parameters), and
 /// statement logging is off on the connection that sets them.
-pub async fn setup(
-    admin_url: &str,
-    database: &str,
-    passwords: &RolePasswords,
-) -> Result<(), SetupError> {
+pub async fn setup(admin_url: &str, database: &str, passwords: &RolePasswords) -> Result<(), SetupError> {
     for (role, password) in passwords.by_role() {
-        if !(PASSWORD_LEN_MIN..=PASSWORD_LEN_MAX).contains(&password.chars().count())
-            || password.contains('\0')
-        {
+        if !(PASSWORD_LEN_MIN..=PASSWORD_LEN_MAX).contains(&password.chars().count()) || password.contains('\0') {
             return Err(SetupError::Password { role });
         }
     }
@@ -122,33 +108,20 @@ pub async fn create_database_if_missing(admin_url: &str, database: &str) -> Resu
     validate_database_name(database)?;
     // The admin URL's own database (usually `postgres`) is where CREATE DATABASE runs.
     let options = PgConnectOptions::from_str(admin_url).map_err(SetupError::AdminUrl)?;
-    let mut conn = options
-        .disable_statement_logging()
-        .connect()
+    let mut conn = options.disable_statement_logging().connect().await.map_err(SetupError::Connect)?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1)")
+        .bind(database)
+        .fetch_one(&mut conn)
         .await
         .map_err(SetupError::Connect)?;
-    let exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1)",
-    )
-    .bind(database)
-    .fetch_one(&mut conn)
-    .await
-    .map_err(SetupError::Connect)?;
     if !exists {
         // The name is validated to [a-z0-9_], so quoting it is enough; DDL takes no bind parameters.
-        let created = sqlx::raw_sql(&format!("CREATE DATABASE \"{database}\""))
-            .execute(&mut conn)
-            .await;
+        let created = sqlx::raw_sql(&format!("CREATE DATABASE \"{database}\"")).execute(&mut conn).await;
         match created {
             Ok(_) => {}
-            Err(e)
-                if e.as_database_error().and_then(|d| d.code()).as_deref()
-                    == Some(DUPLICATE_DATABASE) => {}
+            Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some(DUPLICATE_DATABASE) => {}
             Err(source) => {
-                return Err(SetupError::CreateDatabase {
-                    database: database.to_owned(),
-                    source,
-                });
+                return Err(SetupError::CreateDatabase { database: database.to_owned(), source });
             }
         }
     }
@@ -157,23 +130,14 @@ pub async fn create_database_if_missing(admin_url: &str, database: &str) -> Resu
 
 /// Sets the login password of every service role (cluster-wide). The caller holds a connection
 /// as a superuser (or a role with CREATEROLE) to any database of the cluster.
-pub async fn set_role_passwords(
-    conn: &mut PgConnection,
-    passwords: &RolePasswords,
-) -> Result<(), SetupError> {
+pub async fn set_role_passwords(conn: &mut PgConnection, passwords: &RolePasswords) -> Result<(), SetupError> {
     for (role, password) in passwords.by_role() {
-        set_role_password(conn, role, password)
-            .await
-            .map_err(|source| SetupError::SetPassword { role, source })?;
+        set_role_password(conn, role, password).await.map_err(|source| SetupError::SetPassword { role, source })?;
     }
     Ok(())
 }
 
-async fn set_role_password(
-    conn: &mut PgConnection,
-    role: &str,
-    password: &str,
-) -> Result<(), sqlx::Error> {
+async fn set_role_password(conn: &mut PgConnection, role: &str, password: &str) -> Result<(), sqlx::Error> {
     // ALTER ROLE takes no bind parameters. The values go in as transaction-local settings and a DO
     // block quotes them (%I, %L), so neither the statement text nor a log line carries the password.
     let mut tx = conn.begin().await?;
@@ -278,10 +242,7 @@ pub fn admin_options(admin_url: &str, database: &str) -> Result<PgConnectOptions
 }
 
 async fn connect(admin_url: &str, database: &str) -> Result<PgConnection, SetupError> {
-    admin_options(admin_url, database)?
-        .connect()
-        .await
-        .map_err(SetupError::Connect)
+    admin_options(admin_url, database)?.connect().await.map_err(SetupError::Connect)
 }
 
 const DUPLICATE_DATABASE: &str = "42P04";
@@ -289,18 +250,9 @@ const DUPLICATE_DATABASE: &str = "42P04";
 fn validate_database_name(name: &str) -> Result<(), SetupError> {
     let valid = !name.is_empty()
         && name.len() <= DATABASE_NAME_LEN_MAX
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if valid {
-        Ok(())
-    } else {
-        Err(SetupError::DatabaseName(name.to_owned()))
-    }
+        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid { Ok(()) } else { Err(SetupError::DatabaseName(name.to_owned())) }
 }
 
 #[cfg(test)]
@@ -312,14 +264,7 @@ mod tests {
         for ok in ["securepay", "securepay_test_1", "_x"] {
             assert!(validate_database_name(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "1db",
-            "Securepay",
-            "a\"b",
-            "a-b",
-            &"x".repeat(DATABASE_NAME_LEN_MAX + 1),
-        ] {
+        for bad in ["", "1db", "Securepay", "a\"b", "a-b", &"x".repeat(DATABASE_NAME_LEN_MAX + 1)] {
             assert!(validate_database_name(bad).is_err(), "{bad}");
         }
     }
@@ -343,11 +288,7 @@ mod tests {
         };
         assert_eq!(
             passwords.by_role(),
-            [
-                ("payment_service", "p"),
-                ("account_service", "a"),
-                ("notification_service", "n")
-            ]
+            [("payment_service", "p"), ("account_service", "a"), ("notification_service", "n")]
         );
     }
 
@@ -355,11 +296,7 @@ mod tests {
     fn demo_accounts_are_distinct_and_funded() {
         for (i, a) in DEMO_ACCOUNTS.iter().enumerate() {
             assert!(a.opening_balance() > Decimal::ZERO);
-            assert!(
-                DEMO_ACCOUNTS[i + 1..]
-                    .iter()
-                    .all(|b| b.account_id != a.account_id)
-            );
+            assert!(DEMO_ACCOUNTS[i + 1..].iter().all(|b| b.account_id != a.account_id));
             assert!(securepay_core::money::Currency::from_code(a.currency).is_ok());
         }
     }

@@ -8,9 +8,7 @@
 
 use std::str::FromStr;
 
-use securepay_postgres::{
-    MIGRATOR, RolePasswords, admin_options, create_database_if_missing, set_role_passwords,
-};
+use securepay_postgres::{MIGRATOR, RolePasswords, admin_options, create_database_if_missing, set_role_passwords};
 use securepay_testkit::{component, var};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, Postgres};
@@ -37,30 +35,20 @@ impl TestDb {
     async fn new() -> Option<TestDb> {
         let admin_url = component(var::PG_ADMIN_URL)?;
         let name = format!("securepay_test_{}", Uuid::new_v4().simple());
-        create_database_if_missing(&admin_url, &name)
-            .await
-            .expect("create test database");
+        create_database_if_missing(&admin_url, &name).await.expect("create test database");
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .connect_with(admin_options(&admin_url, &name).unwrap())
             .await
             .expect("connect to test database");
-        let db = TestDb {
-            admin_url,
-            name,
-            pool,
-        };
+        let db = TestDb { admin_url, name, pool };
         MIGRATOR.run(&db.pool).await.expect("apply migrations");
         Some(db)
     }
 
     async fn connect_as(&self, role: &str) -> PgConnection {
         let passwords = role_passwords(&self.admin_url).await;
-        let (_, password) = passwords
-            .by_role()
-            .into_iter()
-            .find(|(r, _)| *r == role)
-            .expect("known role");
+        let (_, password) = passwords.by_role().into_iter().find(|(r, _)| *r == role).expect("known role");
         PgConnectOptions::from_str(&self.admin_url)
             .unwrap()
             .database(&self.name)
@@ -77,15 +65,9 @@ impl Drop for TestDb {
         // Drop runs outside async; a helper thread with its own runtime does the DROP DATABASE.
         let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
         let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async {
-                let mut conn = admin_options(&admin_url, "postgres")
-                    .unwrap()
-                    .connect()
-                    .await?;
+                let mut conn = admin_options(&admin_url, "postgres").unwrap().connect().await?;
                 let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
                 conn.execute(sql.as_str()).await?;
                 conn.close().await
@@ -104,36 +86,19 @@ async fn role_passwords(admin_url: &str) -> &'static RolePasswords {
     PASSWORDS
         .get_or_init(|| async {
             let fresh = || format!("test-{}", Uuid::new_v4().simple());
-            let passwords = RolePasswords {
-                payment_service: fresh(),
-                account_service: fresh(),
-                notification_service: fresh(),
-            };
-            let mut conn = admin_options(admin_url, "postgres")
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            set_role_passwords(&mut conn, &passwords)
-                .await
-                .expect("set role passwords");
+            let passwords =
+                RolePasswords { payment_service: fresh(), account_service: fresh(), notification_service: fresh() };
+            let mut conn = admin_options(admin_url, "postgres").unwrap().connect().await.unwrap();
+            set_role_passwords(&mut conn, &passwords).await.expect("set role passwords");
             passwords
         })
         .await
 }
 
 #[track_caller]
-fn assert_rejected<T: std::fmt::Debug>(
-    result: Result<T, sqlx::Error>,
-    code: &str,
-    constraint: &str,
-) {
-    let err = result.expect_err(&format!(
-        "the store accepted a write that violates {constraint}"
-    ));
-    let db_err = err
-        .as_database_error()
-        .unwrap_or_else(|| panic!("not a database error: {err}"));
+fn assert_rejected<T: std::fmt::Debug>(result: Result<T, sqlx::Error>, code: &str, constraint: &str) {
+    let err = result.expect_err(&format!("the store accepted a write that violates {constraint}"));
+    let db_err = err.as_database_error().unwrap_or_else(|| panic!("not a database error: {err}"));
     assert_eq!(
         (db_err.code().as_deref(), db_err.constraint()),
         (Some(code), Some(constraint)),
@@ -144,20 +109,11 @@ fn assert_rejected<T: std::fmt::Debug>(
 #[track_caller]
 fn assert_permission_denied<T: std::fmt::Debug>(result: Result<T, sqlx::Error>, what: &str) {
     let err = result.expect_err(&format!("permitted: {what}"));
-    let code = err
-        .as_database_error()
-        .and_then(|d| d.code().map(|c| c.into_owned()));
-    assert_eq!(
-        code.as_deref(),
-        Some(INSUFFICIENT_PRIVILEGE),
-        "{what}: {err}"
-    );
+    let code = err.as_database_error().and_then(|d| d.code().map(|c| c.into_owned()));
+    assert_eq!(code.as_deref(), Some(INSUFFICIENT_PRIVILEGE), "{what}: {err}");
 }
 
-async fn execute<'e, E: Executor<'e, Database = Postgres>>(
-    executor: E,
-    sql: &'e str,
-) -> Result<u64, sqlx::Error> {
+async fn execute<'e, E: Executor<'e, Database = Postgres>>(executor: E, sql: &'e str) -> Result<u64, sqlx::Error> {
     executor.execute(sql).await.map(|done| done.rows_affected())
 }
 
@@ -199,9 +155,7 @@ async fn try_insert_payment<'e, E: Executor<'e, Database = Postgres>>(
 
 async fn insert_payment(pool: &PgPool) -> Uuid {
     let id = Uuid::new_v4();
-    try_insert_payment(pool, id, Uuid::new_v4(), Uuid::new_v4(), "10.00")
-        .await
-        .expect("insert payment");
+    try_insert_payment(pool, id, Uuid::new_v4(), Uuid::new_v4(), "10.00").await.expect("insert payment");
     id
 }
 
@@ -214,18 +168,22 @@ async fn transition(
     failure_reason: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("INSERT INTO payments.transitions (payment_id, from_status, to_status, cause) VALUES ($1, $2, $3, 'test')")
-        .bind(payment_id)
-        .bind(from)
-        .bind(to)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("UPDATE payments.transactions SET status = $2, failure_reason = $3, updated_at = now() WHERE payment_id = $1")
-        .bind(payment_id)
-        .bind(to)
-        .bind(failure_reason)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO payments.transitions (payment_id, from_status, to_status, cause) VALUES ($1, $2, $3, 'test')",
+    )
+    .bind(payment_id)
+    .bind(from)
+    .bind(to)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE payments.transactions SET status = $2, failure_reason = $3, updated_at = now() WHERE payment_id = $1",
+    )
+    .bind(payment_id)
+    .bind(to)
+    .bind(failure_reason)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await
 }
 
@@ -235,30 +193,25 @@ async fn set_status(
     to: &str,
     failure_reason: Option<&str>,
 ) -> Result<u64, sqlx::Error> {
-    sqlx::query(
-        "UPDATE payments.transactions SET status = $2, failure_reason = $3 WHERE payment_id = $1",
-    )
-    .bind(payment_id)
-    .bind(to)
-    .bind(failure_reason)
-    .execute(pool)
-    .await
-    .map(|done| done.rows_affected())
-}
-
-async fn try_record_transition(
-    pool: &PgPool,
-    payment_id: Uuid,
-    from: &str,
-    to: &str,
-) -> Result<u64, sqlx::Error> {
-    sqlx::query("INSERT INTO payments.transitions (payment_id, from_status, to_status, cause) VALUES ($1, $2, $3, 'test')")
+    sqlx::query("UPDATE payments.transactions SET status = $2, failure_reason = $3 WHERE payment_id = $1")
         .bind(payment_id)
-        .bind(from)
         .bind(to)
+        .bind(failure_reason)
         .execute(pool)
         .await
         .map(|done| done.rows_affected())
+}
+
+async fn try_record_transition(pool: &PgPool, payment_id: Uuid, from: &str, to: &str) -> Result<u64, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO payments.transitions (payment_id, from_status, to_status, cause) VALUES ($1, $2, $3, 'test')",
+    )
+    .bind(payment_id)
+    .bind(from)
+    .bind(to)
+    .execute(pool)
+    .await
+    .map(|done| done.rows_affected())
 }
 
 async fn insert_processed<'e, E: Executor<'e, Database = Postgres>>(
@@ -268,14 +221,16 @@ async fn insert_processed<'e, E: Executor<'e, Database = Postgres>>(
     outcome: &str,
 ) -> Result<u64, sqlx::Error> {
     let reason = (outcome == "FAILED").then_some("insufficient_funds");
-    sqlx::query("INSERT INTO accounts.processed_events (event_id, payment_id, outcome, failure_reason) VALUES ($1, $2, $3, $4)")
-        .bind(event_id)
-        .bind(payment_id)
-        .bind(outcome)
-        .bind(reason)
-        .execute(executor)
-        .await
-        .map(|done| done.rows_affected())
+    sqlx::query(
+        "INSERT INTO accounts.processed_events (event_id, payment_id, outcome, failure_reason) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(event_id)
+    .bind(payment_id)
+    .bind(outcome)
+    .bind(reason)
+    .execute(executor)
+    .await
+    .map(|done| done.rows_affected())
 }
 
 async fn insert_entry<'e, E: Executor<'e, Database = Postgres>>(
@@ -301,44 +256,27 @@ async fn insert_entry<'e, E: Executor<'e, Database = Postgres>>(
 }
 
 /// A correct settlement of `amount` EUR from `from` to `to`, as the account service writes it.
-async fn settle(
-    pool: &PgPool,
-    payment_id: Uuid,
-    from: Uuid,
-    to: Uuid,
-    amount: &str,
-) -> Result<(), sqlx::Error> {
+async fn settle(pool: &PgPool, payment_id: Uuid, from: Uuid, to: Uuid, amount: &str) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     insert_processed(&mut *tx, Uuid::new_v4(), payment_id, "COMPLETED").await?;
-    let debited = sqlx::query(
-        "UPDATE accounts.accounts SET balance = balance - $2::numeric WHERE account_id = $1",
-    )
-    .bind(from)
-    .bind(amount)
-    .execute(&mut *tx)
-    .await?;
+    let debited = sqlx::query("UPDATE accounts.accounts SET balance = balance - $2::numeric WHERE account_id = $1")
+        .bind(from)
+        .bind(amount)
+        .execute(&mut *tx)
+        .await?;
     assert_eq!(debited.rows_affected(), 1);
-    sqlx::query(
-        "UPDATE accounts.accounts SET balance = balance + $2::numeric WHERE account_id = $1",
-    )
-    .bind(to)
-    .bind(amount)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query("UPDATE accounts.accounts SET balance = balance + $2::numeric WHERE account_id = $1")
+        .bind(to)
+        .bind(amount)
+        .execute(&mut *tx)
+        .await?;
     insert_entry(&mut *tx, payment_id, from, "DEBIT", amount, "EUR").await?;
     insert_entry(&mut *tx, payment_id, to, "CREDIT", amount, "EUR").await?;
     tx.commit().await
 }
 
-async fn insert_outbox(
-    pool: &PgPool,
-    schema: &str,
-    event_id: Uuid,
-    topic: &str,
-) -> Result<u64, sqlx::Error> {
-    let sql = format!(
-        "INSERT INTO {schema}.outbox (event_id, topic, key, payload) VALUES ($1, $2, $3, '\\x01')"
-    );
+async fn insert_outbox(pool: &PgPool, schema: &str, event_id: Uuid, topic: &str) -> Result<u64, sqlx::Error> {
+    let sql = format!("INSERT INTO {schema}.outbox (event_id, topic, key, payload) VALUES ($1, $2, $3, '\\x01')");
     sqlx::query(&sql)
         .bind(event_id)
         .bind(topic)
@@ -364,11 +302,10 @@ async fn negative_balance_is_rejected_by_the_check() {
     let db = test_db!();
     let account = insert_account(&db.pool, "alice", "EUR", "10.00").await;
 
-    let overdraw =
-        sqlx::query("UPDATE accounts.accounts SET balance = balance - 10.01 WHERE account_id = $1")
-            .bind(account)
-            .execute(&db.pool)
-            .await;
+    let overdraw = sqlx::query("UPDATE accounts.accounts SET balance = balance - 10.01 WHERE account_id = $1")
+        .bind(account)
+        .execute(&db.pool)
+        .await;
     assert_rejected(overdraw, CHECK_VIOLATION, "accounts_balance_non_negative");
 
     let opened_negative = sqlx::query(
@@ -378,31 +315,20 @@ async fn negative_balance_is_rejected_by_the_check() {
     .bind(Uuid::new_v4())
     .execute(&db.pool)
     .await;
-    assert_rejected(
-        opened_negative,
-        CHECK_VIOLATION,
-        "accounts_balance_non_negative",
-    );
+    assert_rejected(opened_negative, CHECK_VIOLATION, "accounts_balance_non_negative");
 
-    let drained =
-        sqlx::query("UPDATE accounts.accounts SET balance = balance - 10.00 WHERE account_id = $1")
-            .bind(account)
-            .execute(&db.pool)
-            .await;
-    assert_eq!(
-        drained.unwrap().rows_affected(),
-        1,
-        "draining to exactly zero is allowed"
-    );
+    let drained = sqlx::query("UPDATE accounts.accounts SET balance = balance - 10.00 WHERE account_id = $1")
+        .bind(account)
+        .execute(&db.pool)
+        .await;
+    assert_eq!(drained.unwrap().rows_affected(), 1, "draining to exactly zero is allowed");
 }
 
 #[tokio::test]
 async fn duplicate_processed_event_id_is_rejected() {
     let db = test_db!();
     let event = Uuid::new_v4();
-    insert_processed(&db.pool, event, Uuid::new_v4(), "FAILED")
-        .await
-        .unwrap();
+    insert_processed(&db.pool, event, Uuid::new_v4(), "FAILED").await.unwrap();
     let redelivered = insert_processed(&db.pool, event, Uuid::new_v4(), "FAILED").await;
     assert_rejected(redelivered, UNIQUE_VIOLATION, "processed_events_pkey");
 }
@@ -413,9 +339,7 @@ async fn second_settlement_of_the_same_payment_is_rejected() {
     let alice = insert_account(&db.pool, "alice", "EUR", "100.00").await;
     let bob = insert_account(&db.pool, "bob", "EUR", "0").await;
     let payment = Uuid::new_v4();
-    settle(&db.pool, payment, alice, bob, "30.00")
-        .await
-        .expect("first settlement");
+    settle(&db.pool, payment, alice, bob, "30.00").await.expect("first settlement");
 
     // The same payment carried by another event id (e.g. re-published by a second relay).
     let again = settle(&db.pool, payment, alice, bob, "30.00").await;
@@ -427,11 +351,7 @@ async fn second_settlement_of_the_same_payment_is_rejected() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert_eq!(
-        balance,
-        rust_decimal::Decimal::new(7000, 2),
-        "the rejected settlement moved no money"
-    );
+    assert_eq!(balance, rust_decimal::Decimal::new(7000, 2), "the rejected settlement moved no money");
 }
 
 #[tokio::test]
@@ -441,30 +361,16 @@ async fn second_debit_of_the_same_payment_is_rejected() {
     let bob = insert_account(&db.pool, "bob", "EUR", "0").await;
     let carol = insert_account(&db.pool, "carol", "EUR", "100.00").await;
     let payment = Uuid::new_v4();
-    settle(&db.pool, payment, alice, bob, "30.00")
-        .await
-        .unwrap();
+    settle(&db.pool, payment, alice, bob, "30.00").await.unwrap();
 
     let second_debit = insert_entry(&db.pool, payment, carol, "DEBIT", "30.00", "EUR").await;
-    assert_rejected(
-        second_debit,
-        UNIQUE_VIOLATION,
-        "ledger_entries_one_per_direction",
-    );
+    assert_rejected(second_debit, UNIQUE_VIOLATION, "ledger_entries_one_per_direction");
 }
 
 #[tokio::test]
 async fn ledger_entry_for_a_nonexistent_account_is_rejected_by_the_foreign_key() {
     let db = test_db!();
-    let entry = insert_entry(
-        &db.pool,
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        "DEBIT",
-        "1.00",
-        "EUR",
-    )
-    .await;
+    let entry = insert_entry(&db.pool, Uuid::new_v4(), Uuid::new_v4(), "DEBIT", "1.00", "EUR").await;
     assert_rejected(entry, FOREIGN_KEY_VIOLATION, "ledger_entries_account_fkey");
 }
 
@@ -485,53 +391,25 @@ async fn unbalanced_ledger_is_rejected_at_commit() {
     // A debit without its credit.
     let payment = Uuid::new_v4();
     let mut tx = db.pool.begin().await.unwrap();
-    insert_processed(&mut *tx, Uuid::new_v4(), payment, "COMPLETED")
-        .await
-        .unwrap();
-    insert_entry(&mut *tx, payment, alice, "DEBIT", "5.00", "EUR")
-        .await
-        .unwrap();
-    assert_rejected(
-        tx.commit().await,
-        CHECK_VIOLATION,
-        "ledger_entries_balanced",
-    );
+    insert_processed(&mut *tx, Uuid::new_v4(), payment, "COMPLETED").await.unwrap();
+    insert_entry(&mut *tx, payment, alice, "DEBIT", "5.00", "EUR").await.unwrap();
+    assert_rejected(tx.commit().await, CHECK_VIOLATION, "ledger_entries_balanced");
 
     // A credit larger than its debit: money created.
     let payment = Uuid::new_v4();
     let mut tx = db.pool.begin().await.unwrap();
-    insert_processed(&mut *tx, Uuid::new_v4(), payment, "COMPLETED")
-        .await
-        .unwrap();
-    insert_entry(&mut *tx, payment, alice, "DEBIT", "5.00", "EUR")
-        .await
-        .unwrap();
-    insert_entry(&mut *tx, payment, bob, "CREDIT", "5.01", "EUR")
-        .await
-        .unwrap();
-    assert_rejected(
-        tx.commit().await,
-        CHECK_VIOLATION,
-        "ledger_entries_balanced",
-    );
+    insert_processed(&mut *tx, Uuid::new_v4(), payment, "COMPLETED").await.unwrap();
+    insert_entry(&mut *tx, payment, alice, "DEBIT", "5.00", "EUR").await.unwrap();
+    insert_entry(&mut *tx, payment, bob, "CREDIT", "5.01", "EUR").await.unwrap();
+    assert_rejected(tx.commit().await, CHECK_VIOLATION, "ledger_entries_balanced");
 
     // Debit and credit on the same account.
     let payment = Uuid::new_v4();
     let mut tx = db.pool.begin().await.unwrap();
-    insert_processed(&mut *tx, Uuid::new_v4(), payment, "COMPLETED")
-        .await
-        .unwrap();
-    insert_entry(&mut *tx, payment, alice, "DEBIT", "5.00", "EUR")
-        .await
-        .unwrap();
-    insert_entry(&mut *tx, payment, alice, "CREDIT", "5.00", "EUR")
-        .await
-        .unwrap();
-    assert_rejected(
-        tx.commit().await,
-        CHECK_VIOLATION,
-        "ledger_entries_balanced",
-    );
+    insert_processed(&mut *tx, Uuid::new_v4(), payment, "COMPLETED").await.unwrap();
+    insert_entry(&mut *tx, payment, alice, "DEBIT", "5.00", "EUR").await.unwrap();
+    insert_entry(&mut *tx, payment, alice, "CREDIT", "5.00", "EUR").await.unwrap();
+    assert_rejected(tx.commit().await, CHECK_VIOLATION, "ledger_entries_balanced");
 }
 
 #[tokio::test]
@@ -542,40 +420,20 @@ async fn ledger_entries_of_a_failed_or_unrecorded_settlement_are_rejected() {
 
     let payment = Uuid::new_v4();
     let mut tx = db.pool.begin().await.unwrap();
-    insert_processed(&mut *tx, Uuid::new_v4(), payment, "FAILED")
-        .await
-        .unwrap();
-    insert_entry(&mut *tx, payment, alice, "DEBIT", "5.00", "EUR")
-        .await
-        .unwrap();
-    insert_entry(&mut *tx, payment, bob, "CREDIT", "5.00", "EUR")
-        .await
-        .unwrap();
-    assert_rejected(
-        tx.commit().await,
-        CHECK_VIOLATION,
-        "ledger_entries_balanced",
-    );
+    insert_processed(&mut *tx, Uuid::new_v4(), payment, "FAILED").await.unwrap();
+    insert_entry(&mut *tx, payment, alice, "DEBIT", "5.00", "EUR").await.unwrap();
+    insert_entry(&mut *tx, payment, bob, "CREDIT", "5.00", "EUR").await.unwrap();
+    assert_rejected(tx.commit().await, CHECK_VIOLATION, "ledger_entries_balanced");
 
     let payment = Uuid::new_v4();
     let mut tx = db.pool.begin().await.unwrap();
-    insert_entry(&mut *tx, payment, alice, "DEBIT", "5.00", "EUR")
-        .await
-        .unwrap();
-    insert_entry(&mut *tx, payment, bob, "CREDIT", "5.00", "EUR")
-        .await
-        .unwrap();
+    insert_entry(&mut *tx, payment, alice, "DEBIT", "5.00", "EUR").await.unwrap();
+    insert_entry(&mut *tx, payment, bob, "CREDIT", "5.00", "EUR").await.unwrap();
     let committed = tx.commit().await;
-    let code = committed
-        .as_ref()
-        .err()
-        .and_then(|e| e.as_database_error())
-        .and_then(|d| d.code().map(|c| c.into_owned()));
+    let code =
+        committed.as_ref().err().and_then(|e| e.as_database_error()).and_then(|d| d.code().map(|c| c.into_owned()));
     assert!(
-        matches!(
-            code.as_deref(),
-            Some(FOREIGN_KEY_VIOLATION | CHECK_VIOLATION)
-        ),
+        matches!(code.as_deref(), Some(FOREIGN_KEY_VIOLATION | CHECK_VIOLATION)),
         "ledger rows without a settlement record were committed: {committed:?}"
     );
 }
@@ -585,9 +443,7 @@ async fn correct_settlement_is_accepted() {
     let db = test_db!();
     let alice = insert_account(&db.pool, "alice", "EUR", "100.00").await;
     let bob = insert_account(&db.pool, "bob", "EUR", "0").await;
-    settle(&db.pool, Uuid::new_v4(), alice, bob, "99.995")
-        .await
-        .expect("a balanced settlement commits");
+    settle(&db.pool, Uuid::new_v4(), alice, bob, "99.995").await.expect("a balanced settlement commits");
 }
 
 // ---- payments: amounts, accounts, the state machine, idempotency ----
@@ -596,14 +452,7 @@ async fn correct_settlement_is_accepted() {
 async fn amount_of_zero_or_less_is_rejected() {
     let db = test_db!();
     for amount in ["0", "0.000", "-0.01", "-5"] {
-        let result = try_insert_payment(
-            &db.pool,
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-            Uuid::new_v4(),
-            amount,
-        )
-        .await;
+        let result = try_insert_payment(&db.pool, Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), amount).await;
         assert_rejected(result, CHECK_VIOLATION, "transactions_amount_positive");
     }
     let alice = insert_account(&db.pool, "alice", "EUR", "1.00").await;
@@ -616,28 +465,11 @@ async fn amount_of_zero_or_less_is_rejected() {
 #[tokio::test]
 async fn amount_with_more_than_three_decimals_is_rejected_not_rounded() {
     let db = test_db!();
-    let result = try_insert_payment(
-        &db.pool,
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        "10.0001",
-    )
-    .await;
+    let result = try_insert_payment(&db.pool, Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), "10.0001").await;
     assert_rejected(result, CHECK_VIOLATION, "transactions_amount_scale");
-    let trailing_zeros = try_insert_payment(
-        &db.pool,
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        "10.500000",
-    )
-    .await;
-    assert_eq!(
-        trailing_zeros.unwrap(),
-        1,
-        "trailing zeros are not extra precision"
-    );
+    let trailing_zeros =
+        try_insert_payment(&db.pool, Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), "10.500000").await;
+    assert_eq!(trailing_zeros.unwrap(), 1, "trailing zeros are not extra precision");
 }
 
 #[tokio::test]
@@ -682,9 +514,7 @@ async fn payment_is_created_pending_only() {
 async fn completed_to_pending_is_rejected_by_the_store() {
     let db = test_db!();
     let payment = insert_payment(&db.pool).await;
-    transition(&db.pool, payment, "PENDING", "COMPLETED", None)
-        .await
-        .expect("PENDING -> COMPLETED is legal");
+    transition(&db.pool, payment, "PENDING", "COMPLETED", None).await.expect("PENDING -> COMPLETED is legal");
 
     assert_rejected(
         set_status(&db.pool, payment, "PENDING", None).await,
@@ -707,15 +537,9 @@ async fn completed_to_pending_is_rejected_by_the_store() {
 async fn failed_to_completed_is_rejected_by_the_store() {
     let db = test_db!();
     let payment = insert_payment(&db.pool).await;
-    transition(
-        &db.pool,
-        payment,
-        "PENDING",
-        "FAILED",
-        Some("insufficient_funds"),
-    )
-    .await
-    .expect("PENDING -> FAILED is legal");
+    transition(&db.pool, payment, "PENDING", "FAILED", Some("insufficient_funds"))
+        .await
+        .expect("PENDING -> FAILED is legal");
 
     assert_rejected(
         set_status(&db.pool, payment, "COMPLETED", None).await,
@@ -733,9 +557,7 @@ async fn failed_to_completed_is_rejected_by_the_store() {
 async fn payment_leaves_pending_only_once() {
     let db = test_db!();
     let payment = insert_payment(&db.pool).await;
-    transition(&db.pool, payment, "PENDING", "COMPLETED", None)
-        .await
-        .unwrap();
+    transition(&db.pool, payment, "PENDING", "COMPLETED", None).await.unwrap();
     // A contradicting outcome for the same payment, recorded as if it were still PENDING.
     assert_rejected(
         try_record_transition(&db.pool, payment, "PENDING", "FAILED").await,
@@ -776,14 +598,7 @@ async fn failure_reason_is_present_exactly_when_failed() {
         "transactions_failure_reason_iff_failed",
     );
     assert_rejected(
-        transition(
-            &db.pool,
-            payment,
-            "PENDING",
-            "COMPLETED",
-            Some("insufficient_funds"),
-        )
-        .await,
+        transition(&db.pool, payment, "PENDING", "COMPLETED", Some("insufficient_funds")).await,
         CHECK_VIOLATION,
         "transactions_failure_reason_iff_failed",
     );
@@ -793,12 +608,7 @@ async fn failure_reason_is_present_exactly_when_failed() {
 async fn agreed_terms_of_a_payment_never_change() {
     let db = test_db!();
     let payment = insert_payment(&db.pool).await;
-    for change in [
-        "amount = 1000000",
-        "to_account = gen_random_uuid()",
-        "currency = 'USD'",
-        "subject = 'mallory'",
-    ] {
+    for change in ["amount = 1000000", "to_account = gen_random_uuid()", "currency = 'USD'", "subject = 'mallory'"] {
         let sql = format!("UPDATE payments.transactions SET {change} WHERE payment_id = $1");
         let result = sqlx::query(&sql).bind(payment).execute(&db.pool).await;
         assert_rejected(result, CHECK_VIOLATION, "transactions_immutable");
@@ -817,11 +627,7 @@ async fn duplicate_subject_and_idempotency_key_is_rejected() {
         .execute(&db.pool)
     };
     claim("alice").await.expect("first claim");
-    assert_rejected(
-        claim("alice").await,
-        UNIQUE_VIOLATION,
-        "idempotency_keys_pkey",
-    );
+    assert_rejected(claim("alice").await, UNIQUE_VIOLATION, "idempotency_keys_pkey");
     claim("bob").await.expect("keys are scoped per subject");
 }
 
@@ -851,11 +657,7 @@ async fn one_payment_cannot_answer_two_idempotency_keys() {
         .execute(&db.pool)
     };
     complete("a").await.unwrap();
-    assert_rejected(
-        complete("b").await,
-        UNIQUE_VIOLATION,
-        "idempotency_keys_payment_unique",
-    );
+    assert_rejected(complete("b").await, UNIQUE_VIOLATION, "idempotency_keys_payment_unique");
 }
 
 // ---- outboxes and notifications ----
@@ -863,10 +665,7 @@ async fn one_payment_cannot_answer_two_idempotency_keys() {
 #[tokio::test]
 async fn duplicate_outbox_event_id_is_rejected() {
     let db = test_db!();
-    for (schema, topic) in [
-        ("payments", "payment.initiated"),
-        ("accounts", "payment.completed"),
-    ] {
+    for (schema, topic) in [("payments", "payment.initiated"), ("accounts", "payment.completed")] {
         let event = Uuid::new_v4();
         insert_outbox(&db.pool, schema, event, topic).await.unwrap();
         assert_rejected(
@@ -880,10 +679,7 @@ async fn duplicate_outbox_event_id_is_rejected() {
 #[tokio::test]
 async fn outbox_accepts_only_its_services_topics() {
     let db = test_db!();
-    for (schema, foreign_topic) in [
-        ("payments", "payment.completed"),
-        ("accounts", "payment.initiated"),
-    ] {
+    for (schema, foreign_topic) in [("payments", "payment.completed"), ("accounts", "payment.initiated")] {
         let result = insert_outbox(&db.pool, schema, Uuid::new_v4(), foreign_topic).await;
         assert_rejected(result, CHECK_VIOLATION, "outbox_topic_known");
     }
@@ -903,23 +699,18 @@ async fn duplicate_notification_event_id_is_rejected() {
         .execute(&db.pool)
     };
     record().await.unwrap();
-    assert_rejected(
-        record().await,
-        UNIQUE_VIOLATION,
-        "notifications_event_id_unique",
-    );
+    assert_rejected(record().await, UNIQUE_VIOLATION, "notifications_event_id_unique");
 }
 
 // ---- roles: each service touches only its schema ----
 
 async fn tables_of(db: &TestDb, schema: &str) -> Vec<String> {
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT tablename::text FROM pg_catalog.pg_tables WHERE schemaname = $1 ORDER BY 1",
-    )
-    .bind(schema)
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT tablename::text FROM pg_catalog.pg_tables WHERE schemaname = $1 ORDER BY 1")
+            .bind(schema)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
     assert!(!tables.is_empty(), "schema {schema} has no tables");
     tables
 }
@@ -936,10 +727,7 @@ async fn assert_confined(db: &TestDb, conn: &mut PgConnection, role: &str, own_s
             } else {
                 assert_permission_denied(read, &format!("{role} reads {schema}.{table}"));
                 let sql = format!("DELETE FROM {schema}.{table}");
-                assert_permission_denied(
-                    execute(&mut *conn, &sql).await,
-                    &format!("{role} deletes {schema}.{table}"),
-                );
+                assert_permission_denied(execute(&mut *conn, &sql).await, &format!("{role} deletes {schema}.{table}"));
             }
         }
     }
@@ -958,9 +746,7 @@ async fn payment_service_reads_and_writes_only_the_payments_schema() {
     // Unqualified names resolve to its schema (search_path); the whole happy path is permitted.
     let payment = Uuid::new_v4();
     let mut tx = conn.begin().await.unwrap();
-    try_insert_payment(&mut *tx, payment, Uuid::new_v4(), Uuid::new_v4(), "10.00")
-        .await
-        .unwrap();
+    try_insert_payment(&mut *tx, payment, Uuid::new_v4(), Uuid::new_v4(), "10.00").await.unwrap();
     sqlx::query("INSERT INTO outbox (event_id, topic, key, payload) VALUES ($1, 'payment.initiated', $2, '\\x01')")
         .bind(Uuid::new_v4())
         .bind(payment.to_string())
@@ -982,27 +768,16 @@ async fn payment_service_reads_and_writes_only_the_payments_schema() {
         .execute(&mut *tx)
         .await
         .unwrap();
-    sqlx::query(
-        "UPDATE transactions SET status = 'COMPLETED', updated_at = now() WHERE payment_id = $1",
-    )
-    .bind(payment)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    sqlx::query("UPDATE transactions SET status = 'COMPLETED', updated_at = now() WHERE payment_id = $1")
+        .bind(payment)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    let published = execute(
-        &mut conn,
-        "UPDATE outbox SET published_at = now() WHERE published_at IS NULL",
-    )
-    .await
-    .unwrap();
+    let published =
+        execute(&mut conn, "UPDATE outbox SET published_at = now() WHERE published_at IS NULL").await.unwrap();
     assert_eq!(published, 1);
-    execute(
-        &mut conn,
-        "DELETE FROM idempotency_keys WHERE expires_at < now()",
-    )
-    .await
-    .unwrap();
+    execute(&mut conn, "DELETE FROM idempotency_keys WHERE expires_at < now()").await.unwrap();
 }
 
 #[tokio::test]
@@ -1022,9 +797,7 @@ async fn account_service_reads_and_writes_only_the_accounts_schema() {
             .unwrap();
     }
     let mut tx = conn.begin().await.unwrap();
-    insert_processed(&mut *tx, Uuid::new_v4(), payment, "COMPLETED")
-        .await
-        .unwrap();
+    insert_processed(&mut *tx, Uuid::new_v4(), payment, "COMPLETED").await.unwrap();
     for (id, delta) in [(alice, "-4.00"), (bob, "4.00")] {
         sqlx::query("UPDATE accounts SET balance = balance + $2::numeric, updated_at = now() WHERE account_id = $1")
             .bind(id)
@@ -1033,24 +806,16 @@ async fn account_service_reads_and_writes_only_the_accounts_schema() {
             .await
             .unwrap();
     }
-    insert_entry(&mut *tx, payment, alice, "DEBIT", "4.00", "EUR")
-        .await
-        .unwrap();
-    insert_entry(&mut *tx, payment, bob, "CREDIT", "4.00", "EUR")
-        .await
-        .unwrap();
+    insert_entry(&mut *tx, payment, alice, "DEBIT", "4.00", "EUR").await.unwrap();
+    insert_entry(&mut *tx, payment, bob, "CREDIT", "4.00", "EUR").await.unwrap();
     sqlx::query("INSERT INTO outbox (event_id, topic, key, payload) VALUES ($1, 'payment.completed', $2, '\\x01')")
         .bind(Uuid::new_v4())
         .bind(payment.to_string())
         .execute(&mut *tx)
         .await
         .unwrap();
-    tx.commit()
-        .await
-        .expect("account_service settles within its schema");
-    execute(&mut conn, "UPDATE outbox SET published_at = now()")
-        .await
-        .unwrap();
+    tx.commit().await.expect("account_service settles within its schema");
+    execute(&mut conn, "UPDATE outbox SET published_at = now()").await.unwrap();
 }
 
 #[tokio::test]
@@ -1078,10 +843,7 @@ async fn service_roles_cannot_create_objects_or_temporary_tables() {
         let mut conn = db.connect_as(role).await;
         for target in [schema, "public"] {
             let sql = format!("CREATE TABLE {target}.intruder (id int)");
-            assert_permission_denied(
-                execute(&mut conn, &sql).await,
-                &format!("{role} creates a table in {target}"),
-            );
+            assert_permission_denied(execute(&mut conn, &sql).await, &format!("{role} creates a table in {target}"));
         }
         assert_permission_denied(
             execute(&mut conn, "CREATE TEMPORARY TABLE intruder (id int)").await,
@@ -1095,13 +857,9 @@ async fn service_roles_cannot_delete_or_rewrite_money_history() {
     let db = test_db!();
     let alice = insert_account(&db.pool, "alice", "EUR", "100.00").await;
     let bob = insert_account(&db.pool, "bob", "EUR", "0").await;
-    settle(&db.pool, Uuid::new_v4(), alice, bob, "1.00")
-        .await
-        .unwrap();
+    settle(&db.pool, Uuid::new_v4(), alice, bob, "1.00").await.unwrap();
     let payment = insert_payment(&db.pool).await;
-    transition(&db.pool, payment, "PENDING", "COMPLETED", None)
-        .await
-        .unwrap();
+    transition(&db.pool, payment, "PENDING", "COMPLETED", None).await.unwrap();
 
     let mut account_service = db.connect_as("account_service").await;
     for sql in [
@@ -1114,21 +872,11 @@ async fn service_roles_cannot_delete_or_rewrite_money_history() {
         "DELETE FROM processed_events",
         "TRUNCATE ledger_entries",
     ] {
-        assert_permission_denied(
-            execute(&mut account_service, sql).await,
-            &format!("account_service: {sql}"),
-        );
+        assert_permission_denied(execute(&mut account_service, sql).await, &format!("account_service: {sql}"));
     }
     let mut payment_service = db.connect_as("payment_service").await;
-    for sql in [
-        "DELETE FROM transactions",
-        "UPDATE transitions SET cause = 'rewritten'",
-        "DELETE FROM transitions",
-    ] {
-        assert_permission_denied(
-            execute(&mut payment_service, sql).await,
-            &format!("payment_service: {sql}"),
-        );
+    for sql in ["DELETE FROM transactions", "UPDATE transitions SET cause = 'rewritten'", "DELETE FROM transitions"] {
+        assert_permission_denied(execute(&mut payment_service, sql).await, &format!("payment_service: {sql}"));
     }
 }
 
@@ -1137,23 +885,16 @@ async fn service_roles_cannot_delete_or_rewrite_money_history() {
 #[tokio::test]
 async fn migrations_are_idempotent() {
     let db = test_db!();
-    MIGRATOR
-        .run(&db.pool)
-        .await
-        .expect("re-running the migrator is a no-op");
+    MIGRATOR.run(&db.pool).await.expect("re-running the migrator is a no-op");
     // The role migration also tolerates running again in a database that already has everything
     // (roles are cluster-wide; every new database re-runs it).
     let roles = MIGRATOR.iter().next().expect("first migration");
-    db.pool
-        .execute(&*roles.sql)
-        .await
-        .expect("re-run the role migration");
+    db.pool.execute(&*roles.sql).await.expect("re-run the role migration");
 
-    let applied: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM public._sqlx_migrations WHERE success")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM public._sqlx_migrations WHERE success")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(applied, MIGRATOR.iter().count() as i64);
 }
 
@@ -1165,49 +906,24 @@ async fn setup_creates_the_database_and_lets_each_role_log_in() {
     // Reuse this process's passwords so concurrent tests keep logging in.
     let passwords = role_passwords(&admin_url).await;
     let name = format!("securepay_test_{}", Uuid::new_v4().simple());
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_lazy_with(admin_options(&admin_url, &name).unwrap());
-    let db = TestDb {
-        admin_url: admin_url.clone(),
-        name: name.clone(),
-        pool,
-    };
+    let pool = PgPoolOptions::new().max_connections(1).connect_lazy_with(admin_options(&admin_url, &name).unwrap());
+    let db = TestDb { admin_url: admin_url.clone(), name: name.clone(), pool };
 
-    securepay_postgres::setup(&admin_url, &name, passwords)
-        .await
-        .expect("setup");
-    securepay_postgres::setup(&admin_url, &name, passwords)
-        .await
-        .expect("setup is idempotent");
+    securepay_postgres::setup(&admin_url, &name, passwords).await.expect("setup");
+    securepay_postgres::setup(&admin_url, &name, passwords).await.expect("setup is idempotent");
     for (_, role) in securepay_core::topology::SCHEMAS {
         db.connect_as(role).await;
     }
 
-    let inserted = securepay_postgres::seed_demo(&admin_url, &name)
-        .await
-        .expect("seed");
+    let inserted = securepay_postgres::seed_demo(&admin_url, &name).await.expect("seed");
     assert_eq!(inserted, securepay_postgres::DEMO_ACCOUNTS.len() as u64);
-    sqlx::query("UPDATE accounts.accounts SET balance = 0")
-        .execute(&db.pool)
+    sqlx::query("UPDATE accounts.accounts SET balance = 0").execute(&db.pool).await.unwrap();
+    assert_eq!(securepay_postgres::seed_demo(&admin_url, &name).await.expect("re-seed"), 0);
+    let untouched: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts.accounts WHERE balance = 0")
+        .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(
-        securepay_postgres::seed_demo(&admin_url, &name)
-            .await
-            .expect("re-seed"),
-        0
-    );
-    let untouched: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM accounts.accounts WHERE balance = 0")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(
-        untouched,
-        securepay_postgres::DEMO_ACCOUNTS.len() as i64,
-        "re-seeding never resets a balance"
-    );
+    assert_eq!(untouched, securepay_postgres::DEMO_ACCOUNTS.len() as i64, "re-seeding never resets a balance");
 }
 
 #[tokio::test]
@@ -1217,16 +933,6 @@ async fn setup_refuses_a_weak_password_before_touching_the_cluster() {
         account_service: "long-enough-password".into(),
         notification_service: "long-enough-password".into(),
     };
-    let result =
-        securepay_postgres::setup("postgres://unused@127.0.0.1:1/postgres", "securepay", &weak)
-            .await;
-    assert!(
-        matches!(
-            result,
-            Err(securepay_postgres::SetupError::Password {
-                role: "payment_service"
-            })
-        ),
-        "{result:?}"
-    );
+    let result = securepay_postgres::setup("postgres://unused@127.0.0.1:1/postgres", "securepay", &weak).await;
+    assert!(matches!(result, Err(securepay_postgres::SetupError::Password { role: "payment_service" })), "{result:?}");
 }

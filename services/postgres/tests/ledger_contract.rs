@@ -11,15 +11,17 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use prost::Message as _;
 use rust_decimal::Decimal;
+use securepay_core::ids::Subject;
 use securepay_core::ids::{AccountId, EventId, PaymentId};
 use securepay_core::ledger::{Direction, Settled, Transfer};
 use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::{FailureReason, Outcome};
-use securepay_core::ids::Subject;
 use securepay_memory::MemoryLedgerStore;
 use securepay_ports::{LedgerStore, PortError, SettlementRequest, SettlementResult};
 use securepay_postgres::ledger::SETTLE_BATCH_LEN_MAX;
-use securepay_postgres::{MIGRATOR, PgLedgerStore, RolePasswords, admin_options, create_database_if_missing, set_role_passwords};
+use securepay_postgres::{
+    MIGRATOR, PgLedgerStore, RolePasswords, admin_options, create_database_if_missing, set_role_passwords,
+};
 use securepay_proto::events::v1 as wire;
 use securepay_testkit::{component, var};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -96,7 +98,11 @@ const INSUFFICIENT: Outcome = Outcome::Failed(FailureReason::InsufficientFunds);
 // ---------------------------------------------------------------------------------------------
 // The guarantees.
 
-async fn contract_a_completed_settlement_moves_exactly_the_amount_and_writes_two_ledger_rows_and_one_outcome_event<H: Harness>(h: H) {
+async fn contract_a_completed_settlement_moves_exactly_the_amount_and_writes_two_ledger_rows_and_one_outcome_event<
+    H: Harness,
+>(
+    h: H,
+) {
     let payer = h.open("EUR", "100.00").await;
     let payee = h.open("EUR", "5.00").await;
     let r = request(payer, payee, "30.25", "EUR");
@@ -109,8 +115,12 @@ async fn contract_a_completed_settlement_moves_exactly_the_amount_and_writes_two
     assert_eq!(entries, [(payer, Direction::Debit, dec("30.25")), (payee, Direction::Credit, dec("30.25"))]);
     let outbox = h.store().unpublished(100).await.unwrap();
     assert_eq!(outbox.len(), 1, "one outcome event");
-    assert_eq!((outbox[0].topic.as_str(), outbox[0].key.clone()), ("payment.completed", r.transfer.payment_id.to_string()));
-    let event = wire::PaymentCompleted::decode(outbox[0].payload.as_slice()).expect("payload is events.v1.PaymentCompleted");
+    assert_eq!(
+        (outbox[0].topic.as_str(), outbox[0].key.clone()),
+        ("payment.completed", r.transfer.payment_id.to_string())
+    );
+    let event =
+        wire::PaymentCompleted::decode(outbox[0].payload.as_slice()).expect("payload is events.v1.PaymentCompleted");
     assert_eq!(event.event_id, r.outcome_event_id.to_string());
     assert_eq!(event.payment_id, r.transfer.payment_id.to_string());
     assert_eq!(event.amount.map(|m| (m.amount, m.currency)), Some(("30.25".to_owned(), "EUR".to_owned())));
@@ -161,7 +171,10 @@ async fn contract_the_same_event_delivered_twice_and_ten_times_changes_balances_
     // Eight more deliveries, in one batch: ten in all.
     let batch = vec![r.clone(); 8];
     let results = h.store().settle(&batch, now()).await.unwrap();
-    assert_eq!(results, vec![SettlementResult { event_id: r.event_id, settled: Settled::Duplicate(Outcome::Completed) }; 8]);
+    assert_eq!(
+        results,
+        vec![SettlementResult { event_id: r.event_id, settled: Settled::Duplicate(Outcome::Completed) }; 8]
+    );
 
     assert_eq!(balances(&h, &[payer, payee]).await, [dec("60.00"), dec("40.00")]);
     assert_eq!(h.ledger_entries(r.transfer.payment_id).await.len(), 2);
@@ -193,7 +206,8 @@ async fn contract_a_different_event_for_an_already_settled_payment_is_a_duplicat
     // The same within one batch.
     let third = request(payer, payee, "1.00", "EUR");
     let third_again = SettlementRequest { event_id: EventId::from_uuid(Uuid::new_v4()), ..third.clone() };
-    let settled: Vec<Settled> = h.store().settle(&[third, third_again], now()).await.unwrap().into_iter().map(|r| r.settled).collect();
+    let settled: Vec<Settled> =
+        h.store().settle(&[third, third_again], now()).await.unwrap().into_iter().map(|r| r.settled).collect();
     assert_eq!(settled, [Settled::New(Outcome::Completed), Settled::Duplicate(Outcome::Completed)]);
 
     assert_eq!(balances(&h, &[payer, payee]).await, [dec("74.00"), dec("26.00")]);
@@ -223,18 +237,20 @@ async fn contract_a_batch_with_one_bad_request_still_settles_the_others<H: Harne
 }
 
 async fn contract_a_mixed_batch_conserves_the_sum_of_balances_and_decides_in_order<H: Harness>(h: H) {
-    let eur: Vec<AccountId> = [h.open("EUR", "100.00").await, h.open("EUR", "50.00").await, h.open("EUR", "0").await].into();
+    let eur: Vec<AccountId> =
+        [h.open("EUR", "100.00").await, h.open("EUR", "50.00").await, h.open("EUR", "0").await].into();
     let lira = [h.open("TRY", "1000.00").await, h.open("TRY", "0").await];
     let batch = [
-        request(eur[0], eur[1], "60.00", "EUR"),   // completes: 40 | 110 | 0
-        request(eur[0], eur[2], "60.00", "EUR"),   // insufficient now (40 left)
-        request(eur[1], eur[2], "110.00", "EUR"),  // completes, spending what the first brought
-        request(eur[2], eur[0], "10.00", "TRY"),   // currency mismatch
+        request(eur[0], eur[1], "60.00", "EUR"),  // completes: 40 | 110 | 0
+        request(eur[0], eur[2], "60.00", "EUR"),  // insufficient now (40 left)
+        request(eur[1], eur[2], "110.00", "EUR"), // completes, spending what the first brought
+        request(eur[2], eur[0], "10.00", "TRY"),  // currency mismatch
         request(lira[0], lira[1], "999.99", "TRY"),
         request(eur[2], unknown_account(), "1.00", "EUR"),
-        request(lira[1], eur[0], "1.00", "TRY"),   // payee in another currency
+        request(lira[1], eur[0], "1.00", "TRY"), // payee in another currency
     ];
-    let settled: Vec<Outcome> = h.store().settle(&batch, now()).await.unwrap().into_iter().map(|r| r.settled.outcome()).collect();
+    let settled: Vec<Outcome> =
+        h.store().settle(&batch, now()).await.unwrap().into_iter().map(|r| r.settled.outcome()).collect();
     assert_eq!(
         settled,
         [
@@ -277,7 +293,11 @@ async fn contract_outbox_events_stay_unpublished_until_marked_in_sequence_order<
 }
 
 async fn contract_an_oversized_batch_or_a_payment_to_oneself_is_refused_and_writes_nothing<H: Harness>(h: H) {
-    assert_eq!(securepay_memory::ledger::SETTLE_BATCH_LEN_MAX, SETTLE_BATCH_LEN_MAX, "both stores take the same batches");
+    assert_eq!(
+        securepay_memory::ledger::SETTLE_BATCH_LEN_MAX,
+        SETTLE_BATCH_LEN_MAX,
+        "both stores take the same batches"
+    );
     let payer = h.open("EUR", "1000.00").await;
     let payee = h.open("EUR", "0").await;
     let oversized: Vec<_> = (0..=SETTLE_BATCH_LEN_MAX).map(|_| request(payer, payee, "1.00", "EUR")).collect();
@@ -288,7 +308,11 @@ async fn contract_an_oversized_batch_or_a_payment_to_oneself_is_refused_and_writ
     assert_eq!(balances(&h, &[payer, payee]).await, [dec("1000.00"), dec("0")]);
     assert!(h.store().unpublished(100).await.unwrap().is_empty());
     let full: Vec<_> = (0..SETTLE_BATCH_LEN_MAX).map(|_| request(payer, payee, "1.00", "EUR")).collect();
-    assert_eq!(h.store().settle(&full, now()).await.unwrap().len(), SETTLE_BATCH_LEN_MAX, "the limit itself is accepted");
+    assert_eq!(
+        h.store().settle(&full, now()).await.unwrap().len(),
+        SETTLE_BATCH_LEN_MAX,
+        "the limit itself is accepted"
+    );
 }
 
 /// Instantiates every contract test for one implementation.
@@ -421,11 +445,13 @@ impl Harness for PgHarness {
     }
 
     async fn ledger_entries(&self, payment: PaymentId) -> Vec<(AccountId, Direction, Decimal)> {
-        let rows = sqlx::query("SELECT account_id, direction, amount FROM accounts.ledger_entries WHERE payment_id = $1 ORDER BY id")
-            .bind(payment.as_uuid())
-            .fetch_all(&self.admin)
-            .await
-            .unwrap();
+        let rows = sqlx::query(
+            "SELECT account_id, direction, amount FROM accounts.ledger_entries WHERE payment_id = $1 ORDER BY id",
+        )
+        .bind(payment.as_uuid())
+        .fetch_all(&self.admin)
+        .await
+        .unwrap();
         rows.iter()
             .map(|row| {
                 let direction = match row.get::<String, _>("direction").as_str() {
@@ -465,11 +491,8 @@ async fn role_passwords(admin_url: &str) -> &'static RolePasswords {
     PASSWORDS
         .get_or_init(|| async {
             let fresh = || format!("test-{}", Uuid::new_v4().simple());
-            let passwords = RolePasswords {
-                payment_service: fresh(),
-                account_service: fresh(),
-                notification_service: fresh(),
-            };
+            let passwords =
+                RolePasswords { payment_service: fresh(), account_service: fresh(), notification_service: fresh() };
             let mut conn = admin_options(admin_url, "postgres").unwrap().connect().await.unwrap();
             set_role_passwords(&mut conn, &passwords).await.expect("set role passwords");
             passwords
@@ -496,7 +519,11 @@ async fn a_write_the_schema_refuses_is_refused_by_name_and_the_batch_writes_noth
     assert_eq!(refused.unwrap_err().to_string(), "refused by the store: outbox_event_id_unique", "no driver text");
     assert_eq!(balances(&h, &[payer, payee]).await, [dec("100.00"), dec("0")]);
     assert!(h.store().unpublished(100).await.unwrap().is_empty());
-    assert_eq!(settle_one(&h, &first).await, Settled::New(Outcome::Completed), "nothing of the refused batch was recorded");
+    assert_eq!(
+        settle_one(&h, &first).await,
+        Settled::New(Outcome::Completed),
+        "nothing of the refused batch was recorded"
+    );
 }
 
 const DRAIN_TASKS: usize = 20;
@@ -576,7 +603,13 @@ async fn concurrent_redeliveries_of_the_same_events_settle_each_payment_once() {
     let nowhere = unknown_account();
     let events: Arc<Vec<SettlementRequest>> = Arc::new(
         (0..10)
-            .map(|i| if i % 2 == 0 { request(payer, payee, "3.00", "EUR") } else { request(nowhere, unknown_account(), "3.00", "EUR") })
+            .map(|i| {
+                if i % 2 == 0 {
+                    request(payer, payee, "3.00", "EUR")
+                } else {
+                    request(nowhere, unknown_account(), "3.00", "EUR")
+                }
+            })
             .collect(),
     );
 
@@ -587,7 +620,9 @@ async fn concurrent_redeliveries_of_the_same_events_settle_each_payment_once() {
             // Each task delivers every event in a batch of its own, starting at a different one.
             let mut results = Vec::new();
             for event in events.iter().cycle().skip(task).take(events.len()) {
-                results.extend(h.store().settle(std::slice::from_ref(event), now()).await.expect("redelivery under concurrency"));
+                results.extend(
+                    h.store().settle(std::slice::from_ref(event), now()).await.expect("redelivery under concurrency"),
+                );
             }
             results
         }));
@@ -596,7 +631,8 @@ async fn concurrent_redeliveries_of_the_same_events_settle_each_payment_once() {
     for task in tasks {
         for result in task.await.unwrap() {
             let event = events.iter().position(|e| e.event_id == result.event_id).unwrap();
-            let expected = if event % 2 == 0 { Outcome::Completed } else { Outcome::Failed(FailureReason::UnknownAccount) };
+            let expected =
+                if event % 2 == 0 { Outcome::Completed } else { Outcome::Failed(FailureReason::UnknownAccount) };
             assert_eq!(result.settled.outcome(), expected);
             new += usize::from(matches!(result.settled, Settled::New(_)));
         }

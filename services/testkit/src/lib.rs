@@ -42,10 +42,9 @@ pub mod var {
 pub fn component(name: &str) -> Option<String> {
     match std::env::var(name) {
         Ok(value) if !value.is_empty() => Some(value),
-        _ if infra_required() => panic!(
-            "{name} is not set although {} = 1: the runner did not start this component",
-            var::INFRA_REQUIRED
-        ),
+        _ if infra_required() => {
+            panic!("{name} is not set although {} = 1: the runner did not start this component", var::INFRA_REQUIRED)
+        }
         _ => {
             eprintln!("skipped: {name} is not set; run the tests with `cargo xtask test`");
             None

@@ -72,7 +72,10 @@ impl Component for Jaeger {
     }
 
     fn ports(&self, ctx: &Ctx) -> Result<Vec<u16>> {
-        [OTLP_GRPC_PORT, OTLP_HTTP_PORT, QUERY_PORT, QUERY_GRPC_PORT, METRICS_PORT].into_iter().map(|p| ctx.port(p)).collect()
+        [OTLP_GRPC_PORT, OTLP_HTTP_PORT, QUERY_PORT, QUERY_GRPC_PORT, METRICS_PORT]
+            .into_iter()
+            .map(|p| ctx.port(p))
+            .collect()
     }
 
     fn process_marker(&self) -> &'static str {
@@ -80,7 +83,8 @@ impl Component for Jaeger {
     }
 
     fn install(&self, ctx: &Ctx) -> Result<()> {
-        super::spire::go_tool(ctx, self.name(), "jaeger", VERSION, &["github.com/jaegertracing/jaeger/cmd/jaeger"]).map(drop)
+        super::spire::go_tool(ctx, self.name(), "jaeger", VERSION, &["github.com/jaegertracing/jaeger/cmd/jaeger"])
+            .map(drop)
     }
 
     fn configure(&self, ctx: &Ctx) -> Result<()> {

@@ -147,11 +147,18 @@ impl Component for Kafka {
             })
             .collect();
         for (t, child) in children {
-            child.join().map_err(|_| anyhow::anyhow!("topic thread panicked"))?.with_context(|| format!("creating topic {t}"))?;
+            child
+                .join()
+                .map_err(|_| anyhow::anyhow!("topic thread panicked"))?
+                .with_context(|| format!("creating topic {t}"))?;
         }
         // The partition directories appear once the broker has applied the metadata.
         if !process::wait_until(Duration::from_secs(30), || self.missing_topics(ctx).is_empty()) {
-            bail!("topics {:?} still have no partition 0 in {}", self.missing_topics(ctx), ctx.data_dir("kafka").display());
+            bail!(
+                "topics {:?} still have no partition 0 in {}",
+                self.missing_topics(ctx),
+                ctx.data_dir("kafka").display()
+            );
         }
         Ok(())
     }

@@ -19,9 +19,7 @@ pub fn up(ctx: &Ctx, c: &dyn Component) -> Result<()> {
     let name = c.name();
     let pid_file = ctx.pid_file(name);
     if let Some(pid) = process::running_pid(&pid_file, c.process_marker()) {
-        ctx.progress.step(name, &format!("already running (pid {pid}), health"), || {
-            wait_healthy(ctx, c, None)
-        })?;
+        ctx.progress.step(name, &format!("already running (pid {pid}), health"), || wait_healthy(ctx, c, None))?;
         return ctx.progress.step(name, "post-start checks", || c.after_start(ctx));
     }
     let _ = std::fs::remove_file(&pid_file);
@@ -117,10 +115,5 @@ pub fn status(ctx: &Ctx, c: &dyn Component) -> StatusRow {
             Err(e) => format!("UNHEALTHY: {e:#}"),
         },
     };
-    StatusRow {
-        name: c.name().to_string(),
-        address: c.address(ctx).unwrap_or_else(|e| format!("{e:#}")),
-        pid,
-        health,
-    }
+    StatusRow { name: c.name().to_string(), address: c.address(ctx).unwrap_or_else(|e| format!("{e:#}")), pid, health }
 }

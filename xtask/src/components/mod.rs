@@ -29,13 +29,13 @@ use anyhow::Result;
 
 use crate::ctx::Ctx;
 
+pub mod jaeger;
 pub mod kafka;
 pub mod lifecycle;
 pub mod postgres;
 pub mod prometheus;
 pub mod redis;
 pub mod spire;
-pub mod jaeger;
 
 /// Every infrastructure component, in start order (`down` stops in reverse).
 pub fn registry() -> Vec<Box<dyn Component>> {

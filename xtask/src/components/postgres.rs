@@ -45,11 +45,7 @@ impl Postgres {
         if let Some(dir) = std::env::var_os("SECUREPAY_PG_BIN_DIR").filter(|d| !d.is_empty()) {
             return PathBuf::from(dir);
         }
-        let cached = ctx
-            .tool_dir("postgresql", VERSION)
-            .join("node_modules")
-            .join(NPM_PACKAGE)
-            .join("native");
+        let cached = ctx.tool_dir("postgresql", VERSION).join("node_modules").join(NPM_PACKAGE).join("native");
         if is_root() && !traversable_by_others(&cached) {
             PathBuf::from(format!("/var/lib/{SYSTEM_USER}/postgresql-{VERSION}/bin"))
         } else {
@@ -65,13 +61,8 @@ impl Postgres {
         if !is_root() || traversable_by_others(&in_state) {
             return in_state;
         }
-        let key: String = ctx
-            .state
-            .display()
-            .to_string()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
+        let key: String =
+            ctx.state.display().to_string().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
         PathBuf::from(format!("/var/lib/{SYSTEM_USER}/clusters/{key}"))
     }
 
@@ -98,11 +89,7 @@ impl Postgres {
 
     /// `postgres://postgres:<pw>@127.0.0.1:<port>/postgres`.
     pub fn admin_url(&self, ctx: &Ctx) -> Result<String> {
-        Ok(format!(
-            "postgres://{SUPERUSER}:{}@127.0.0.1:{}/postgres",
-            self.superuser_password(ctx)?,
-            ctx.port(PORT)?
-        ))
+        Ok(format!("postgres://{SUPERUSER}:{}@127.0.0.1:{}/postgres", self.superuser_password(ctx)?, ctx.port(PORT)?))
     }
 
     /// Runs SQL as the superuser through `psql`; returns its unaligned output.
@@ -133,7 +120,8 @@ impl Postgres {
                     .arg("scripts/hydrate-symlinks.js"),
             )?;
             let postgres = dir.join("node_modules").join(NPM_PACKAGE).join("native/bin/postgres");
-            process::run(Command::new(&postgres).arg("--version")).context("the npm package's postgres does not run")?;
+            process::run(Command::new(&postgres).arg("--version"))
+                .context("the npm package's postgres does not run")?;
             Ok(())
         })?;
         let bin = self.bin_dir(ctx);

@@ -374,7 +374,9 @@ impl Component for SpireAgent {
 
     /// Needs a running server: the trust bundle and the join token come from it.
     fn configure(&self, ctx: &Ctx) -> Result<()> {
-        SpireServer.health(ctx).context("spire-agent needs a running spire-server (`cargo xtask up --only spire-server,spire-agent`)")?;
+        SpireServer
+            .health(ctx)
+            .context("spire-agent needs a running spire-server (`cargo xtask up --only spire-server,spire-agent`)")?;
         // Memory key manager: every start attests anew, nothing in the data dir is reusable.
         let data = ctx.data_dir(self.name());
         if data.exists() {
