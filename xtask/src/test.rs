@@ -244,8 +244,12 @@ fn summary(stages: &[Stage], started: Instant, interrupted: bool) -> ExitCode {
             Outcome::Failed(why) => ("FAILED", format!("  ({})", why.lines().next().unwrap_or_default())),
             Outcome::Skipped(why) => ("skipped", format!("  ({why})")),
         };
-        eprintln!("  {:<20} {word:<8} {:>7.1}s{detail}", s.name, s.secs);
+        eprintln!("  {:<24} {word:<8} {:>7.1}s{detail}", s.name, s.secs);
     }
+    let passed = stages.iter().filter(|s| matches!(s.outcome, Outcome::Passed)).count();
+    let skipped = stages.len() - passed - failed;
+    // The plain closing line CI reads: "stages: N passed, N failed, N skipped".
+    eprintln!("stages: {passed} passed, {failed} failed, {skipped} skipped");
     if interrupted {
         eprintln!("interrupted");
         return ExitCode::from(130);
