@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use prost::Message as _;
 use rust_decimal::Decimal;
 use securepay_core::events::PaymentSettled;
 use securepay_core::ids::{AccountId, EventId, PaymentId, Subject};
@@ -27,7 +26,6 @@ use securepay_core::payment::Outcome;
 use securepay_ports::{
     AccountView, LedgerStore, OutboxEvent, PortError, PortResult, SettlementRequest, SettlementResult,
 };
-use securepay_proto::events::v1 as wire;
 use time::OffsetDateTime;
 
 /// Most requests one `settle` call accepts (as `PgLedgerStore`).
@@ -130,7 +128,7 @@ impl LedgerSnapshot {
                 sequence,
                 topic: event.topic().to_owned(),
                 key: event.payment_id.to_string(),
-                payload: encode_outcome(&event),
+                payload: securepay_proto::convert::encode_settled(&event),
                 headers: Vec::new(),
             },
             published: false,
@@ -189,37 +187,10 @@ impl LedgerStore for MemoryLedgerStore {
     }
 }
 
-/// The outbox payload: `events.v1.PaymentCompleted` or `PaymentFailed`, protobuf-encoded (the same
-/// bytes `securepay_postgres::encode_outcome` writes; the contract suite decodes both).
-pub fn encode_outcome(event: &PaymentSettled) -> Vec<u8> {
-    let amount =
-        Some(wire::Money { amount: event.amount.to_string(), currency: event.amount.currency().code().to_owned() });
-    let occurred_at = Some(prost_types::Timestamp {
-        seconds: event.occurred_at.unix_timestamp(),
-        nanos: i32::try_from(event.occurred_at.nanosecond()).expect("nanoseconds < 1e9"),
-    });
-    let (event_id, payment_id) = (event.event_id.to_string(), event.payment_id.to_string());
-    let (from_account, to_account) = (event.from.to_string(), event.to.to_string());
-    match event.outcome {
-        Outcome::Completed => {
-            wire::PaymentCompleted { event_id, payment_id, from_account, to_account, amount, occurred_at }
-                .encode_to_vec()
-        }
-        Outcome::Failed(reason) => wire::PaymentFailed {
-            event_id,
-            payment_id,
-            from_account,
-            to_account,
-            amount,
-            occurred_at,
-            reason: reason.code().to_owned(),
-        }
-        .encode_to_vec(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use prost::Message as _;
+    use securepay_proto::events::v1 as wire;
     use std::str::FromStr;
 
     use securepay_core::ledger::{Direction, Transfer};

@@ -21,7 +21,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use async_trait::async_trait;
-use prost::Message as _;
 use rust_decimal::Decimal;
 use securepay_core::events::PaymentSettled;
 use securepay_core::ids::{AccountId, Subject};
@@ -31,7 +30,6 @@ use securepay_core::payment::{FailureReason, Outcome};
 use securepay_ports::{
     AccountView, LedgerStore, OutboxEvent, PortError, PortResult, SettlementRequest, SettlementResult,
 };
-use securepay_proto::events::v1 as wire;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
@@ -295,7 +293,7 @@ async fn settle_new(
         .bind(event.event_id.as_uuid())
         .bind(event.topic())
         .bind(event.payment_id.to_string())
-        .bind(encode_outcome(&event))
+        .bind(securepay_proto::convert::encode_settled(&event))
         .bind(now)
         .execute(&mut **tx)
         .await?;
@@ -355,37 +353,6 @@ fn parse_outcome(outcome: &str, failure_reason: Option<&str>) -> Option<Outcome>
 
 fn parse_currency(code: &str) -> PortResult<Currency> {
     Currency::from_code(code).map_err(|_| corrupt("currency"))
-}
-
-/// The outbox payload: `events.v1.PaymentCompleted` or `PaymentFailed`, protobuf-encoded.
-pub fn encode_outcome(event: &PaymentSettled) -> Vec<u8> {
-    let amount =
-        Some(wire::Money { amount: event.amount.to_string(), currency: event.amount.currency().code().to_owned() });
-    let occurred_at = Some(prost_types::Timestamp {
-        seconds: event.occurred_at.unix_timestamp(),
-        nanos: i32::try_from(event.occurred_at.nanosecond()).expect("nanoseconds < 1e9"),
-    });
-    match event.outcome {
-        Outcome::Completed => wire::PaymentCompleted {
-            event_id: event.event_id.to_string(),
-            payment_id: event.payment_id.to_string(),
-            from_account: event.from.to_string(),
-            to_account: event.to.to_string(),
-            amount,
-            occurred_at,
-        }
-        .encode_to_vec(),
-        Outcome::Failed(reason) => wire::PaymentFailed {
-            event_id: event.event_id.to_string(),
-            payment_id: event.payment_id.to_string(),
-            from_account: event.from.to_string(),
-            to_account: event.to.to_string(),
-            amount,
-            occurred_at,
-            reason: reason.code().to_owned(),
-        }
-        .encode_to_vec(),
-    }
 }
 
 /// Why one attempt of a settlement transaction did not commit.
