@@ -15,8 +15,10 @@
 //! Architecture invariant: depends on the domain core, the ports and the wire types only; no real
 //! IO, no threads, no `HashMap` iteration that could make a simulation run depend on hash order.
 
+pub mod event_log;
 pub mod ledger;
 pub mod runtime;
 
+pub use event_log::{MemoryConsumer, MemoryEventLog};
 pub use ledger::{LedgerSnapshot, MemoryLedgerStore};
 pub use runtime::{SeededIds, SimClock};

@@ -1,0 +1,185 @@
+//! The rdkafka adapters (not built under `--cfg madsim`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::ClientConfig;
+use rdkafka::Message as _;
+use rdkafka::Offset;
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use securepay_ports::{
+    ConsumedRecord, EventConsumer, EventLog, OutgoingRecord, PortError, PortResult, TopicPartitionOffset,
+};
+
+const COMPONENT: &str = "kafka";
+
+/// How long the producer keeps retrying a record before `publish` fails (`message.timeout.ms`).
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Session timeout of a consumer: how long a crashed member holds its partitions. The broker's
+/// minimum (`group.min.session.timeout.ms`) by default.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// The one mapping of driver errors: every rdkafka failure is the broker being unreachable, slow or
+/// refusing for a reason a retry may cure. The driver text is logged, not returned.
+fn unavailable(operation: &'static str, error: &KafkaError) -> PortError {
+    tracing::warn!(operation, error = %error, "kafka call failed");
+    PortError::Unavailable { component: COMPONENT }
+}
+
+fn millis(duration: Duration) -> String {
+    duration.as_millis().to_string()
+}
+
+/// Publishes with an idempotent producer (`enable.idempotence=true`, `acks=all`): a retry inside the
+/// producer session never duplicates, and `Ok` means every record is on all in-sync replicas.
+#[derive(Clone)]
+pub struct KafkaEventLog {
+    producer: FutureProducer,
+}
+
+impl std::fmt::Debug for KafkaEventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaEventLog").finish_non_exhaustive()
+    }
+}
+
+impl KafkaEventLog {
+    pub fn new(bootstrap_servers: &str) -> PortResult<KafkaEventLog> {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap_servers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", millis(PUBLISH_TIMEOUT))
+            .create()
+            .map_err(|e| unavailable("create producer", &e))?;
+        Ok(KafkaEventLog { producer })
+    }
+}
+
+#[async_trait]
+impl EventLog for KafkaEventLog {
+    async fn publish(&self, records: &[OutgoingRecord]) -> PortResult<()> {
+        // Enqueue all, then wait for every acknowledgement: the idempotent producer keeps the
+        // enqueue order per partition even with several batches in flight.
+        let mut deliveries = Vec::with_capacity(records.len());
+        for record in records {
+            let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+            for (key, value) in &record.headers {
+                headers = headers.insert(Header { key, value: Some(value) });
+            }
+            let future = FutureRecord::to(&record.topic).key(&record.key).payload(&record.payload).headers(headers);
+            let delivery = self.producer.send_result(future).map_err(|(e, _)| unavailable("enqueue", &e))?;
+            deliveries.push(delivery);
+        }
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(unavailable("publish", &e)),
+                Err(_canceled) => return Err(unavailable("publish", &KafkaError::Canceled)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A member of a consumer group: `enable.auto.commit=false`, `auto.offset.reset=earliest` (a group
+/// without a committed offset starts at the beginning: nothing published before it joined is
+/// skipped). Dropping it leaves the group.
+pub struct KafkaConsumer {
+    consumer: Arc<StreamConsumer>,
+}
+
+impl std::fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConsumer").finish_non_exhaustive()
+    }
+}
+
+impl KafkaConsumer {
+    /// Joins `group` subscribed to `topics`. The partitions come with the first polls (group join).
+    pub fn new(bootstrap_servers: &str, group: &str, topics: &[&str]) -> PortResult<KafkaConsumer> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap_servers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", millis(SESSION_TIMEOUT))
+            .create()
+            .map_err(|e| unavailable("create consumer", &e))?;
+        consumer.subscribe(topics).map_err(|e| unavailable("subscribe", &e))?;
+        Ok(KafkaConsumer { consumer: Arc::new(consumer) })
+    }
+}
+
+fn consumed(message: &BorrowedMessage<'_>) -> PortResult<ConsumedRecord> {
+    let text = |bytes: &[u8], what: &str| {
+        String::from_utf8(bytes.to_vec()).map_err(|_| PortError::Corrupt { what: format!("{what} is not UTF-8") })
+    };
+    let mut headers = Vec::new();
+    if let Some(borrowed) = message.headers() {
+        for header in borrowed.iter() {
+            headers.push((header.key.to_string(), text(header.value.unwrap_or_default(), "a header value")?));
+        }
+    }
+    Ok(ConsumedRecord {
+        position: TopicPartitionOffset {
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
+        },
+        key: text(message.key().unwrap_or_default(), "a record key")?,
+        payload: message.payload().unwrap_or_default().to_vec(),
+        headers,
+    })
+}
+
+#[async_trait]
+impl EventConsumer for KafkaConsumer {
+    async fn poll(&mut self, max_records: usize, wait: Duration) -> PortResult<Vec<ConsumedRecord>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut out = Vec::new();
+        while out.len() < max_records {
+            // After the first record take only what is already fetched: a zero timeout still polls
+            // the queue once.
+            let remaining = if out.is_empty() {
+                deadline.saturating_duration_since(tokio::time::Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            match tokio::time::timeout(remaining, self.consumer.recv()).await {
+                Err(_elapsed) => break,
+                Ok(Ok(message)) => out.push(consumed(&message)?),
+                Ok(Err(e)) => return Err(unavailable("poll", &e)),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn commit(&mut self, positions: &[TopicPartitionOffset]) -> PortResult<()> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        // One entry per partition, the last position given wins (as in the memory broker).
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for p in positions {
+            next.insert((p.topic.as_str(), p.partition), p.offset + 1);
+        }
+        let mut list = TopicPartitionList::with_capacity(next.len());
+        for ((topic, partition), offset) in next {
+            list.add_partition_offset(topic, partition, Offset::Offset(offset))
+                .map_err(|e| unavailable("commit", &e))?;
+        }
+        // A synchronous commit blocks its thread until the broker answers: off the async workers.
+        let consumer = Arc::clone(&self.consumer);
+        tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync))
+            .await
+            .map_err(|_| PortError::Unavailable { component: COMPONENT })?
+            .map_err(|e| unavailable("commit", &e))
+    }
+}
