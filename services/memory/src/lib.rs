@@ -15,10 +15,14 @@
 //! Architecture invariant: depends on the domain core, the ports and the wire types only; no real
 //! IO, no threads, no `HashMap` iteration that could make a simulation run depend on hash order.
 
+pub mod balance_cache;
 pub mod event_log;
+pub mod idempotency;
 pub mod ledger;
 pub mod runtime;
 
+pub use balance_cache::MemoryBalanceCache;
 pub use event_log::{MemoryConsumer, MemoryEventLog};
+pub use idempotency::MemoryIdempotencyStore;
 pub use ledger::{LedgerSnapshot, MemoryLedgerStore};
 pub use runtime::{SeededIds, SimClock};

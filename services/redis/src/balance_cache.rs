@@ -1,0 +1,62 @@
+//! `RedisBalanceCache`: cache-aside balances (SPEC §6.3) under `securepay:balance:<account id>`.
+
+use async_trait::async_trait;
+use redis::AsyncCommands as _;
+use securepay_core::ids::AccountId;
+use securepay_ports::{BalanceCache, CachedBalance, PortError, PortResult};
+
+use crate::codec::{decode_balance, encode_balance};
+use crate::connection::Redis;
+
+/// Most accounts one `invalidate` call deletes (a settlement touches two).
+const INVALIDATE_LEN_MAX: usize = 1024;
+
+/// The Redis key of an account's cached balance.
+pub fn balance_key(id: AccountId) -> String {
+    format!("securepay:balance:{id}")
+}
+
+/// Advisory only: the account service never decides a debit from it. Every method fails as
+/// `Unavailable` when Redis is down or slow; a value that does not read back is `Corrupt`, which a
+/// caller treats as a miss (and the next `put` overwrites it).
+#[derive(Debug, Clone)]
+pub struct RedisBalanceCache {
+    redis: Redis,
+}
+
+impl RedisBalanceCache {
+    pub fn new(redis: Redis) -> RedisBalanceCache {
+        RedisBalanceCache { redis }
+    }
+}
+
+#[async_trait]
+impl BalanceCache for RedisBalanceCache {
+    async fn get(&self, id: AccountId) -> PortResult<Option<CachedBalance>> {
+        let key = balance_key(id);
+        let value: Option<Vec<u8>> = self.redis.call("balance_get", |mut c| async move { c.get(key).await }).await?;
+        value.map(|bytes| decode_balance(id, &bytes)).transpose()
+    }
+
+    async fn put(&self, balance: &CachedBalance, ttl_s: u32) -> PortResult<()> {
+        if ttl_s == 0 {
+            // `SET .. EX 0` is an error in Redis; a zero TTL is a caller bug, refused the same way
+            // by the twin.
+            return Err(PortError::Refused { rule: "cache_ttl_positive" });
+        }
+        let key = balance_key(balance.account.id);
+        let value = encode_balance(balance);
+        self.redis.call("balance_put", |mut c| async move { c.set_ex(key, value, u64::from(ttl_s)).await }).await
+    }
+
+    async fn invalidate(&self, ids: &[AccountId]) -> PortResult<()> {
+        if ids.len() > INVALIDATE_LEN_MAX {
+            return Err(PortError::Refused { rule: "invalidate_len_max" });
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = ids.iter().copied().map(balance_key).collect();
+        self.redis.call("balance_invalidate", |mut c| async move { c.del::<_, ()>(keys).await }).await
+    }
+}
