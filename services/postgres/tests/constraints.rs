@@ -6,12 +6,13 @@
 //! `SECUREPAY_TEST_PG_ADMIN_URL`, applies `MIGRATOR`, and drops the database when it ends, even by
 //! panic. Role passwords are cluster-wide: this binary sets them once, with a random value.
 
-use std::str::FromStr;
+mod common;
 
-use securepay_postgres::{MIGRATOR, RolePasswords, admin_options, create_database_if_missing, set_role_passwords};
+use common::{TestDb, role_passwords};
+use securepay_postgres::{MIGRATOR, RolePasswords, admin_options};
 use securepay_testkit::{component, var};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, Executor, Postgres};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Connection, Executor, Postgres};
 use uuid::Uuid;
 
 const UNIQUE_VIOLATION: &str = "23505";
@@ -20,80 +21,6 @@ const CHECK_VIOLATION: &str = "23514";
 const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
 const SCHEMAS: [&str; 3] = ["payments", "accounts", "notifications"];
-
-/// A fresh, migrated database of its own, dropped on drop.
-struct TestDb {
-    admin_url: String,
-    name: String,
-    /// Superuser pool on the test database: writes as the migrations' owner, bypassing grants,
-    /// so only the constraints stand in the way.
-    pool: PgPool,
-}
-
-impl TestDb {
-    /// `None` when no PostgreSQL is configured and the runner does not require one (skipped).
-    async fn new() -> Option<TestDb> {
-        let admin_url = component(var::PG_ADMIN_URL)?;
-        let name = format!("securepay_test_{}", Uuid::new_v4().simple());
-        create_database_if_missing(&admin_url, &name).await.expect("create test database");
-        let pool = PgPoolOptions::new()
-            .max_connections(4)
-            .connect_with(admin_options(&admin_url, &name).unwrap())
-            .await
-            .expect("connect to test database");
-        let db = TestDb { admin_url, name, pool };
-        MIGRATOR.run(&db.pool).await.expect("apply migrations");
-        Some(db)
-    }
-
-    async fn connect_as(&self, role: &str) -> PgConnection {
-        let passwords = role_passwords(&self.admin_url).await;
-        let (_, password) = passwords.by_role().into_iter().find(|(r, _)| *r == role).expect("known role");
-        PgConnectOptions::from_str(&self.admin_url)
-            .unwrap()
-            .database(&self.name)
-            .username(role)
-            .password(password)
-            .connect()
-            .await
-            .unwrap_or_else(|e| panic!("{role} cannot log in: {e}"))
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        // Drop runs outside async; a helper thread with its own runtime does the DROP DATABASE.
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async {
-                let mut conn = admin_options(&admin_url, "postgres").unwrap().connect().await?;
-                let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-                conn.execute(sql.as_str()).await?;
-                conn.close().await
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop test database {}: {dropped:?}", self.name);
-        }
-    }
-}
-
-/// The passwords of the service roles for this test process, set once.
-async fn role_passwords(admin_url: &str) -> &'static RolePasswords {
-    static PASSWORDS: tokio::sync::OnceCell<RolePasswords> = tokio::sync::OnceCell::const_new();
-    PASSWORDS
-        .get_or_init(|| async {
-            let fresh = || format!("test-{}", Uuid::new_v4().simple());
-            let passwords =
-                RolePasswords { payment_service: fresh(), account_service: fresh(), notification_service: fresh() };
-            let mut conn = admin_options(admin_url, "postgres").unwrap().connect().await.unwrap();
-            set_role_passwords(&mut conn, &passwords).await.expect("set role passwords");
-            passwords
-        })
-        .await
-}
 
 #[track_caller]
 fn assert_rejected<T: std::fmt::Debug>(result: Result<T, sqlx::Error>, code: &str, constraint: &str) {

@@ -5,10 +5,13 @@
 //!
 //! Plus, PostgreSQL only: concurrent batches draining one account (issue 4, "done when").
 
+mod common;
+
 use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use common::TestDb;
 use prost::Message as _;
 use rust_decimal::Decimal;
 use securepay_core::ids::Subject;
@@ -18,14 +21,10 @@ use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::{FailureReason, Outcome};
 use securepay_memory::MemoryLedgerStore;
 use securepay_ports::{LedgerStore, PortError, SettlementRequest, SettlementResult};
+use securepay_postgres::PgLedgerStore;
 use securepay_postgres::ledger::SETTLE_BATCH_LEN_MAX;
-use securepay_postgres::{
-    MIGRATOR, PgLedgerStore, RolePasswords, admin_options, create_database_if_missing, set_role_passwords,
-};
 use securepay_proto::events::v1 as wire;
-use securepay_testkit::{component, var};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, Executor, Row};
+use sqlx::Row;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -389,12 +388,10 @@ impl Harness for MemoryHarness {
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL: a fresh, migrated database per test; the store logs in as `account_service`.
 
-/// A fresh database of its own, dropped on drop, with an admin pool (to open accounts and read
-/// the ledger, as the seed does) and the store under test.
+/// A fresh migrated database of its own (its superuser pool opens accounts and reads the ledger,
+/// as the seed does) and the store under test, connected as `account_service`.
 struct PgHarness {
-    admin_url: String,
-    name: String,
-    admin: PgPool,
+    db: TestDb,
     store: PgLedgerStore,
 }
 
@@ -403,22 +400,10 @@ async fn pg_harness() -> Option<PgHarness> {
 }
 
 async fn pg_harness_with(connections_max: u32) -> Option<PgHarness> {
-    let admin_url = component(var::PG_ADMIN_URL)?;
-    let name = format!("securepay_test_{}", Uuid::new_v4().simple());
-    create_database_if_missing(&admin_url, &name).await.expect("create test database");
-    let admin = PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(admin_options(&admin_url, &name).unwrap())
-        .await
-        .expect("connect to test database");
-    MIGRATOR.run(&admin).await.expect("apply migrations");
-    let options = PgConnectOptions::from_str(&admin_url)
-        .unwrap()
-        .database(&name)
-        .username("account_service")
-        .password(&role_passwords(&admin_url).await.account_service);
+    let db = TestDb::new().await?;
+    let options = db.role_options("account_service").await;
     let store = PgLedgerStore::connect(options, connections_max).await.expect("account_service logs in");
-    Some(PgHarness { admin_url, name, admin, store })
+    Some(PgHarness { db, store })
 }
 
 #[async_trait]
@@ -438,7 +423,7 @@ impl Harness for PgHarness {
         .bind(id)
         .bind(currency)
         .bind(dec(opening))
-        .execute(&self.admin)
+        .execute(&self.db.pool)
         .await
         .expect("open account");
         AccountId::from_uuid(id)
@@ -449,7 +434,7 @@ impl Harness for PgHarness {
             "SELECT account_id, direction, amount FROM accounts.ledger_entries WHERE payment_id = $1 ORDER BY id",
         )
         .bind(payment.as_uuid())
-        .fetch_all(&self.admin)
+        .fetch_all(&self.db.pool)
         .await
         .unwrap();
         rows.iter()
@@ -463,41 +448,6 @@ impl Harness for PgHarness {
             })
             .collect()
     }
-}
-
-impl Drop for PgHarness {
-    fn drop(&mut self) {
-        // Drop runs outside async; a helper thread with its own runtime does the DROP DATABASE.
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async {
-                let mut conn = admin_options(&admin_url, "postgres").unwrap().connect().await?;
-                let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-                conn.execute(sql.as_str()).await?;
-                conn.close().await
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop test database {}: {dropped:?}", self.name);
-        }
-    }
-}
-
-/// The passwords of the service roles for this test process, set once (they are cluster-wide).
-async fn role_passwords(admin_url: &str) -> &'static RolePasswords {
-    static PASSWORDS: tokio::sync::OnceCell<RolePasswords> = tokio::sync::OnceCell::const_new();
-    PASSWORDS
-        .get_or_init(|| async {
-            let fresh = || format!("test-{}", Uuid::new_v4().simple());
-            let passwords =
-                RolePasswords { payment_service: fresh(), account_service: fresh(), notification_service: fresh() };
-            let mut conn = admin_options(admin_url, "postgres").unwrap().connect().await.unwrap();
-            set_role_passwords(&mut conn, &passwords).await.expect("set role passwords");
-            passwords
-        })
-        .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -585,7 +535,7 @@ async fn concurrent_settlements_draining_one_account_complete_exactly_the_afford
     assert_eq!(total_after, total_before, "conservation");
     let ledger_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts.ledger_entries WHERE account_id = $1")
         .bind(drained.as_uuid())
-        .fetch_one(&h.admin)
+        .fetch_one(&h.db.pool)
         .await
         .unwrap();
     assert_eq!(ledger_rows, 142);
