@@ -230,35 +230,18 @@ async fn contract_two_members_of_one_group_together_get_every_record<H: Harness>
     assert_eq!(seen, all, "the group's members together consume every record");
 }
 
-/// Instantiates every contract test for one implementation.
-macro_rules! contract_suite {
-    ($module:ident, $make:path) => {
-        mod $module {
-            use super::*;
-
-            macro_rules! case {
-                ($name:ident) => {
-                    #[tokio::test]
-                    async fn $name() {
-                        let Some(h) = $make().await else { return };
-                        super::$name(h).await;
-                    }
-                };
-            }
-
-            case!(contract_records_with_the_same_key_come_back_in_publish_order);
-            case!(contract_payload_and_headers_round_trip);
-            case!(contract_a_consumer_replaced_after_committing_resumes_after_the_commit);
-            case!(contract_a_consumer_replaced_without_committing_gets_the_records_again);
-            case!(contract_two_groups_each_get_every_record);
-            case!(contract_two_members_of_one_group_together_get_every_record);
-            case!(contract_an_empty_poll_returns_empty_after_the_wait);
-        }
-    };
+securepay_testkit::contract_suite! {
+    cases: [
+        contract_records_with_the_same_key_come_back_in_publish_order,
+        contract_payload_and_headers_round_trip,
+        contract_a_consumer_replaced_after_committing_resumes_after_the_commit,
+        contract_a_consumer_replaced_without_committing_gets_the_records_again,
+        contract_two_groups_each_get_every_record,
+        contract_two_members_of_one_group_together_get_every_record,
+        contract_an_empty_poll_returns_empty_after_the_wait,
+    ],
+    implementations: { memory => memory_harness, kafka => kafka_harness },
 }
-
-contract_suite!(memory, memory_harness);
-contract_suite!(kafka, kafka_harness);
 
 // ---------------------------------------------------------------------------------------------
 // In memory: the simulator's broker, a fresh one per test.

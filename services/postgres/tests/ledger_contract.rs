@@ -314,39 +314,22 @@ async fn contract_an_oversized_batch_or_a_payment_to_oneself_is_refused_and_writ
     );
 }
 
-/// Instantiates every contract test for one implementation.
-macro_rules! contract_suite {
-    ($module:ident, $make:path) => {
-        mod $module {
-            use super::*;
-
-            macro_rules! case {
-                ($name:ident) => {
-                    #[tokio::test]
-                    async fn $name() {
-                        let Some(h) = $make().await else { return };
-                        super::$name(h).await;
-                    }
-                };
-            }
-
-            case!(contract_a_completed_settlement_moves_exactly_the_amount_and_writes_two_ledger_rows_and_one_outcome_event);
-            case!(contract_an_unaffordable_settlement_fails_with_insufficient_funds_and_moves_nothing);
-            case!(contract_an_unknown_account_fails_with_unknown_account);
-            case!(contract_a_currency_mismatch_fails_with_currency_mismatch);
-            case!(contract_the_same_event_delivered_twice_and_ten_times_changes_balances_once);
-            case!(contract_a_redelivery_returns_the_first_verdict_even_when_it_would_now_differ);
-            case!(contract_a_different_event_for_an_already_settled_payment_is_a_duplicate);
-            case!(contract_a_batch_with_one_bad_request_still_settles_the_others);
-            case!(contract_a_mixed_batch_conserves_the_sum_of_balances_and_decides_in_order);
-            case!(contract_outbox_events_stay_unpublished_until_marked_in_sequence_order);
-            case!(contract_an_oversized_batch_or_a_payment_to_oneself_is_refused_and_writes_nothing);
-        }
-    };
+securepay_testkit::contract_suite! {
+    cases: [
+        contract_a_completed_settlement_moves_exactly_the_amount_and_writes_two_ledger_rows_and_one_outcome_event,
+        contract_an_unaffordable_settlement_fails_with_insufficient_funds_and_moves_nothing,
+        contract_an_unknown_account_fails_with_unknown_account,
+        contract_a_currency_mismatch_fails_with_currency_mismatch,
+        contract_the_same_event_delivered_twice_and_ten_times_changes_balances_once,
+        contract_a_redelivery_returns_the_first_verdict_even_when_it_would_now_differ,
+        contract_a_different_event_for_an_already_settled_payment_is_a_duplicate,
+        contract_a_batch_with_one_bad_request_still_settles_the_others,
+        contract_a_mixed_batch_conserves_the_sum_of_balances_and_decides_in_order,
+        contract_outbox_events_stay_unpublished_until_marked_in_sequence_order,
+        contract_an_oversized_batch_or_a_payment_to_oneself_is_refused_and_writes_nothing,
+    ],
+    implementations: { memory => memory_harness, postgres => pg_harness },
 }
-
-contract_suite!(memory, memory_harness);
-contract_suite!(postgres, pg_harness);
 
 // ---------------------------------------------------------------------------------------------
 // In memory: the simulator's store, a fresh one per test.

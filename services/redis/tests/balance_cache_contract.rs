@@ -102,34 +102,17 @@ async fn contract_a_zero_ttl_is_refused<C: BalanceCache>(cache: C) {
     assert_eq!(cache.get(id).await.unwrap(), None);
 }
 
-/// Instantiates every contract test for one implementation.
-macro_rules! contract_suite {
-    ($module:ident, $make:path) => {
-        mod $module {
-            use super::*;
-
-            macro_rules! case {
-                ($name:ident) => {
-                    #[tokio::test]
-                    async fn $name() {
-                        let Some(cache) = $make().await else { return };
-                        super::$name(cache).await;
-                    }
-                };
-            }
-
-            case!(contract_an_account_never_put_is_a_miss);
-            case!(contract_a_put_balance_reads_back_exactly_with_its_decimal_balance);
-            case!(contract_a_put_overwrites_and_accounts_are_independent);
-            case!(contract_invalidate_removes_exactly_the_given_accounts);
-            case!(contract_an_entry_expires_after_its_ttl);
-            case!(contract_a_zero_ttl_is_refused);
-        }
-    };
+securepay_testkit::contract_suite! {
+    cases: [
+        contract_an_account_never_put_is_a_miss,
+        contract_a_put_balance_reads_back_exactly_with_its_decimal_balance,
+        contract_a_put_overwrites_and_accounts_are_independent,
+        contract_invalidate_removes_exactly_the_given_accounts,
+        contract_an_entry_expires_after_its_ttl,
+        contract_a_zero_ttl_is_refused,
+    ],
+    implementations: { memory => memory_cache, redis => redis_cache },
 }
-
-contract_suite!(memory, memory_cache);
-contract_suite!(redis, redis_cache);
 
 async fn memory_cache() -> Option<MemoryBalanceCache> {
     Some(MemoryBalanceCache::new())

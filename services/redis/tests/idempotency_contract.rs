@@ -167,37 +167,20 @@ async fn contract_hostile_keys_do_not_collide<S: IdempotencyStore>(store: S) {
     );
 }
 
-/// Instantiates every contract test for one implementation.
-macro_rules! contract_suite {
-    ($module:ident, $make:path) => {
-        mod $module {
-            use super::*;
-
-            macro_rules! case {
-                ($name:ident) => {
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                    async fn $name() {
-                        let Some(store) = $make().await else { return };
-                        super::$name(store).await;
-                    }
-                };
-            }
-
-            case!(contract_the_first_claim_gets_none_and_the_second_the_in_flight_record);
-            case!(contract_after_complete_a_claim_gets_the_byte_identical_response);
-            case!(contract_an_empty_response_is_stored_as_empty);
-            case!(contract_complete_needs_the_in_flight_claim);
-            case!(contract_release_frees_an_in_flight_claim_for_a_retry);
-            case!(contract_release_never_frees_a_completed_record);
-            case!(contract_of_concurrent_claims_of_one_key_exactly_one_gets_none);
-            case!(contract_subjects_are_isolated);
-            case!(contract_hostile_keys_do_not_collide);
-        }
-    };
+securepay_testkit::contract_suite! {
+    cases: [
+        contract_the_first_claim_gets_none_and_the_second_the_in_flight_record,
+        contract_after_complete_a_claim_gets_the_byte_identical_response,
+        contract_an_empty_response_is_stored_as_empty,
+        contract_complete_needs_the_in_flight_claim,
+        contract_release_frees_an_in_flight_claim_for_a_retry,
+        contract_release_never_frees_a_completed_record,
+        contract_of_concurrent_claims_of_one_key_exactly_one_gets_none,
+        contract_subjects_are_isolated,
+        contract_hostile_keys_do_not_collide,
+    ],
+    implementations: { memory => memory_store, redis => redis_store },
 }
-
-contract_suite!(memory, memory_store);
-contract_suite!(redis, redis_store);
 
 async fn memory_store() -> Option<MemoryIdempotencyStore> {
     Some(MemoryIdempotencyStore::new())

@@ -56,3 +56,34 @@ pub fn component(name: &str) -> Option<String> {
 pub fn infra_required() -> bool {
     std::env::var(var::INFRA_REQUIRED).is_ok_and(|v| v == "1")
 }
+
+/// Instantiates a port's contract suite once per implementation, so every guarantee runs against
+/// the real adapter and its simulated twin alike.
+///
+/// Each case is a generic `async fn case(subject)` in the calling module; each implementation is
+/// a `make` function in that module returning `Option<subject>` (`None` skips, see [`component`]).
+///
+/// ```ignore
+/// securepay_testkit::contract_suite! {
+///     cases: [contract_a, contract_b],
+///     implementations: { memory => memory_harness, postgres => pg_harness },
+/// }
+/// ```
+#[macro_export]
+macro_rules! contract_suite {
+    (cases: $cases:tt, implementations: { $($module:ident => $make:path),+ $(,)? } $(,)?) => {
+        $( $crate::contract_suite!(@implementation $module, $make, $cases); )+
+    };
+    (@implementation $module:ident, $make:path, [$($case:ident),+ $(,)?]) => {
+        mod $module {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let Some(subject) = $make().await else { return };
+                    super::$case(subject).await;
+                }
+            )+
+        }
+    };
+}
