@@ -28,8 +28,6 @@ use securepay_ports::{
 };
 use time::OffsetDateTime;
 
-/// Most requests one `settle` call accepts (as `PgLedgerStore`).
-pub const SETTLE_BATCH_LEN_MAX: usize = 256;
 /// Most outbox events one `unpublished`/`mark_published` call handles (as `PgLedgerStore`).
 pub const OUTBOX_BATCH_LEN_MAX: usize = 1024;
 
@@ -140,13 +138,7 @@ impl LedgerSnapshot {
 #[async_trait]
 impl LedgerStore for MemoryLedgerStore {
     async fn settle(&self, batch: &[SettlementRequest], now: OffsetDateTime) -> PortResult<Vec<SettlementResult>> {
-        if batch.len() > SETTLE_BATCH_LEN_MAX {
-            return Err(PortError::Refused { rule: "settle_batch_len_max" });
-        }
-        // As PostgreSQL's schema: a payment to oneself is invalid input, not a verdict.
-        if batch.iter().any(|r| r.transfer.from == r.transfer.to) {
-            return Err(PortError::Refused { rule: "transfer_same_account" });
-        }
+        securepay_ports::ledger::check_batch(batch)?;
         let mut state = self.lock();
         let mut next = state.clone();
         let results: Vec<SettlementResult> = batch
@@ -318,7 +310,7 @@ mod tests {
         let before = store.snapshot();
         let batch = [request(10, 1, 2, "10.00"), request(11, 1, 1, "10.00")];
         assert_eq!(store.settle(&batch, now()).await, Err(PortError::Refused { rule: "transfer_same_account" }));
-        let too_long = vec![request(12, 1, 2, "1.00"); SETTLE_BATCH_LEN_MAX + 1];
+        let too_long = vec![request(12, 1, 2, "1.00"); securepay_ports::ledger::SETTLE_BATCH_LEN_MAX + 1];
         assert!(store.settle(&too_long, now()).await.is_err());
         assert_eq!(store.snapshot(), before);
     }

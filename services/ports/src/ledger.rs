@@ -7,8 +7,24 @@ use securepay_core::ledger::{Settled, Transfer};
 use securepay_core::money::Currency;
 use time::OffsetDateTime;
 
-use crate::error::PortResult;
+use crate::error::{PortError, PortResult};
 use crate::payments::OutboxEvent;
+
+/// Most requests one `settle` call accepts: bounds a batch's locks and its transaction's duration.
+pub const SETTLE_BATCH_LEN_MAX: usize = 256;
+
+/// The preconditions every `LedgerStore::settle` checks before touching state: a batch of at most
+/// [`SETTLE_BATCH_LEN_MAX`] requests, none paying an account to itself (upstream refuses such a
+/// payment, so an event carrying one is invalid input for the dead-letter queue, not a verdict).
+pub fn check_batch(batch: &[SettlementRequest]) -> PortResult<()> {
+    if batch.len() > SETTLE_BATCH_LEN_MAX {
+        return Err(PortError::Refused { rule: "settle_batch_len_max" });
+    }
+    if batch.iter().any(|r| r.transfer.from == r.transfer.to) {
+        return Err(PortError::Refused { rule: "transfer_same_account" });
+    }
+    Ok(())
+}
 
 /// One `payment.initiated` event to settle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,7 +45,7 @@ pub struct SettlementResult {
 
 #[async_trait]
 pub trait LedgerStore: Send + Sync + 'static {
-    /// Settles a batch. For EACH request, atomically: skip it if its event id (or its payment id)
+    /// Settles a batch (refused whole unless [`check_batch`] passes). For EACH request, atomically: skip it if its event id (or its payment id)
     /// was processed before (`Settled::Duplicate` with the first verdict); else decide by
     /// `securepay_core::ledger::verdict` against the committed balances, debit the payer only if
     /// funds suffice (a CHECK ≥ 0 is the last guard), credit the payee, write two ledger rows,

@@ -35,8 +35,6 @@ use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// Most requests one `settle` call accepts: bounds the transaction's locks and its duration.
-pub const SETTLE_BATCH_LEN_MAX: usize = 256;
 /// Attempts of one batch's transaction before a deadlock/serialization failure is `Unavailable`.
 pub const SETTLE_ATTEMPTS_MAX: u32 = 8;
 /// Most outbox events one `unpublished`/`mark_published` call handles.
@@ -102,15 +100,7 @@ impl PgLedgerStore {
 #[async_trait]
 impl LedgerStore for PgLedgerStore {
     async fn settle(&self, batch: &[SettlementRequest], now: OffsetDateTime) -> PortResult<Vec<SettlementResult>> {
-        if batch.len() > SETTLE_BATCH_LEN_MAX {
-            return Err(PortError::Refused { rule: "settle_batch_len_max" });
-        }
-        // The schema refuses a ledger with debit and credit on one account; upstream refuses such a
-        // payment (`RequestError::SameAccount`), so an event carrying one is invalid input for the
-        // caller's dead-letter queue, not a verdict.
-        if batch.iter().any(|r| r.transfer.from == r.transfer.to) {
-            return Err(PortError::Refused { rule: "transfer_same_account" });
-        }
+        securepay_ports::ledger::check_batch(batch)?;
         if batch.is_empty() {
             return Ok(Vec::new());
         }
