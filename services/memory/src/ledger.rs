@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;
-use securepay_core::events::PaymentSettled;
 use securepay_core::ids::{AccountId, EventId, PaymentId, Subject};
 use securepay_core::ledger::{Ledger, OpenError, Settled};
 use securepay_core::money::Currency;
@@ -110,16 +109,7 @@ impl LedgerSnapshot {
             unreachable!("verdict_of saw no settlement of this payment, the model did");
         };
         self.processed_events.insert(request.event_id, request.transfer.payment_id);
-        let transfer = request.transfer;
-        let event = PaymentSettled {
-            event_id: request.outcome_event_id,
-            payment_id: transfer.payment_id,
-            from: transfer.from,
-            to: transfer.to,
-            amount: transfer.amount,
-            outcome,
-            occurred_at: now,
-        };
+        let event = request.outcome_event(outcome, now);
         let sequence = i64::try_from(self.outbox.len() + 1).expect("outbox length fits i64");
         self.outbox.push(OutboxRow {
             event: OutboxEvent {

@@ -2,9 +2,11 @@
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;
+use securepay_core::events::PaymentSettled;
 use securepay_core::ids::{AccountId, EventId, Subject};
 use securepay_core::ledger::{Settled, Transfer};
 use securepay_core::money::Currency;
+use securepay_core::payment::Outcome;
 use time::OffsetDateTime;
 
 use crate::error::{PortError, PortResult};
@@ -34,6 +36,23 @@ pub struct SettlementRequest {
     /// Event id of the outcome event (`payment.completed`/`failed`) written if this settles now;
     /// minted by the caller so a redelivery of the same request mints nothing new.
     pub outcome_event_id: EventId,
+}
+
+impl SettlementRequest {
+    /// The outcome event (`payment.completed` / `payment.failed`) a store writes to its outbox when
+    /// this request settles now with `outcome`.
+    pub fn outcome_event(&self, outcome: Outcome, now: OffsetDateTime) -> PaymentSettled {
+        let transfer = self.transfer;
+        PaymentSettled {
+            event_id: self.outcome_event_id,
+            payment_id: transfer.payment_id,
+            from: transfer.from,
+            to: transfer.to,
+            amount: transfer.amount,
+            outcome,
+            occurred_at: now,
+        }
+    }
 }
 
 /// What settling one event did.

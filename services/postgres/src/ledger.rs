@@ -22,7 +22,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;
-use securepay_core::events::PaymentSettled;
 use securepay_core::ids::{AccountId, Subject};
 use securepay_core::ledger::{Account, Settled, verdict};
 use securepay_core::money::Currency;
@@ -270,15 +269,7 @@ async fn settle_new(
         .execute(&mut **tx)
         .await?;
     }
-    let event = PaymentSettled {
-        event_id: request.outcome_event_id,
-        payment_id: transfer.payment_id,
-        from: transfer.from,
-        to: transfer.to,
-        amount: transfer.amount,
-        outcome,
-        occurred_at: now,
-    };
+    let event = request.outcome_event(outcome, now);
     sqlx::query("INSERT INTO accounts.outbox (event_id, topic, key, payload, created_at) VALUES ($1, $2, $3, $4, $5)")
         .bind(event.event_id.as_uuid())
         .bind(event.topic())
