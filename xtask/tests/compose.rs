@@ -90,13 +90,18 @@ fn environment(service: &Value) -> BTreeMap<String, String> {
                 (k.as_str().expect("environment keys are strings").to_string(), value)
             })
             .collect(),
-        Value::Sequence(items) => items
-            .iter()
-            .filter_map(|item| item.as_str()?.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        Value::Sequence(items) => key_value_list(items),
         _ => BTreeMap::new(),
     }
+}
+
+/// Compose's list form of a mapping: `["KEY=value", ...]`.
+fn key_value_list(items: &[Value]) -> BTreeMap<String, String> {
+    items
+        .iter()
+        .filter_map(|item| item.as_str()?.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn labels(service: &Value) -> BTreeMap<String, String> {
@@ -105,11 +110,7 @@ fn labels(service: &Value) -> BTreeMap<String, String> {
             .iter()
             .map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), v.as_str().unwrap_or_default().to_string()))
             .collect(),
-        Value::Sequence(items) => items
-            .iter()
-            .filter_map(|item| item.as_str()?.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        Value::Sequence(items) => key_value_list(items),
         _ => BTreeMap::new(),
     }
 }
