@@ -33,8 +33,8 @@ pub fn check_batch(batch: &[SettlementRequest]) -> PortResult<()> {
 pub struct SettlementRequest {
     pub event_id: EventId,
     pub transfer: Transfer,
-    /// Event id of the outcome event (`payment.completed`/`failed`) written if this settles now;
-    /// minted by the caller so a redelivery of the same request mints nothing new.
+    /// Event id of the outcome event (`payment.completed`/`failed`) written if this settles now.
+    /// Minted by the caller; when the request turns out to be a duplicate it is simply unused.
     pub outcome_event_id: EventId,
 }
 
