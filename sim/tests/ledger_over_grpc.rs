@@ -25,7 +25,7 @@ use securepay_core::ledger::Transfer;
 use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::Outcome;
 use securepay_memory::{MemoryLedgerStore, SeededIds, SimClock};
-use securepay_ports::{Ids, LedgerStore, SettlementRequest};
+use securepay_ports::{Ids, LedgerStore, Outbox, SettlementRequest};
 use securepay_sim::ledger_node::{
     LEDGER_NODE_PORT, LedgerNode, LedgerNodeClient, LedgerNodeServer, outcome_code, parse_outcome, to_wire,
 };

@@ -23,7 +23,7 @@ use securepay_core::ledger::{Ledger, OpenError, Settled};
 use securepay_core::money::Currency;
 use securepay_core::payment::Outcome;
 use securepay_ports::{
-    AccountView, LedgerStore, OutboxEvent, PortError, PortResult, SettlementRequest, SettlementResult,
+    AccountView, LedgerStore, Outbox, OutboxEvent, PortError, PortResult, SettlementRequest, SettlementResult,
 };
 use time::OffsetDateTime;
 
@@ -150,7 +150,10 @@ impl LedgerStore for MemoryLedgerStore {
             .ok_or_else(|| PortError::Corrupt { what: "account without owner".into() })?;
         Ok(Some(AccountView { id, owner, currency: account.currency, balance: account.balance }))
     }
+}
 
+#[async_trait]
+impl Outbox for MemoryLedgerStore {
     async fn unpublished(&self, limit: usize) -> PortResult<Vec<OutboxEvent>> {
         let limit = limit.min(OUTBOX_BATCH_LEN_MAX);
         let state = self.lock();

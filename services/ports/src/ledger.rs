@@ -10,7 +10,7 @@ use securepay_core::payment::Outcome;
 use time::OffsetDateTime;
 
 use crate::error::{PortError, PortResult};
-use crate::payments::OutboxEvent;
+use crate::outbox::Outbox;
 
 /// Most requests one `settle` call accepts: bounds a batch's locks and its transaction's duration.
 pub const SETTLE_BATCH_LEN_MAX: usize = 256;
@@ -63,7 +63,7 @@ pub struct SettlementResult {
 }
 
 #[async_trait]
-pub trait LedgerStore: Send + Sync + 'static {
+pub trait LedgerStore: Outbox {
     /// Settles a batch (refused whole unless [`check_batch`] passes). For EACH request, atomically: skip it if its event id (or its payment id)
     /// was processed before (`Settled::Duplicate` with the first verdict); else decide by
     /// `securepay_core::ledger::verdict` against the committed balances, debit the payer only if
@@ -74,11 +74,6 @@ pub trait LedgerStore: Send + Sync + 'static {
 
     /// The committed balance, currency and owner of an account.
     async fn account(&self, id: AccountId) -> PortResult<Option<AccountView>>;
-
-    /// Unpublished outcome events, in sequence order (at-least-once, as `PaymentStore::unpublished`).
-    async fn unpublished(&self, limit: usize) -> PortResult<Vec<OutboxEvent>>;
-
-    async fn mark_published(&self, sequences: &[i64]) -> PortResult<()>;
 }
 
 /// An account as read from the store of record.

@@ -6,23 +6,10 @@ use securepay_core::ids::PaymentId;
 use securepay_core::payment::{Payment, Transition};
 
 use crate::error::PortResult;
-
-/// An outbox row waiting to be published.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxEvent {
-    /// Store-assigned, increasing in commit order; the relay publishes in this order.
-    pub sequence: i64,
-    pub topic: String,
-    /// Kafka key (the payment id).
-    pub key: String,
-    /// Encoded `events.v1` message.
-    pub payload: Vec<u8>,
-    /// W3C trace context and other headers to put on the record.
-    pub headers: Vec<(String, String)>,
-}
+use crate::outbox::Outbox;
 
 #[async_trait]
-pub trait PaymentStore: Send + Sync + 'static {
+pub trait PaymentStore: Outbox {
     /// Writes a new PENDING payment AND its `payment.initiated` outbox event atomically: both or
     /// neither (the transactional outbox — no accepted payment without its event).
     /// `Refused { rule: "payment_exists" }` if the id is taken.
@@ -45,11 +32,4 @@ pub trait PaymentStore: Send + Sync + 'static {
         transition: &Transition,
         failure_reason: Option<&str>,
     ) -> PortResult<()>;
-
-    /// Up to `limit` unpublished outbox events in sequence order. Safe with several relays: an
-    /// event may be handed to two relays (at-least-once), never lost.
-    async fn unpublished(&self, limit: usize) -> PortResult<Vec<OutboxEvent>>;
-
-    /// Marks events published (after the broker acknowledged them). Idempotent.
-    async fn mark_published(&self, sequences: &[i64]) -> PortResult<()>;
 }

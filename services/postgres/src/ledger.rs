@@ -27,7 +27,7 @@ use securepay_core::ledger::{Account, Settled, verdict};
 use securepay_core::money::Currency;
 use securepay_core::payment::{FailureReason, Outcome};
 use securepay_ports::{
-    AccountView, LedgerStore, OutboxEvent, PortError, PortResult, SettlementRequest, SettlementResult,
+    AccountView, LedgerStore, Outbox, OutboxEvent, PortError, PortResult, SettlementRequest, SettlementResult,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
@@ -137,7 +137,10 @@ impl LedgerStore for PgLedgerStore {
             balance,
         }))
     }
+}
 
+#[async_trait]
+impl Outbox for PgLedgerStore {
     async fn unpublished(&self, limit: usize) -> PortResult<Vec<OutboxEvent>> {
         let limit = limit.min(OUTBOX_BATCH_LEN_MAX);
         let rows = sqlx::query(

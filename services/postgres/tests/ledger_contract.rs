@@ -21,7 +21,7 @@ use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::{FailureReason, Outcome};
 use securepay_memory::MemoryLedgerStore;
 use securepay_ports::ledger::SETTLE_BATCH_LEN_MAX;
-use securepay_ports::{LedgerStore, PortError, SettlementRequest, SettlementResult};
+use securepay_ports::{LedgerStore, Outbox, PortError, SettlementRequest, SettlementResult};
 use securepay_postgres::PgLedgerStore;
 use securepay_proto::events::v1 as wire;
 use sqlx::Row;
