@@ -241,6 +241,39 @@ pub fn admin_options(admin_url: &str, database: &str) -> Result<PgConnectOptions
     Ok(options.database(database).disable_statement_logging())
 }
 
+/// How a service finds its database (set by `cargo xtask up`, and by compose): `SECUREPAY_PG_ADDR`
+/// (`host:port`), `SECUREPAY_PG_DATABASE`, and the role's password in the file
+/// `$SECUREPAY_SECRETS_DIR/pg-role-<role>` — never in the environment or on a command line.
+pub fn service_options_from_env(role: &str) -> Result<PgConnectOptions, ServiceConfigError> {
+    let var = |name: &'static str| std::env::var(name).map_err(|_| ServiceConfigError::Missing(name));
+    let addr = var("SECUREPAY_PG_ADDR")?;
+    let (host, port) = addr.rsplit_once(':').ok_or(ServiceConfigError::Invalid("SECUREPAY_PG_ADDR"))?;
+    let port: u16 = port.parse().map_err(|_| ServiceConfigError::Invalid("SECUREPAY_PG_ADDR"))?;
+    let database = var("SECUREPAY_PG_DATABASE")?;
+    validate_database_name(&database).map_err(|_| ServiceConfigError::Invalid("SECUREPAY_PG_DATABASE"))?;
+    let secret = std::path::Path::new(&var("SECUREPAY_SECRETS_DIR")?).join(format!("pg-role-{role}"));
+    let password = std::fs::read_to_string(&secret).map_err(|_| ServiceConfigError::Secret(secret.clone()))?;
+    Ok(PgConnectOptions::new()
+        .host(host)
+        .port(port)
+        .database(&database)
+        .username(role)
+        .password(password.trim_end())
+        .application_name(role)
+        .disable_statement_logging())
+}
+
+/// Why a service cannot find its database: names the variable or file to fix, nothing secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceConfigError {
+    #[error("{0} is not set")]
+    Missing(&'static str),
+    #[error("{0} is malformed")]
+    Invalid(&'static str),
+    #[error("cannot read the database password file {0}")]
+    Secret(std::path::PathBuf),
+}
+
 async fn connect(admin_url: &str, database: &str) -> Result<PgConnection, SetupError> {
     admin_options(admin_url, database)?.connect().await.map_err(SetupError::Connect)
 }

@@ -1,7 +1,11 @@
 //! What every SecurePay service binary does the same way, written once: the `identity` subcommand,
 //! structured JSON logs, and waiting for a shutdown signal. Tracing export (OTLP) joins it here.
 //!
-//! Architecture invariant: process plumbing only — no service logic, no ports.
+//! Architecture invariant: process plumbing only — no service logic, no ports. Real mode only.
+
+pub mod admin;
+
+pub use admin::{ReadyCheck, install_metrics};
 
 /// `securepay-<service> identity`: prints this process's SVID as one JSON line and exits; exits
 /// non-zero when the SPIRE agent issues none (the runner and the proof tests use it). Returns
@@ -26,4 +30,15 @@ pub async fn shutdown_signal() -> std::io::Result<()> {
         result = tokio::signal::ctrl_c() => result,
         _ = terminate.recv() => Ok(()),
     }
+}
+
+/// A socket address from the environment variable `name`, or `default` when unset.
+pub fn addr_from_env(name: &'static str, default: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let text = std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    text.parse().map_err(|_| anyhow::anyhow!("{name} must be an address like 127.0.0.1:8080, not {text:?}"))
+}
+
+/// A required environment variable, with an error naming it.
+pub fn required_env(name: &'static str) -> anyhow::Result<String> {
+    std::env::var(name).map_err(|_| anyhow::anyhow!("{name} is not set"))
 }
