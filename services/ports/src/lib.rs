@@ -24,4 +24,4 @@ pub use idempotency::IdempotencyStore;
 pub use identity::{PeerRefusal, Svid, SvidSource, authorize_peer};
 pub use ledger::{AccountView, BalanceCache, CachedBalance, LedgerStore, SettlementRequest, SettlementResult};
 pub use outbox::{Outbox, OutboxEvent};
-pub use payments::PaymentStore;
+pub use payments::{IdempotencyCompletion, PaymentStore};
