@@ -17,6 +17,8 @@ use sqlx::{ConnectOptions, Connection};
 use uuid::Uuid;
 
 pub mod ledger;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use ledger::PgLedgerStore;
 
