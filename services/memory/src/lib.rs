@@ -19,10 +19,12 @@ pub mod balance_cache;
 pub mod event_log;
 pub mod idempotency;
 pub mod ledger;
+pub mod payments;
 pub mod runtime;
 
 pub use balance_cache::MemoryBalanceCache;
 pub use event_log::{MemoryConsumer, MemoryEventLog};
 pub use idempotency::MemoryIdempotencyStore;
 pub use ledger::{LedgerSnapshot, MemoryLedgerStore};
+pub use payments::{MemoryPaymentStore, PaymentSnapshot};
 pub use runtime::{SeededIds, SimClock};

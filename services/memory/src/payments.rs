@@ -1,0 +1,513 @@
+//! `MemoryPaymentStore`: the payment service's store of record in memory — [`PaymentStore`],
+//! its [`Outbox`] and the PostgreSQL half of [`IdempotencyStore`] over ONE mutex-protected state,
+//! so that `insert_with_event` writes the payment, its event and the completion of its
+//! idempotency claim in one step, exactly as `PgPaymentStore` does in one transaction.
+//!
+//! It keeps the promises `PgPaymentStore` keeps (the contract suite
+//! `services/postgres/tests/payment_store_contract.rs` runs both):
+//! - single writer: one `std::sync::Mutex`, never held across an `.await`; every write checks all
+//!   its rules before it changes anything, so a refused write leaves nothing behind;
+//! - a payment is born PENDING without history; its status moves only through
+//!   `securepay_core::payment::is_legal`, as a compare-and-set on `transition.from`, and every move
+//!   is appended to its history with time and cause;
+//! - an outbox event per accepted payment (`payment.initiated`, keyed by payment id), sequences
+//!   increasing in commit order, unpublished until marked; event ids unique;
+//! - idempotency: exactly one concurrent claimer of a (subject, key) gets `None`; an IN_FLIGHT claim
+//!   holds a lease of [`IDEMPOTENCY_LEASE_S`] seconds, after which a request with the SAME
+//!   fingerprint may take it over (the first request's process died); a completed record is
+//!   replayed unchanged and never released.
+//!
+//! Time comes only from the arguments (`now`, `transition.at`, `payment.created_at`), never from a
+//! clock, and is kept at PostgreSQL's precision (microseconds) so both stores read back the same.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use securepay_core::events::PaymentInitiated;
+use securepay_core::idempotency::{Fingerprint, IdempotencyKey, Record};
+use securepay_core::ids::{EventId, PaymentId, Subject};
+use securepay_core::payment::{FailureReason, Payment, PaymentStatus, Transition, is_legal};
+use securepay_core::topology::topic;
+use securepay_ports::{
+    IdempotencyCompletion, IdempotencyStore, Outbox, OutboxEvent, PaymentStore, PortError, PortResult,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::ledger::OUTBOX_BATCH_LEN_MAX;
+
+/// How long an IN_FLIGHT idempotency claim is held before a retry of the same request may take it
+/// over (as `securepay_postgres::payments::IDEMPOTENCY_LEASE_S`).
+pub const IDEMPOTENCY_LEASE_S: i64 = 30;
+/// How long an idempotency record is kept at least (SPEC §6.1), as the schema's `expires_at`.
+pub const IDEMPOTENCY_RETENTION_H: i64 = 24;
+/// Most bytes of one stored idempotent response (the schema's `idempotency_keys_response_bounded`).
+pub const IDEMPOTENCY_RESPONSE_LEN_MAX: usize = 64 * 1024;
+/// Longest transition cause, in characters (the schema's `transitions_cause_bounded`).
+pub const TRANSITION_CAUSE_LEN_MAX: usize = 128;
+
+const COMPONENT: &str = "postgres";
+
+/// The in-memory store. Clones share one state (see the crate docs on crash semantics).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryPaymentStore {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    unavailable: bool,
+    committed: PaymentSnapshot,
+}
+
+/// Everything the store has committed: a copy of it is a snapshot of the "disk".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PaymentSnapshot {
+    payments: BTreeMap<PaymentId, Payment>,
+    keys: BTreeMap<(Subject, IdempotencyKey), KeyRow>,
+    /// Only ever appended to, so an event's sequence is its position + 1.
+    outbox: Vec<OutboxRow>,
+    event_ids: BTreeSet<EventId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeyRow {
+    fingerprint: Fingerprint,
+    state: KeyState,
+    created_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeyState {
+    InFlight { locked_until: OffsetDateTime },
+    Completed { response: Vec<u8>, payment_id: Option<PaymentId> },
+}
+
+impl KeyRow {
+    fn record(&self) -> Record<Vec<u8>> {
+        match &self.state {
+            KeyState::InFlight { .. } => Record::InFlight { fingerprint: self.fingerprint },
+            KeyState::Completed { response, .. } => {
+                Record::Completed { fingerprint: self.fingerprint, response: response.clone() }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OutboxRow {
+    event: OutboxEvent,
+    published: bool,
+}
+
+impl PaymentSnapshot {
+    /// Every payment, in id order.
+    pub fn payments(&self) -> impl Iterator<Item = &Payment> {
+        self.payments.values()
+    }
+
+    /// The payment an idempotency key's completed record names, if any.
+    pub fn payment_of_key(&self, subject: &Subject, key: &IdempotencyKey) -> Option<PaymentId> {
+        match self.keys.get(&(subject.clone(), key.clone()))?.state {
+            KeyState::Completed { payment_id, .. } => payment_id,
+            KeyState::InFlight { .. } => None,
+        }
+    }
+
+    /// Every outbox event, published or not, in sequence order.
+    pub fn outbox(&self) -> impl Iterator<Item = &OutboxEvent> {
+        self.outbox.iter().map(|row| &row.event)
+    }
+}
+
+impl MemoryPaymentStore {
+    pub fn new() -> MemoryPaymentStore {
+        MemoryPaymentStore::default()
+    }
+
+    /// A store whose state is `snapshot` (a restart from a copied disk).
+    pub fn restore(snapshot: PaymentSnapshot) -> MemoryPaymentStore {
+        MemoryPaymentStore { state: Arc::new(Mutex::new(State { unavailable: false, committed: snapshot })) }
+    }
+
+    /// A copy of everything committed so far.
+    pub fn snapshot(&self) -> PaymentSnapshot {
+        self.lock().committed.clone()
+    }
+
+    /// Outage injection: while `false`, every call fails as `Unavailable { component: "postgres" }`
+    /// and writes nothing.
+    pub fn set_available(&self, available: bool) {
+        self.lock().unavailable = !available;
+    }
+
+    fn up(&self) -> PortResult<MutexGuard<'_, State>> {
+        let state = self.lock();
+        if state.unavailable { Err(PortError::Unavailable { component: COMPONENT }) } else { Ok(state) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every write checks its rules first and then changes the state without panicking, so a
+        // poisoned lock still guards the last committed state.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// PostgreSQL keeps microseconds; so does the twin, so both read back the same instant.
+fn at_pg_precision(at: OffsetDateTime) -> OffsetDateTime {
+    at.replace_nanosecond(at.nanosecond() / 1_000 * 1_000).expect("a truncated nanosecond is in range")
+}
+
+fn refused(rule: &'static str) -> PortError {
+    PortError::Refused { rule }
+}
+
+/// What a new payment and its event must be before any store writes them (the same checks as
+/// `PgPaymentStore`, done before any IO).
+fn check_new_payment(
+    payment: &Payment,
+    event: &PaymentInitiated,
+    completion: Option<&IdempotencyCompletion>,
+) -> PortResult<()> {
+    if payment.status != PaymentStatus::Pending || payment.failure_reason.is_some() || !payment.transitions.is_empty() {
+        return Err(refused("invalid_payment"));
+    }
+    let same_terms = event.payment_id == payment.id
+        && event.subject == payment.subject
+        && event.from == payment.from
+        && event.to == payment.to
+        && event.amount == payment.amount;
+    if !same_terms {
+        return Err(refused("invalid_event"));
+    }
+    if let Some(completion) = completion {
+        if completion.subject != payment.subject {
+            return Err(refused("idempotency_subject_mismatch"));
+        }
+        if completion.response.len() > IDEMPOTENCY_RESPONSE_LEN_MAX {
+            return Err(refused("idempotency_response_len_max"));
+        }
+    }
+    Ok(())
+}
+
+/// What a transition must be before any store records it; returns the parsed failure reason.
+fn check_transition(transition: &Transition, failure_reason: Option<&str>) -> PortResult<Option<FailureReason>> {
+    let cause_len = transition.cause.chars().count();
+    if !(1..=TRANSITION_CAUSE_LEN_MAX).contains(&cause_len) {
+        return Err(refused("transitions_cause_bounded"));
+    }
+    if !is_legal(transition.from, transition.to) {
+        return Err(refused("illegal_transition"));
+    }
+    match (transition.to, failure_reason) {
+        (PaymentStatus::Failed, Some(code)) => {
+            FailureReason::parse(code).map(Some).ok_or(refused("unknown_failure_reason"))
+        }
+        (PaymentStatus::Failed, None) | (_, Some(_)) => Err(refused("illegal_transition")),
+        (_, None) => Ok(None),
+    }
+}
+
+#[async_trait]
+impl PaymentStore for MemoryPaymentStore {
+    async fn insert_with_event(
+        &self,
+        payment: &Payment,
+        event: &PaymentInitiated,
+        headers: &[(String, String)],
+        idempotency: Option<&IdempotencyCompletion>,
+    ) -> PortResult<()> {
+        check_new_payment(payment, event, idempotency)?;
+        let mut state = self.up()?;
+        let committed = &mut state.committed;
+        // Every rule first, in the order PostgreSQL meets them; nothing is written on a refusal.
+        if committed.payments.contains_key(&payment.id) {
+            return Err(refused("payment_exists"));
+        }
+        if committed.event_ids.contains(&event.event_id) {
+            return Err(refused("outbox_event_id_unique"));
+        }
+        let claim = match idempotency {
+            None => None,
+            Some(completion) => {
+                let pair = (completion.subject.clone(), completion.key.clone());
+                match committed.keys.get(&pair) {
+                    Some(KeyRow { fingerprint, state: KeyState::InFlight { .. }, .. })
+                        if *fingerprint == completion.fingerprint =>
+                    {
+                        Some((pair, completion))
+                    }
+                    _ => return Err(refused("idempotency_claim_lost")),
+                }
+            }
+        };
+
+        let mut stored = payment.clone();
+        stored.created_at = at_pg_precision(payment.created_at);
+        stored.updated_at = at_pg_precision(payment.updated_at);
+        committed.payments.insert(payment.id, stored);
+        committed.event_ids.insert(event.event_id);
+        let sequence = i64::try_from(committed.outbox.len() + 1).expect("outbox length fits i64");
+        // Headers are a JSON object in PostgreSQL: one value per name (the last), sorted by name.
+        let headers: BTreeMap<String, String> = headers.iter().cloned().collect();
+        committed.outbox.push(OutboxRow {
+            event: OutboxEvent {
+                sequence,
+                topic: topic::PAYMENT_INITIATED.to_owned(),
+                key: payment.id.to_string(),
+                payload: securepay_proto::convert::encode_initiated(event),
+                headers: headers.into_iter().collect(),
+            },
+            published: false,
+        });
+        if let Some((pair, completion)) = claim {
+            let row = committed.keys.get_mut(&pair).expect("the claim was checked under this lock");
+            row.state = KeyState::Completed { response: completion.response.clone(), payment_id: Some(payment.id) };
+        }
+        Ok(())
+    }
+
+    async fn get(&self, id: PaymentId) -> PortResult<Option<Payment>> {
+        Ok(self.up()?.committed.payments.get(&id).cloned())
+    }
+
+    async fn record_transition(
+        &self,
+        id: PaymentId,
+        transition: &Transition,
+        failure_reason: Option<&str>,
+    ) -> PortResult<()> {
+        let reason = check_transition(transition, failure_reason)?;
+        let mut state = self.up()?;
+        let payment = state.committed.payments.get_mut(&id).ok_or(refused("unknown_payment"))?;
+        if payment.status != transition.from {
+            return Err(refused("illegal_transition"));
+        }
+        let at = at_pg_precision(transition.at);
+        payment.status = transition.to;
+        payment.failure_reason = reason;
+        payment.updated_at = at;
+        payment.transitions.push(Transition { at, ..transition.clone() });
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Outbox for MemoryPaymentStore {
+    async fn unpublished(&self, limit: usize) -> PortResult<Vec<OutboxEvent>> {
+        let limit = limit.min(OUTBOX_BATCH_LEN_MAX);
+        let state = self.up()?;
+        Ok(state
+            .committed
+            .outbox
+            .iter()
+            .filter(|row| !row.published)
+            .take(limit)
+            .map(|row| row.event.clone())
+            .collect())
+    }
+
+    async fn mark_published(&self, sequences: &[i64]) -> PortResult<()> {
+        if sequences.len() > OUTBOX_BATCH_LEN_MAX {
+            return Err(refused("outbox_batch_len_max"));
+        }
+        let mut state = self.up()?;
+        for row in state.committed.outbox.iter_mut().filter(|row| sequences.contains(&row.event.sequence)) {
+            row.published = true;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for MemoryPaymentStore {
+    async fn claim(
+        &self,
+        subject: &Subject,
+        key: &IdempotencyKey,
+        fingerprint: Fingerprint,
+        now: OffsetDateTime,
+    ) -> PortResult<Option<Record<Vec<u8>>>> {
+        let now = at_pg_precision(now);
+        let locked_until = now + Duration::seconds(IDEMPOTENCY_LEASE_S);
+        let mut state = self.up()?;
+        let pair = (subject.clone(), key.clone());
+        match state.committed.keys.get_mut(&pair) {
+            None => {
+                let row = KeyRow { fingerprint, state: KeyState::InFlight { locked_until }, created_at: now };
+                state.committed.keys.insert(pair, row);
+                Ok(None)
+            }
+            Some(row) => match &mut row.state {
+                // The first request's lease ran out (its process died): the same request takes over.
+                KeyState::InFlight { locked_until: lease } if *lease <= now && row.fingerprint == fingerprint => {
+                    *lease = locked_until;
+                    Ok(None)
+                }
+                _ => Ok(Some(row.record())),
+            },
+        }
+    }
+
+    async fn complete(&self, subject: &Subject, key: &IdempotencyKey, response: &[u8]) -> PortResult<()> {
+        if response.len() > IDEMPOTENCY_RESPONSE_LEN_MAX {
+            return Err(refused("idempotency_response_len_max"));
+        }
+        let mut state = self.up()?;
+        let row = state
+            .committed
+            .keys
+            .get_mut(&(subject.clone(), key.clone()))
+            .ok_or(refused("idempotency_claim_missing"))?;
+        match row.state {
+            KeyState::InFlight { .. } => {
+                row.state = KeyState::Completed { response: response.to_vec(), payment_id: None };
+                Ok(())
+            }
+            KeyState::Completed { .. } => Err(refused("idempotency_already_completed")),
+        }
+    }
+
+    async fn release(&self, subject: &Subject, key: &IdempotencyKey) -> PortResult<()> {
+        let mut state = self.up()?;
+        let pair = (subject.clone(), key.clone());
+        if matches!(state.committed.keys.get(&pair), Some(KeyRow { state: KeyState::InFlight { .. }, .. })) {
+            state.committed.keys.remove(&pair);
+        }
+        Ok(())
+    }
+
+    async fn purge_before(&self, cutoff: OffsetDateTime) -> PortResult<u64> {
+        let mut state = self.up()?;
+        let keys = &mut state.committed.keys;
+        let before = keys.len();
+        keys.retain(|_, row| row.created_at >= cutoff);
+        Ok((before - keys.len()) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use securepay_core::ids::AccountId;
+    use securepay_core::money::{Amount, AmountPolicy, Currency};
+    use securepay_core::payment::PaymentRequest;
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()
+    }
+
+    fn subject() -> Subject {
+        Subject::parse("alice").unwrap()
+    }
+
+    fn key(text: &str) -> IdempotencyKey {
+        IdempotencyKey::parse(text).unwrap()
+    }
+
+    fn payment(n: u128) -> (Payment, PaymentInitiated) {
+        let request = PaymentRequest::new(
+            subject(),
+            None,
+            AccountId::from_uuid(Uuid::from_u128(1)),
+            AccountId::from_uuid(Uuid::from_u128(2)),
+            Amount::parse("10.50", Currency::from_code("EUR").unwrap(), AmountPolicy::default()).unwrap(),
+            None,
+        )
+        .unwrap();
+        let payment = Payment::accept(PaymentId::from_uuid(Uuid::from_u128(n)), &request, now());
+        let event = PaymentInitiated {
+            event_id: EventId::from_uuid(Uuid::from_u128(1000 + n)),
+            payment_id: payment.id,
+            subject: payment.subject.clone(),
+            from: payment.from,
+            to: payment.to,
+            amount: payment.amount,
+            occurred_at: now(),
+        };
+        (payment, event)
+    }
+
+    fn completion(k: &str, fingerprint: Fingerprint) -> IdempotencyCompletion {
+        IdempotencyCompletion { subject: subject(), key: key(k), fingerprint, response: b"first".to_vec() }
+    }
+
+    #[tokio::test]
+    async fn an_insert_completes_its_claim_in_the_same_step() {
+        let store = MemoryPaymentStore::new();
+        let fp = Fingerprint::of(&["a"]);
+        assert_eq!(store.claim(&subject(), &key("k"), fp, now()).await.unwrap(), None);
+        let (p, e) = payment(1);
+        store.insert_with_event(&p, &e, &[], Some(&completion("k", fp))).await.unwrap();
+        assert_eq!(
+            store.claim(&subject(), &key("k"), fp, now()).await.unwrap(),
+            Some(Record::Completed { fingerprint: fp, response: b"first".to_vec() })
+        );
+        assert_eq!(store.snapshot().payment_of_key(&subject(), &key("k")), Some(p.id));
+    }
+
+    #[tokio::test]
+    async fn a_lost_claim_writes_neither_payment_nor_event() {
+        let store = MemoryPaymentStore::new();
+        let fp = Fingerprint::of(&["a"]);
+        let (p, e) = payment(1);
+        let lost = store.insert_with_event(&p, &e, &[], Some(&completion("k", fp))).await;
+        assert_eq!(lost, Err(refused("idempotency_claim_lost")));
+        store.claim(&subject(), &key("k"), Fingerprint::of(&["other"]), now()).await.unwrap();
+        let lost = store.insert_with_event(&p, &e, &[], Some(&completion("k", fp))).await;
+        assert_eq!(lost, Err(refused("idempotency_claim_lost")));
+        assert_eq!(store.get(p.id).await.unwrap(), None);
+        assert!(store.unpublished(10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_taken_over_only_by_the_same_request() {
+        let store = MemoryPaymentStore::new();
+        let (a, b) = (Fingerprint::of(&["a"]), Fingerprint::of(&["b"]));
+        assert_eq!(store.claim(&subject(), &key("k"), a, now()).await.unwrap(), None);
+        let within = now() + Duration::seconds(IDEMPOTENCY_LEASE_S - 1);
+        let after = now() + Duration::seconds(IDEMPOTENCY_LEASE_S);
+        let in_flight = Some(Record::InFlight { fingerprint: a });
+        assert_eq!(store.claim(&subject(), &key("k"), a, within).await.unwrap(), in_flight);
+        assert_eq!(store.claim(&subject(), &key("k"), b, after).await.unwrap(), in_flight);
+        assert_eq!(store.claim(&subject(), &key("k"), a, after).await.unwrap(), None);
+        // The taken-over claim holds a fresh lease.
+        assert_eq!(store.claim(&subject(), &key("k"), a, after).await.unwrap(), in_flight);
+    }
+
+    #[tokio::test]
+    async fn transitions_are_compare_and_set_through_the_table() {
+        let store = MemoryPaymentStore::new();
+        let (p, e) = payment(1);
+        store.insert_with_event(&p, &e, &[], None).await.unwrap();
+        let t = |to, cause: &str| Transition { from: PaymentStatus::Pending, to, cause: cause.into(), at: now() };
+        store.record_transition(p.id, &t(PaymentStatus::Completed, "settled"), None).await.unwrap();
+        let again = store
+            .record_transition(p.id, &t(PaymentStatus::Failed, "insufficient_funds"), Some("insufficient_funds"))
+            .await;
+        assert_eq!(again, Err(refused("illegal_transition")));
+        let stored = store.get(p.id).await.unwrap().unwrap();
+        assert_eq!((stored.status, stored.transitions.len()), (PaymentStatus::Completed, 1));
+    }
+
+    #[tokio::test]
+    async fn an_outage_refuses_every_call_and_clones_share_state() {
+        let store = MemoryPaymentStore::new();
+        let clone = store.clone();
+        let (p, e) = payment(1);
+        store.set_available(false);
+        assert_eq!(clone.get(p.id).await, Err(PortError::Unavailable { component: "postgres" }));
+        assert_eq!(
+            clone.insert_with_event(&p, &e, &[], None).await,
+            Err(PortError::Unavailable { component: "postgres" })
+        );
+        store.set_available(true);
+        clone.insert_with_event(&p, &e, &[], None).await.unwrap();
+        assert!(store.get(p.id).await.unwrap().is_some());
+        let restored = MemoryPaymentStore::restore(store.snapshot());
+        assert_eq!(restored.get(p.id).await.unwrap(), store.get(p.id).await.unwrap());
+    }
+}
