@@ -17,10 +17,12 @@ use sqlx::{ConnectOptions, Connection};
 use uuid::Uuid;
 
 pub mod ledger;
+pub mod payments;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use ledger::PgLedgerStore;
+pub use payments::PgPaymentStore;
 
 /// Every migration of `migrations/`, embedded at compile time, applied in order.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");

@@ -1,0 +1,658 @@
+//! `PgPaymentStore`: the payment service's store of record over the `payments` schema, connected
+//! as the `payment_service` role — [`PaymentStore`], its [`Outbox`] and the PostgreSQL truth of
+//! [`IdempotencyStore`] (SPEC §6.1, §6.2, §6.4).
+//!
+//! Every write is ONE transaction:
+//! - `insert_with_event`: INSERT the PENDING payment, INSERT its `payment.initiated` outbox row and,
+//!   with a completion, turn the key's IN_FLIGHT claim (same fingerprint) into COMPLETED with the
+//!   response and the payment id — 0 rows updated rolls the whole transaction back as
+//!   `Refused { rule: "idempotency_claim_lost" }`, so a key never names a payment that was not
+//!   written and no payment is written for a key another request completed;
+//! - `record_transition`: INSERT the transition row, THEN `UPDATE ... WHERE status = from` (the
+//!   schema's protocol; its triggers check the pair and that it was recorded) — a lost
+//!   compare-and-set, an illegal pair or a second transition out of a state is
+//!   `Refused { rule: "illegal_transition" }`;
+//! - `claim`: `INSERT ... ON CONFLICT DO NOTHING` (the primary key makes exactly one concurrent
+//!   claimer win); otherwise a conditional UPDATE takes over an IN_FLIGHT claim whose lease
+//!   ([`IDEMPOTENCY_LEASE_S`]) ended, only for the same fingerprint (row-locked, so one taker wins);
+//!   otherwise the record is returned unchanged.
+//!
+//! Decisions never read the database clock: times come from the arguments (`now`, `transition.at`,
+//! `payment.created_at`); PostgreSQL's `now()` only stamps bookkeeping columns the port passes no
+//! time for (`published_at`, `updated_at` of a completed key). Deadlocks and serialization failures
+//! are retried from scratch at most [`WRITE_ATTEMPTS_MAX`] times, then `Unavailable`; timeouts and
+//! lost connections are `Unavailable`; constraint violations are `Refused` by rule. Driver text
+//! never leaves this module.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use async_trait::async_trait;
+use rust_decimal::Decimal;
+use securepay_core::events::PaymentInitiated;
+use securepay_core::idempotency::{Fingerprint, IdempotencyKey, Record};
+use securepay_core::ids::{AccountId, PaymentId, Subject};
+use securepay_core::money::{Amount, AmountPolicy, Currency};
+use securepay_core::payment::{FailureReason, Payment, PaymentStatus, Transition, is_legal};
+use securepay_core::topology::topic;
+use securepay_ports::{
+    IdempotencyCompletion, IdempotencyStore, Outbox, OutboxEvent, PaymentStore, PortError, PortResult,
+};
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+use crate::ledger::{ACQUIRE_TIMEOUT_MS, OUTBOX_BATCH_LEN_MAX, STATEMENT_TIMEOUT_MS};
+
+/// How long an IN_FLIGHT idempotency claim is held before a retry of the same request may take it
+/// over (the first request's process is presumed dead). The in-memory twin uses the same value.
+pub const IDEMPOTENCY_LEASE_S: i64 = 30;
+/// How long an idempotency record is kept at least (SPEC §6.1; the schema's `idempotency_keys_kept_24h`).
+pub const IDEMPOTENCY_RETENTION_H: i64 = 24;
+/// Most bytes of one stored idempotent response (the schema's `idempotency_keys_response_bounded`).
+pub const IDEMPOTENCY_RESPONSE_LEN_MAX: usize = 64 * 1024;
+/// Longest transition cause, in characters (the schema's `transitions_cause_bounded`).
+pub const TRANSITION_CAUSE_LEN_MAX: usize = 128;
+/// Attempts of one write transaction before a deadlock/serialization failure is `Unavailable`.
+pub const WRITE_ATTEMPTS_MAX: u32 = 8;
+
+const COMPONENT: &str = "postgresql";
+
+/// The payment service's store of record in PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgPaymentStore {
+    pool: PgPool,
+}
+
+impl PgPaymentStore {
+    /// Over an existing pool; its connections must log in as `payment_service`.
+    pub fn new(pool: PgPool) -> PgPaymentStore {
+        PgPaymentStore { pool }
+    }
+
+    /// A pool of at most `connections_max` connections with `options` (role `payment_service`),
+    /// each with a [`STATEMENT_TIMEOUT_MS`] statement timeout.
+    pub async fn connect(options: PgConnectOptions, connections_max: u32) -> PortResult<PgPaymentStore> {
+        assert!(connections_max > 0, "a pool needs at least one connection");
+        let options = options.options([("statement_timeout", STATEMENT_TIMEOUT_MS.to_string())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(connections_max)
+            .acquire_timeout(std::time::Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+            .connect_with(options)
+            .await
+            .map_err(port_error)?;
+        Ok(PgPaymentStore { pool })
+    }
+
+    /// A cheap liveness probe (`SELECT 1`) for readiness checks.
+    pub async fn ping(&self) -> PortResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(port_error)?;
+        Ok(())
+    }
+
+    async fn insert_once(
+        &self,
+        payment: &Payment,
+        event: &PaymentInitiated,
+        headers: &Json<BTreeMap<String, String>>,
+        completion: Option<&IdempotencyCompletion>,
+    ) -> Result<(), Failure> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO payments.transactions \
+             (payment_id, subject, from_account, to_account, amount, currency, status, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', $7, $8)",
+        )
+        .bind(payment.id.as_uuid())
+        .bind(payment.subject.as_str())
+        .bind(payment.from.as_uuid())
+        .bind(payment.to.as_uuid())
+        .bind(payment.amount.value())
+        .bind(payment.amount.currency().code())
+        .bind(payment.created_at)
+        .bind(payment.updated_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO payments.outbox (event_id, topic, key, payload, headers, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(event.event_id.as_uuid())
+        .bind(topic::PAYMENT_INITIATED)
+        .bind(payment.id.to_string())
+        .bind(securepay_proto::convert::encode_initiated(event))
+        .bind(headers)
+        .bind(payment.created_at)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(completion) = completion {
+            let completed = sqlx::query(
+                "UPDATE payments.idempotency_keys \
+                 SET state = 'COMPLETED', locked_until = NULL, response = $3, payment_id = $4, updated_at = $6 \
+                 WHERE subject = $1 AND key = $2 AND state = 'IN_FLIGHT' AND request_fingerprint = $5",
+            )
+            .bind(completion.subject.as_str())
+            .bind(completion.key.as_str())
+            .bind(&completion.response)
+            .bind(payment.id.as_uuid())
+            .bind(completion.fingerprint.0.as_slice())
+            .bind(payment.created_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if completed == 0 {
+                tx.rollback().await?;
+                return Err(Failure::Refused("idempotency_claim_lost"));
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn transition_once(
+        &self,
+        id: PaymentId,
+        transition: &Transition,
+        failure_reason: Option<FailureReason>,
+    ) -> Result<(), Failure> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO payments.transitions (payment_id, from_status, to_status, cause, at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id.as_uuid())
+        .bind(transition.from.as_str())
+        .bind(transition.to.as_str())
+        .bind(&transition.cause)
+        .bind(transition.at)
+        .execute(&mut *tx)
+        .await?;
+        let updated = sqlx::query(
+            "UPDATE payments.transactions SET status = $3, failure_reason = $4, updated_at = $5 \
+             WHERE payment_id = $1 AND status = $2",
+        )
+        .bind(id.as_uuid())
+        .bind(transition.from.as_str())
+        .bind(transition.to.as_str())
+        .bind(failure_reason.map(FailureReason::code))
+        .bind(transition.at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            return Err(Failure::Refused("illegal_transition"));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One claim attempt: `None` if this caller now holds the claim, `Some(record)` if another
+    /// does or did, `Err(Vanished)` if the record disappeared between the statements.
+    async fn claim_once(
+        &self,
+        subject: &Subject,
+        key: &IdempotencyKey,
+        fingerprint: Fingerprint,
+        now: OffsetDateTime,
+    ) -> Result<Option<Record<Vec<u8>>>, Failure> {
+        let locked_until = now + Duration::seconds(IDEMPOTENCY_LEASE_S);
+        let inserted = sqlx::query(
+            "INSERT INTO payments.idempotency_keys \
+             (subject, key, request_fingerprint, state, locked_until, created_at, updated_at, expires_at) \
+             VALUES ($1, $2, $3, 'IN_FLIGHT', $4, $5, $5, $6) ON CONFLICT (subject, key) DO NOTHING",
+        )
+        .bind(subject.as_str())
+        .bind(key.as_str())
+        .bind(fingerprint.0.as_slice())
+        .bind(locked_until)
+        .bind(now)
+        .bind(now + Duration::hours(IDEMPOTENCY_RETENTION_H))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            return Ok(None);
+        }
+        // The row is locked by the UPDATE, so of two concurrent takers one re-reads a fresh lease.
+        let taken_over = sqlx::query(
+            "UPDATE payments.idempotency_keys SET locked_until = $4, updated_at = $5 \
+             WHERE subject = $1 AND key = $2 AND state = 'IN_FLIGHT' AND request_fingerprint = $3 \
+             AND locked_until <= $5",
+        )
+        .bind(subject.as_str())
+        .bind(key.as_str())
+        .bind(fingerprint.0.as_slice())
+        .bind(locked_until)
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if taken_over == 1 {
+            return Ok(None);
+        }
+        let row = sqlx::query(
+            "SELECT request_fingerprint, state, response FROM payments.idempotency_keys \
+             WHERE subject = $1 AND key = $2",
+        )
+        .bind(subject.as_str())
+        .bind(key.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(Some(read_record(&row)?)),
+            None => Err(Failure::Vanished),
+        }
+    }
+}
+
+/// Runs one attempt of a write until it commits, is refused, or has lost [`WRITE_ATTEMPTS_MAX`]
+/// races (deadlock, serialization failure, a record vanishing between statements).
+async fn retrying<T, F, Fut>(mut attempt: F) -> PortResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
+    for _ in 0..WRITE_ATTEMPTS_MAX {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(Failure::Sql(e)) if is_retryable(&e) => {}
+            Err(Failure::Vanished) => {}
+            Err(Failure::Sql(e)) => return Err(port_error(e)),
+            Err(Failure::Refused(rule)) => return Err(PortError::Refused { rule }),
+            Err(Failure::Corrupt(what)) => return Err(PortError::Corrupt { what }),
+        }
+    }
+    Err(PortError::Unavailable { component: COMPONENT })
+}
+
+#[async_trait]
+impl PaymentStore for PgPaymentStore {
+    async fn insert_with_event(
+        &self,
+        payment: &Payment,
+        event: &PaymentInitiated,
+        headers: &[(String, String)],
+        idempotency: Option<&IdempotencyCompletion>,
+    ) -> PortResult<()> {
+        check_new_payment(payment, event, idempotency)?;
+        // A JSON object: one value per header name (the last given).
+        let headers = Json(headers.iter().cloned().collect::<BTreeMap<String, String>>());
+        retrying(|| self.insert_once(payment, event, &headers, idempotency)).await
+    }
+
+    async fn get(&self, id: PaymentId) -> PortResult<Option<Payment>> {
+        // One statement, one snapshot: the status and the history agree.
+        let rows = sqlx::query(
+            "SELECT p.subject, p.from_account, p.to_account, p.amount, p.currency, p.status, p.failure_reason, \
+                    p.created_at, p.updated_at, t.from_status, t.to_status, t.cause, t.at \
+             FROM payments.transactions p LEFT JOIN payments.transitions t ON t.payment_id = p.payment_id \
+             WHERE p.payment_id = $1 ORDER BY t.id",
+        )
+        .bind(id.as_uuid())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(port_error)?;
+        let Some(first) = rows.first() else { return Ok(None) };
+        let mut payment = read_payment(id, first)?;
+        for row in &rows {
+            if let Some(transition) = read_transition(row)? {
+                payment.transitions.push(transition);
+            }
+        }
+        Ok(Some(payment))
+    }
+
+    async fn record_transition(
+        &self,
+        id: PaymentId,
+        transition: &Transition,
+        failure_reason: Option<&str>,
+    ) -> PortResult<()> {
+        let reason = check_transition(transition, failure_reason)?;
+        retrying(|| self.transition_once(id, transition, reason)).await
+    }
+}
+
+#[async_trait]
+impl Outbox for PgPaymentStore {
+    async fn unpublished(&self, limit: usize) -> PortResult<Vec<OutboxEvent>> {
+        let limit = limit.min(OUTBOX_BATCH_LEN_MAX);
+        let rows = sqlx::query(
+            "SELECT id, topic, key, payload, headers FROM payments.outbox \
+             WHERE published_at IS NULL ORDER BY id LIMIT $1",
+        )
+        .bind(i64::try_from(limit).expect("OUTBOX_BATCH_LEN_MAX fits i64"))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(port_error)?;
+        rows.iter()
+            .map(|row| {
+                let headers: Json<BTreeMap<String, String>> =
+                    row.try_get("headers").map_err(|_| corrupt("outbox headers"))?;
+                Ok(OutboxEvent {
+                    sequence: row.try_get("id").map_err(port_error)?,
+                    topic: row.try_get("topic").map_err(port_error)?,
+                    key: row.try_get("key").map_err(port_error)?,
+                    payload: row.try_get("payload").map_err(port_error)?,
+                    headers: headers.0.into_iter().collect(),
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_published(&self, sequences: &[i64]) -> PortResult<()> {
+        if sequences.len() > OUTBOX_BATCH_LEN_MAX {
+            return Err(PortError::Refused { rule: "outbox_batch_len_max" });
+        }
+        sqlx::query("UPDATE payments.outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL")
+            .bind(sequences)
+            .execute(&self.pool)
+            .await
+            .map_err(port_error)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for PgPaymentStore {
+    async fn claim(
+        &self,
+        subject: &Subject,
+        key: &IdempotencyKey,
+        fingerprint: Fingerprint,
+        now: OffsetDateTime,
+    ) -> PortResult<Option<Record<Vec<u8>>>> {
+        retrying(|| self.claim_once(subject, key, fingerprint, now)).await
+    }
+
+    async fn complete(&self, subject: &Subject, key: &IdempotencyKey, response: &[u8]) -> PortResult<()> {
+        if response.len() > IDEMPOTENCY_RESPONSE_LEN_MAX {
+            return Err(PortError::Refused { rule: "idempotency_response_len_max" });
+        }
+        let completed = sqlx::query(
+            "UPDATE payments.idempotency_keys \
+             SET state = 'COMPLETED', locked_until = NULL, response = $3, updated_at = now() \
+             WHERE subject = $1 AND key = $2 AND state = 'IN_FLIGHT'",
+        )
+        .bind(subject.as_str())
+        .bind(key.as_str())
+        .bind(response)
+        .execute(&self.pool)
+        .await
+        .map_err(port_error)?
+        .rows_affected();
+        if completed == 1 {
+            return Ok(());
+        }
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM payments.idempotency_keys WHERE subject = $1 AND key = $2)",
+        )
+        .bind(subject.as_str())
+        .bind(key.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(port_error)?;
+        let rule = if exists { "idempotency_already_completed" } else { "idempotency_claim_missing" };
+        Err(PortError::Refused { rule })
+    }
+
+    async fn release(&self, subject: &Subject, key: &IdempotencyKey) -> PortResult<()> {
+        sqlx::query("DELETE FROM payments.idempotency_keys WHERE subject = $1 AND key = $2 AND state = 'IN_FLIGHT'")
+            .bind(subject.as_str())
+            .bind(key.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(port_error)?;
+        Ok(())
+    }
+
+    async fn purge_before(&self, cutoff: OffsetDateTime) -> PortResult<u64> {
+        let purged = sqlx::query("DELETE FROM payments.idempotency_keys WHERE created_at < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await
+            .map_err(port_error)?
+            .rows_affected();
+        Ok(purged)
+    }
+}
+
+/// What a new payment and its event must be before they are written (the same checks as the
+/// in-memory twin's, done before any IO).
+fn check_new_payment(
+    payment: &Payment,
+    event: &PaymentInitiated,
+    completion: Option<&IdempotencyCompletion>,
+) -> PortResult<()> {
+    let refused = |rule| Err(PortError::Refused { rule });
+    if payment.status != PaymentStatus::Pending || payment.failure_reason.is_some() || !payment.transitions.is_empty() {
+        return refused("invalid_payment");
+    }
+    let same_terms = event.payment_id == payment.id
+        && event.subject == payment.subject
+        && event.from == payment.from
+        && event.to == payment.to
+        && event.amount == payment.amount;
+    if !same_terms {
+        return refused("invalid_event");
+    }
+    if let Some(completion) = completion {
+        if completion.subject != payment.subject {
+            return refused("idempotency_subject_mismatch");
+        }
+        if completion.response.len() > IDEMPOTENCY_RESPONSE_LEN_MAX {
+            return refused("idempotency_response_len_max");
+        }
+    }
+    Ok(())
+}
+
+/// What a transition must be before it is recorded; returns the parsed failure reason.
+fn check_transition(transition: &Transition, failure_reason: Option<&str>) -> PortResult<Option<FailureReason>> {
+    let refused = |rule| PortError::Refused { rule };
+    let cause_len = transition.cause.chars().count();
+    if !(1..=TRANSITION_CAUSE_LEN_MAX).contains(&cause_len) {
+        return Err(refused("transitions_cause_bounded"));
+    }
+    if !is_legal(transition.from, transition.to) {
+        return Err(refused("illegal_transition"));
+    }
+    match (transition.to, failure_reason) {
+        (PaymentStatus::Failed, Some(code)) => {
+            FailureReason::parse(code).map(Some).ok_or(refused("unknown_failure_reason"))
+        }
+        (PaymentStatus::Failed, None) | (_, Some(_)) => Err(refused("illegal_transition")),
+        (_, None) => Ok(None),
+    }
+}
+
+/// Amounts read back are bounded by the schema (`amount < 1e18`), not by today's payment policy.
+fn stored_amount_policy() -> AmountPolicy {
+    AmountPolicy { maximum: Decimal::from(1_000_000_000_000_000_000_i64) }
+}
+
+fn read_payment(id: PaymentId, row: &PgRow) -> PortResult<Payment> {
+    let get_uuid = |column: &str| row.try_get::<Uuid, _>(column).map_err(port_error);
+    let subject: String = row.try_get("subject").map_err(port_error)?;
+    let value: Decimal = row.try_get("amount").map_err(port_error)?;
+    let currency: String = row.try_get("currency").map_err(port_error)?;
+    let status: String = row.try_get("status").map_err(port_error)?;
+    let failure_reason: Option<String> = row.try_get("failure_reason").map_err(port_error)?;
+    let currency = Currency::from_code(&currency).map_err(|_| corrupt("payment currency"))?;
+    Ok(Payment {
+        id,
+        subject: Subject::parse(&subject).map_err(|_| corrupt("payment subject"))?,
+        from: AccountId::from_uuid(get_uuid("from_account")?),
+        to: AccountId::from_uuid(get_uuid("to_account")?),
+        amount: Amount::new(value, currency, stored_amount_policy()).map_err(|_| corrupt("payment amount"))?,
+        status: PaymentStatus::parse(&status).ok_or_else(|| corrupt("payment status"))?,
+        failure_reason: failure_reason
+            .map(|code| FailureReason::parse(&code).ok_or_else(|| corrupt("payment failure reason")))
+            .transpose()?,
+        created_at: row.try_get("created_at").map_err(port_error)?,
+        updated_at: row.try_get("updated_at").map_err(port_error)?,
+        transitions: Vec::new(),
+    })
+}
+
+/// The transition of a `get` row; `None` for the one row of a payment without history.
+fn read_transition(row: &PgRow) -> PortResult<Option<Transition>> {
+    let from: Option<String> = row.try_get("from_status").map_err(port_error)?;
+    let Some(from) = from else { return Ok(None) };
+    let to: String = row.try_get("to_status").map_err(port_error)?;
+    let status = |text: &str| PaymentStatus::parse(text).ok_or_else(|| corrupt("transition status"));
+    Ok(Some(Transition {
+        from: status(&from)?,
+        to: status(&to)?,
+        cause: row.try_get("cause").map_err(port_error)?,
+        at: row.try_get("at").map_err(port_error)?,
+    }))
+}
+
+fn read_record(row: &PgRow) -> Result<Record<Vec<u8>>, Failure> {
+    let fingerprint: Vec<u8> = row.try_get("request_fingerprint")?;
+    let fingerprint =
+        Fingerprint(fingerprint.try_into().map_err(|_| Failure::Corrupt("idempotency fingerprint".into()))?);
+    let state: String = row.try_get("state")?;
+    let response: Option<Vec<u8>> = row.try_get("response")?;
+    match (state.as_str(), response) {
+        ("IN_FLIGHT", None) => Ok(Record::InFlight { fingerprint }),
+        ("COMPLETED", Some(response)) => Ok(Record::Completed { fingerprint, response }),
+        _ => Err(Failure::Corrupt("idempotency record state".into())),
+    }
+}
+
+/// Why one attempt of a write did not commit.
+enum Failure {
+    Sql(sqlx::Error),
+    Refused(&'static str),
+    Corrupt(String),
+    /// A claim's record was deleted between two statements: try again from the INSERT.
+    Vanished,
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Failure {
+        Failure::Sql(e)
+    }
+}
+
+const SERIALIZATION_FAILURE: &str = "40001";
+const DEADLOCK_DETECTED: &str = "40P01";
+
+/// Errors after which the same write, retried, may commit: a lost race, not a bad request.
+fn is_retryable(e: &sqlx::Error) -> bool {
+    let Some(db) = e.as_database_error() else { return false };
+    matches!(db.code().as_deref(), Some(SERIALIZATION_FAILURE | DEADLOCK_DETECTED))
+}
+
+/// The constraints (and trigger-raised rules) of `payments` a write can hit, and the `rule` of
+/// `PortError::Refused` each is reported as.
+const CONSTRAINTS: &[(&str, &str)] = &[
+    ("transactions_pkey", "payment_exists"),
+    ("transactions_legal_transition", "illegal_transition"),
+    ("transactions_transition_recorded", "illegal_transition"),
+    ("transitions_legal", "illegal_transition"),
+    ("transitions_once_per_state", "illegal_transition"),
+    ("transitions_applied", "illegal_transition"),
+    ("transitions_payment_fkey", "unknown_payment"),
+    ("transitions_cause_bounded", "transitions_cause_bounded"),
+    ("transactions_created_pending", "invalid_payment"),
+    ("transactions_immutable", "transactions_immutable"),
+    ("transactions_subject_bounded", "transactions_subject_bounded"),
+    ("transactions_amount_positive", "transactions_amount_positive"),
+    ("transactions_amount_scale", "transactions_amount_scale"),
+    ("transactions_currency_format", "transactions_currency_format"),
+    ("transactions_distinct_accounts", "transactions_distinct_accounts"),
+    ("transactions_failure_reason_iff_failed", "illegal_transition"),
+    ("transactions_failure_reason_bounded", "transactions_failure_reason_bounded"),
+    ("idempotency_keys_response_bounded", "idempotency_response_len_max"),
+    ("idempotency_keys_payment_unique", "idempotency_keys_payment_unique"),
+    ("idempotency_keys_payment_fkey", "idempotency_keys_payment_fkey"),
+    ("idempotency_keys_subject_bounded", "idempotency_keys_subject_bounded"),
+    ("idempotency_keys_key_format", "idempotency_keys_key_format"),
+    ("outbox_event_id_unique", "outbox_event_id_unique"),
+    ("outbox_topic_known", "outbox_topic_known"),
+    ("outbox_key_bounded", "outbox_key_bounded"),
+    ("outbox_payload_bounded", "outbox_payload_bounded"),
+    ("outbox_headers_object", "outbox_headers_object"),
+];
+
+/// The one mapping of driver errors to the port's: by kind, SQLSTATE and constraint name, never
+/// by driver text.
+fn port_error(e: sqlx::Error) -> PortError {
+    match &e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            if code.starts_with("23") {
+                let rule = db
+                    .constraint()
+                    .and_then(|name| CONSTRAINTS.iter().find(|(known, _)| *known == name))
+                    .map_or("integrity_constraint", |(_, rule)| *rule);
+                return PortError::Refused { rule };
+            }
+            match &code[..code.len().min(2)] {
+                // Transaction rollback, connection, resources, operator intervention (statement
+                // timeout included), system error.
+                "40" | "08" | "53" | "57" | "58" => PortError::Unavailable { component: COMPONENT },
+                "42" if code == "42501" => PortError::Refused { rule: "insufficient_privilege" },
+                _ => PortError::Corrupt { what: format!("unexpected database error {code}") },
+            }
+        }
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::RowNotFound => corrupt("row of the payments schema"),
+        _ => PortError::Unavailable { component: COMPONENT },
+    }
+}
+
+fn corrupt(what: &str) -> PortError {
+    PortError::Corrupt { what: what.to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_errors_never_reach_the_display() {
+        let e = port_error(sqlx::Error::Protocol("secret driver text".into()));
+        assert_eq!(e, PortError::Unavailable { component: COMPONENT });
+        assert!(!e.to_string().contains("secret"));
+        assert!(matches!(port_error(sqlx::Error::RowNotFound), PortError::Corrupt { .. }));
+        assert!(matches!(port_error(sqlx::Error::PoolTimedOut), PortError::Unavailable { .. }));
+    }
+
+    #[test]
+    fn transition_rules_are_checked_before_any_io() {
+        let t = |from, to, cause: &str| Transition { from, to, cause: cause.into(), at: OffsetDateTime::UNIX_EPOCH };
+        let refused = |rule| Err(PortError::Refused { rule });
+        use PaymentStatus::*;
+        assert_eq!(check_transition(&t(Pending, Completed, "settled"), None), Ok(None));
+        assert_eq!(
+            check_transition(&t(Pending, Failed, "x"), Some("insufficient_funds")),
+            Ok(Some(FailureReason::InsufficientFunds))
+        );
+        assert_eq!(
+            check_transition(&t(Completed, Failed, "x"), Some("insufficient_funds")),
+            refused("illegal_transition")
+        );
+        assert_eq!(check_transition(&t(Pending, Failed, "x"), None), refused("illegal_transition"));
+        assert_eq!(
+            check_transition(&t(Pending, Completed, "x"), Some("insufficient_funds")),
+            refused("illegal_transition")
+        );
+        assert_eq!(check_transition(&t(Pending, Failed, "x"), Some("nope")), refused("unknown_failure_reason"));
+        assert_eq!(check_transition(&t(Pending, Completed, ""), None), refused("transitions_cause_bounded"));
+        assert_eq!(
+            check_transition(&t(Pending, Completed, &"c".repeat(TRANSITION_CAUSE_LEN_MAX + 1)), None),
+            refused("transitions_cause_bounded")
+        );
+    }
+}
