@@ -46,7 +46,8 @@ pub const IDEMPOTENCY_RESPONSE_LEN_MAX: usize = 64 * 1024;
 /// Longest transition cause, in characters (the schema's `transitions_cause_bounded`).
 pub const TRANSITION_CAUSE_LEN_MAX: usize = 128;
 
-const COMPONENT: &str = "postgres";
+/// As `PgPaymentStore` (and `PgLedgerStore`) name it, so a caller cannot tell the twin from the real store.
+const COMPONENT: &str = "postgresql";
 
 /// The in-memory store. Clones share one state (see the crate docs on crash semantics).
 #[derive(Debug, Clone, Default)]
@@ -135,7 +136,7 @@ impl MemoryPaymentStore {
         self.lock().committed.clone()
     }
 
-    /// Outage injection: while `false`, every call fails as `Unavailable { component: "postgres" }`
+    /// Outage injection: while `false`, every call fails as `Unavailable { component: "postgresql" }`
     /// and writes nothing.
     pub fn set_available(&self, available: bool) {
         self.lock().unavailable = !available;
@@ -379,6 +380,7 @@ impl IdempotencyStore for MemoryPaymentStore {
     }
 
     async fn purge_before(&self, cutoff: OffsetDateTime) -> PortResult<u64> {
+        let cutoff = at_pg_precision(cutoff);
         let mut state = self.up()?;
         let keys = &mut state.committed.keys;
         let before = keys.len();
@@ -499,10 +501,10 @@ mod tests {
         let clone = store.clone();
         let (p, e) = payment(1);
         store.set_available(false);
-        assert_eq!(clone.get(p.id).await, Err(PortError::Unavailable { component: "postgres" }));
+        assert_eq!(clone.get(p.id).await, Err(PortError::Unavailable { component: "postgresql" }));
         assert_eq!(
             clone.insert_with_event(&p, &e, &[], None).await,
-            Err(PortError::Unavailable { component: "postgres" })
+            Err(PortError::Unavailable { component: "postgresql" })
         );
         store.set_available(true);
         clone.insert_with_event(&p, &e, &[], None).await.unwrap();
