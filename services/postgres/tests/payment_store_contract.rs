@@ -637,3 +637,32 @@ async fn concurrent_inserts_completing_one_claim_write_exactly_one_payment() {
     );
     assert_eq!(h.store().unpublished(100).await.unwrap().len(), 1);
 }
+
+/// A statement stuck behind a lock past the store's statement timeout fails as `Unavailable`
+/// (retryable, nothing written), and the same call succeeds once the lock is gone.
+#[tokio::test]
+async fn a_write_blocked_past_the_statement_timeout_is_unavailable_and_changes_nothing() {
+    let Some(h) = pg_harness().await else { return };
+    let fp = fingerprint("a");
+    assert_eq!(h.store().claim(&subject(), &key("k"), fp, t0()).await.unwrap(), None);
+    let mut blocker = h.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM payments.idempotency_keys WHERE key = 'k' FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+
+    let expired = t0() + Duration::seconds(IDEMPOTENCY_LEASE_S);
+    let blocked = h.store().claim(&subject(), &key("k"), fp, expired).await;
+    assert_eq!(blocked, Err(PortError::Unavailable { component: "postgresql" }));
+
+    blocker.rollback().await.unwrap();
+    assert_eq!(h.store().claim(&subject(), &key("k"), fp, expired).await.unwrap(), None, "the takeover now succeeds");
+}
+
+/// A database nobody listens on is `Unavailable`, never a driver error text.
+#[tokio::test]
+async fn an_unreachable_database_is_unavailable() {
+    let options = sqlx::postgres::PgConnectOptions::new().host("127.0.0.1").port(1).username("payment_service");
+    let refused = PgPaymentStore::connect(options, 1).await.map(|_| ());
+    assert_eq!(refused, Err(PortError::Unavailable { component: "postgresql" }));
+}
