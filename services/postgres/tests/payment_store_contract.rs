@@ -276,6 +276,27 @@ async fn contract_of_fifty_concurrent_claims_exactly_one_wins<H: Harness>(h: H) 
     assert_eq!(winners, 1);
 }
 
+/// After the lease ends, of many retries of the same request racing to take the claim over,
+/// exactly one wins.
+async fn contract_of_concurrent_takeovers_of_an_expired_lease_exactly_one_wins<H: Harness>(h: H) {
+    let fp = fingerprint("a");
+    assert_eq!(h.store().claim(&subject(), &key("k"), fp, t0()).await.unwrap(), None);
+    let expired = t0() + Duration::seconds(IDEMPOTENCY_LEASE_S);
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let store = h.store().clone();
+        tasks.push(tokio::spawn(async move { store.claim(&subject(), &key("k"), fp, expired).await }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        match task.await.unwrap().expect("claim") {
+            None => winners += 1,
+            Some(record) => assert_eq!(record, Record::InFlight { fingerprint: fp }),
+        }
+    }
+    assert_eq!(winners, 1);
+}
+
 async fn contract_a_completed_record_is_replayed_unchanged_and_a_different_request_is_key_reused<H: Harness>(h: H) {
     let s = h.store();
     let (a, b) = (fingerprint("a"), fingerprint("b"));
@@ -410,6 +431,40 @@ async fn contract_purge_deletes_only_records_created_before_the_cutoff<H: Harnes
     assert_eq!(s.get(p.id).await.unwrap(), Some(p), "the payment outlives its key");
 }
 
+/// A completion for a key another payment's insert is racing on: many inserts, each with its own
+/// payment, try to complete ONE claim at once; exactly one payment (and one event) exists after.
+async fn contract_of_concurrent_inserts_completing_one_claim_exactly_one_writes<H: Harness>(h: H) {
+    let fp = fingerprint("a");
+    assert_eq!(h.store().claim(&subject(), &key("k"), fp, t0()).await.unwrap(), None);
+    let mut tasks = Vec::new();
+    for i in 0..10u8 {
+        let store = h.store().clone();
+        tasks.push(tokio::spawn(async move {
+            let (p, e) = payment();
+            let result = store.insert_with_event(&p, &e, &[], Some(&completion("k", fp, &[i]))).await;
+            (result, p.id, i)
+        }));
+    }
+    let mut written = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (Ok(()), id, i) => written.push((id, i)),
+            (result, id, _) => {
+                assert_eq!(result, refused("idempotency_claim_lost"));
+                assert_eq!(h.store().get(id).await.unwrap(), None);
+            }
+        }
+    }
+    assert_eq!(written.len(), 1, "one payment per key");
+    let (id, i) = written[0];
+    assert_eq!(h.payment_of_key(&subject(), &key("k")).await, Some(id));
+    assert_eq!(
+        h.store().claim(&subject(), &key("k"), fp, t0()).await.unwrap(),
+        Some(Record::Completed { fingerprint: fp, response: vec![i] })
+    );
+    assert_eq!(h.store().unpublished(100).await.unwrap().len(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The relay's view.
 
@@ -457,6 +512,8 @@ securepay_testkit::contract_suite! {
         contract_an_expired_lease_is_taken_over_by_the_same_request_only,
         contract_an_insert_completes_its_claim_with_the_response_and_the_payment,
         contract_an_insert_whose_claim_was_lost_writes_no_payment_and_no_event,
+        contract_of_concurrent_inserts_completing_one_claim_exactly_one_writes,
+        contract_of_concurrent_takeovers_of_an_expired_lease_exactly_one_wins,
         contract_a_released_claim_lets_a_new_claim_in,
         contract_purge_deletes_only_records_created_before_the_cutoff,
         contract_two_relays_see_every_event_at_least_once_and_marking_is_idempotent,
@@ -600,42 +657,6 @@ async fn the_schema_refuses_illegal_changes_made_around_the_store_by_the_service
     }
     let stored = h.store().get(p.id).await.unwrap().unwrap();
     assert_eq!((stored.status, stored.transitions), (PaymentStatus::Completed, vec![settled]));
-}
-
-/// A completion for a key another payment's insert is racing on: many inserts, each with its own
-/// payment, try to complete ONE claim at once; exactly one payment (and one event) exists after.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_inserts_completing_one_claim_write_exactly_one_payment() {
-    let Some(h) = pg_harness().await else { return };
-    let fp = fingerprint("a");
-    assert_eq!(h.store().claim(&subject(), &key("k"), fp, t0()).await.unwrap(), None);
-    let mut tasks = Vec::new();
-    for i in 0..10u8 {
-        let store = h.store().clone();
-        tasks.push(tokio::spawn(async move {
-            let (p, e) = payment();
-            let result = store.insert_with_event(&p, &e, &[], Some(&completion("k", fp, &[i]))).await;
-            (result, p.id, i)
-        }));
-    }
-    let mut written = Vec::new();
-    for task in tasks {
-        match task.await.unwrap() {
-            (Ok(()), id, i) => written.push((id, i)),
-            (result, id, _) => {
-                assert_eq!(result, refused("idempotency_claim_lost"));
-                assert_eq!(h.store().get(id).await.unwrap(), None);
-            }
-        }
-    }
-    assert_eq!(written.len(), 1, "one payment per key");
-    let (id, i) = written[0];
-    assert_eq!(h.payment_of_key(&subject(), &key("k")).await, Some(id));
-    assert_eq!(
-        h.store().claim(&subject(), &key("k"), fp, t0()).await.unwrap(),
-        Some(Record::Completed { fingerprint: fp, response: vec![i] })
-    );
-    assert_eq!(h.store().unpublished(100).await.unwrap().len(), 1);
 }
 
 /// A statement stuck behind a lock past the store's statement timeout fails as `Unavailable`
