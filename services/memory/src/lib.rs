@@ -19,6 +19,7 @@ pub mod balance_cache;
 pub mod event_log;
 pub mod idempotency;
 pub mod ledger;
+pub mod notifications;
 pub mod payments;
 pub mod runtime;
 
@@ -26,5 +27,6 @@ pub use balance_cache::MemoryBalanceCache;
 pub use event_log::{MemoryConsumer, MemoryEventLog};
 pub use idempotency::MemoryIdempotencyStore;
 pub use ledger::{LedgerSnapshot, MemoryLedgerStore};
+pub use notifications::MemoryNotificationStore;
 pub use payments::{MemoryPaymentStore, PaymentSnapshot};
 pub use runtime::{SeededIds, SimClock};

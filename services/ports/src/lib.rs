@@ -14,6 +14,7 @@ pub mod event_log;
 pub mod idempotency;
 pub mod identity;
 pub mod ledger;
+pub mod notifications;
 pub mod outbox;
 pub mod payments;
 
@@ -23,5 +24,6 @@ pub use event_log::{ConsumedRecord, EventConsumer, EventLog, Header, OutgoingRec
 pub use idempotency::IdempotencyStore;
 pub use identity::{PeerRefusal, Svid, SvidSource, authorize_peer};
 pub use ledger::{AccountView, BalanceCache, CachedBalance, LedgerStore, SettlementRequest, SettlementResult};
+pub use notifications::{Notification, NotificationKind, NotificationStore, Recorded};
 pub use outbox::{Outbox, OutboxEvent};
 pub use payments::{IdempotencyCompletion, PaymentStore};

@@ -17,11 +17,13 @@ use sqlx::{ConnectOptions, Connection};
 use uuid::Uuid;
 
 pub mod ledger;
+pub mod notifications;
 pub mod payments;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use ledger::PgLedgerStore;
+pub use notifications::PgNotificationStore;
 pub use payments::PgPaymentStore;
 
 /// Every migration of `migrations/`, embedded at compile time, applied in order.
