@@ -1,0 +1,58 @@
+//! W3C trace context for the outbox (SPEC §7: trace context travels in Kafka headers). One
+//! function decides the `traceparent` an event carries: the incoming request's trace continued
+//! with a fresh span id when the caller sent a valid one, else a new trace. Ids come from the
+//! `Ids` port (seeded in simulation). OTLP export joins later; this stays the one place.
+
+use securepay_ports::Ids;
+
+pub const TRACEPARENT: &str = "traceparent";
+
+/// `00-<trace id>-<span id>-01`, continuing `incoming` when it is a valid version-00 traceparent.
+pub fn traceparent(incoming: Option<&str>, ids: &dyn Ids) -> String {
+    let span_id = format!("{:016x}", (ids.uuid().as_u128() as u64).max(1));
+    let trace_id = incoming
+        .and_then(parse_trace_id)
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:032x}", ids.uuid().as_u128().max(1)));
+    format!("00-{trace_id}-{span_id}-01")
+}
+
+/// The trace id of a valid version-00 traceparent.
+fn parse_trace_id(text: &str) -> Option<&str> {
+    let parts: Vec<&str> = text.split('-').collect();
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    match parts.as_slice() {
+        [version, trace, span, flags]
+            if *version == "00"
+                && hex(trace, 32)
+                && nonzero(trace)
+                && hex(span, 16)
+                && nonzero(span)
+                && hex(flags, 2) =>
+        {
+            Some(trace)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use securepay_memory::SeededIds;
+
+    use super::*;
+
+    #[test]
+    fn a_valid_incoming_trace_is_continued_and_anything_else_starts_one() {
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let out = traceparent(Some(incoming), &SeededIds);
+        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert_ne!(out, incoming, "a new span");
+        for bad in [None, Some("garbage"), Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01")] {
+            let fresh = traceparent(bad, &SeededIds);
+            assert_eq!(parse_trace_id(&fresh).map(str::len), Some(32), "{fresh}");
+            assert!(!fresh.contains("00000000000000000000000000000000"));
+        }
+    }
+}
