@@ -60,6 +60,15 @@ impl KafkaEventLog {
             .map_err(|e| unavailable("create producer", &e))?;
         Ok(KafkaEventLog { producer })
     }
+
+    /// Whether the brokers answer a metadata request within `timeout` (readiness checks).
+    pub async fn reachable(&self, timeout: Duration) -> bool {
+        use rdkafka::producer::Producer as _;
+        let producer = self.producer.clone();
+        // The metadata call blocks its thread until the broker answers: off the async workers.
+        let answered = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).is_ok());
+        answered.await.unwrap_or(false)
+    }
 }
 
 #[async_trait]

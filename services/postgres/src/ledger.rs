@@ -71,6 +71,11 @@ impl PgLedgerStore {
         Ok(PgLedgerStore { pool })
     }
 
+    /// One `SELECT 1` on the pool (readiness checks): `Unavailable` when PostgreSQL does not answer.
+    pub async fn ping(&self) -> PortResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(drop).map_err(port_error)
+    }
+
     async fn settle_once(
         &self,
         batch: &[SettlementRequest],

@@ -43,6 +43,11 @@ impl Redis {
         Ok(Redis { manager, call_timeout })
     }
 
+    /// `PING`, bounded by the call timeout (readiness checks).
+    pub async fn ping(&self) -> PortResult<()> {
+        self.call("ping", |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await.map(drop) }).await
+    }
+
     /// Runs one call on the shared connection, bounded by the call timeout.
     pub(crate) async fn call<T, F, Fut>(&self, what: &'static str, f: F) -> PortResult<T>
     where
