@@ -6,7 +6,12 @@
 //! feature refuses to compile without that cfg. Without the feature and the cfg this crate still
 //! builds in the normal workspace build (the node code is plain tonic then), so it never rots.
 //!
+//! - [`plan`]: the fault-plan format of `fault-plans/*.toml` and the seeded [`plan::Schedule`].
 //! - [`ledger_node`]: a ledger node's settlement RPC, backed by any `LedgerStore`.
+//! - [`spire`] (madsim only): a simulated SPIRE issuer, per-node `SvidSource`, and the gRPC
+//!   interceptors that carry an issuer-signed SVID token and turn it into `securepay_kit::PeerSvid`.
+//! - [`remote`] (madsim only): infrastructure nodes (database, broker, cache) serving the in-memory
+//!   twins over the simulated network, and the port clients service nodes use to reach them.
 //! - [`run`] (madsim only): what every simulation test shares — seed, replay command, summary.
 //!
 //! Architecture invariant: nothing here is linked into a service binary, and nothing here opens real
@@ -18,8 +23,12 @@ compile_error!(
 );
 
 pub mod ledger_node;
+pub mod plan;
+#[cfg(madsim)]
+pub mod remote;
 #[cfg(madsim)]
 pub mod run;
+pub mod spire;
 
 /// Code generated from `proto/ledger_node.proto`.
 #[allow(clippy::all, unreachable_pub, missing_docs)]
