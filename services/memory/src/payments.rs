@@ -27,24 +27,15 @@ use async_trait::async_trait;
 use securepay_core::events::PaymentInitiated;
 use securepay_core::idempotency::{Fingerprint, IdempotencyKey, Record};
 use securepay_core::ids::{EventId, PaymentId, Subject};
-use securepay_core::payment::{FailureReason, Payment, PaymentStatus, Transition, is_legal};
+use securepay_core::payment::{Payment, Transition};
 use securepay_core::topology::topic;
+use securepay_ports::payments::{IDEMPOTENCY_LEASE_S, IDEMPOTENCY_RESPONSE_LEN_MAX, check_insert, check_transition};
 use securepay_ports::{
     IdempotencyCompletion, IdempotencyStore, Outbox, OutboxEvent, PaymentStore, PortError, PortResult,
 };
 use time::{Duration, OffsetDateTime};
 
 use crate::ledger::OUTBOX_BATCH_LEN_MAX;
-
-/// How long an IN_FLIGHT idempotency claim is held before a retry of the same request may take it
-/// over (as `securepay_postgres::payments::IDEMPOTENCY_LEASE_S`).
-pub const IDEMPOTENCY_LEASE_S: i64 = 30;
-/// How long an idempotency record is kept at least (SPEC §6.1), as the schema's `expires_at`.
-pub const IDEMPOTENCY_RETENTION_H: i64 = 24;
-/// Most bytes of one stored idempotent response (the schema's `idempotency_keys_response_bounded`).
-pub const IDEMPOTENCY_RESPONSE_LEN_MAX: usize = 64 * 1024;
-/// Longest transition cause, in characters (the schema's `transitions_cause_bounded`).
-pub const TRANSITION_CAUSE_LEN_MAX: usize = 128;
 
 /// As `PgPaymentStore` (and `PgLedgerStore`) name it, so a caller cannot tell the twin from the real store.
 const COMPONENT: &str = "postgresql";
@@ -163,53 +154,6 @@ fn refused(rule: &'static str) -> PortError {
     PortError::Refused { rule }
 }
 
-/// What a new payment and its event must be before any store writes them (the same checks as
-/// `PgPaymentStore`, done before any IO).
-fn check_new_payment(
-    payment: &Payment,
-    event: &PaymentInitiated,
-    completion: Option<&IdempotencyCompletion>,
-) -> PortResult<()> {
-    if payment.status != PaymentStatus::Pending || payment.failure_reason.is_some() || !payment.transitions.is_empty() {
-        return Err(refused("invalid_payment"));
-    }
-    let same_terms = event.payment_id == payment.id
-        && event.subject == payment.subject
-        && event.from == payment.from
-        && event.to == payment.to
-        && event.amount == payment.amount;
-    if !same_terms {
-        return Err(refused("invalid_event"));
-    }
-    if let Some(completion) = completion {
-        if completion.subject != payment.subject {
-            return Err(refused("idempotency_subject_mismatch"));
-        }
-        if completion.response.len() > IDEMPOTENCY_RESPONSE_LEN_MAX {
-            return Err(refused("idempotency_response_len_max"));
-        }
-    }
-    Ok(())
-}
-
-/// What a transition must be before any store records it; returns the parsed failure reason.
-fn check_transition(transition: &Transition, failure_reason: Option<&str>) -> PortResult<Option<FailureReason>> {
-    let cause_len = transition.cause.chars().count();
-    if !(1..=TRANSITION_CAUSE_LEN_MAX).contains(&cause_len) {
-        return Err(refused("transitions_cause_bounded"));
-    }
-    if !is_legal(transition.from, transition.to) {
-        return Err(refused("illegal_transition"));
-    }
-    match (transition.to, failure_reason) {
-        (PaymentStatus::Failed, Some(code)) => {
-            FailureReason::parse(code).map(Some).ok_or(refused("unknown_failure_reason"))
-        }
-        (PaymentStatus::Failed, None) | (_, Some(_)) => Err(refused("illegal_transition")),
-        (_, None) => Ok(None),
-    }
-}
-
 #[async_trait]
 impl PaymentStore for MemoryPaymentStore {
     async fn insert_with_event(
@@ -219,7 +163,7 @@ impl PaymentStore for MemoryPaymentStore {
         headers: &[(String, String)],
         idempotency: Option<&IdempotencyCompletion>,
     ) -> PortResult<()> {
-        check_new_payment(payment, event, idempotency)?;
+        check_insert(payment, event, idempotency)?;
         let mut state = self.up()?;
         let committed = &mut state.committed;
         // Every rule first, in the order PostgreSQL meets them; nothing is written on a refusal.
@@ -393,7 +337,7 @@ impl IdempotencyStore for MemoryPaymentStore {
 mod tests {
     use securepay_core::ids::AccountId;
     use securepay_core::money::{Amount, AmountPolicy, Currency};
-    use securepay_core::payment::PaymentRequest;
+    use securepay_core::payment::{PaymentRequest, PaymentStatus};
     use uuid::Uuid;
 
     use super::*;

@@ -13,6 +13,11 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Atomically claims (subject, key) as in flight for `fingerprint` if no record exists and
     /// returns `None`; otherwise returns the existing record unchanged. Exactly one of any number of
     /// concurrent claimers gets `None` (PostgreSQL: unique constraint; Redis: SET NX).
+    /// The store of record (PostgreSQL and its twin) holds an IN_FLIGHT claim for a lease of
+    /// [`IDEMPOTENCY_LEASE_S`](crate::payments::IDEMPOTENCY_LEASE_S): once it ended, a claim with the
+    /// SAME fingerprint takes it over (`None`; the first request's process is presumed dead), so a
+    /// crash never blocks a key for longer. The Redis fast path has no lease: callers treat its
+    /// IN_FLIGHT as a hint and ask the store of record.
     async fn claim(
         &self,
         subject: &Subject,

@@ -33,8 +33,11 @@ use securepay_core::events::PaymentInitiated;
 use securepay_core::idempotency::{Fingerprint, IdempotencyKey, Record};
 use securepay_core::ids::{AccountId, PaymentId, Subject};
 use securepay_core::money::{Amount, AmountPolicy, Currency};
-use securepay_core::payment::{FailureReason, Payment, PaymentStatus, Transition, is_legal};
+use securepay_core::payment::{FailureReason, Payment, PaymentStatus, Transition};
 use securepay_core::topology::topic;
+use securepay_ports::payments::{
+    IDEMPOTENCY_LEASE_S, IDEMPOTENCY_RESPONSE_LEN_MAX, IDEMPOTENCY_RETENTION_H, check_insert, check_transition,
+};
 use securepay_ports::{
     IdempotencyCompletion, IdempotencyStore, Outbox, OutboxEvent, PaymentStore, PortError, PortResult,
 };
@@ -46,15 +49,6 @@ use uuid::Uuid;
 
 use crate::ledger::{ACQUIRE_TIMEOUT_MS, OUTBOX_BATCH_LEN_MAX, STATEMENT_TIMEOUT_MS};
 
-/// How long an IN_FLIGHT idempotency claim is held before a retry of the same request may take it
-/// over (the first request's process is presumed dead). The in-memory twin uses the same value.
-pub const IDEMPOTENCY_LEASE_S: i64 = 30;
-/// How long an idempotency record is kept at least (SPEC §6.1; the schema's `idempotency_keys_kept_24h`).
-pub const IDEMPOTENCY_RETENTION_H: i64 = 24;
-/// Most bytes of one stored idempotent response (the schema's `idempotency_keys_response_bounded`).
-pub const IDEMPOTENCY_RESPONSE_LEN_MAX: usize = 64 * 1024;
-/// Longest transition cause, in characters (the schema's `transitions_cause_bounded`).
-pub const TRANSITION_CAUSE_LEN_MAX: usize = 128;
 /// Attempts of one write transaction before a deadlock/serialization failure is `Unavailable`.
 pub const WRITE_ATTEMPTS_MAX: u32 = 8;
 
@@ -277,7 +271,7 @@ impl PaymentStore for PgPaymentStore {
         headers: &[(String, String)],
         idempotency: Option<&IdempotencyCompletion>,
     ) -> PortResult<()> {
-        check_new_payment(payment, event, idempotency)?;
+        check_insert(payment, event, idempotency)?;
         // A JSON object: one value per header name (the last given).
         let headers = Json(headers.iter().cloned().collect::<BTreeMap<String, String>>());
         retrying(|| self.insert_once(payment, event, &headers, idempotency)).await
@@ -417,55 +411,6 @@ impl IdempotencyStore for PgPaymentStore {
             .map_err(port_error)?
             .rows_affected();
         Ok(purged)
-    }
-}
-
-/// What a new payment and its event must be before they are written (the same checks as the
-/// in-memory twin's, done before any IO).
-fn check_new_payment(
-    payment: &Payment,
-    event: &PaymentInitiated,
-    completion: Option<&IdempotencyCompletion>,
-) -> PortResult<()> {
-    let refused = |rule| Err(PortError::Refused { rule });
-    if payment.status != PaymentStatus::Pending || payment.failure_reason.is_some() || !payment.transitions.is_empty() {
-        return refused("invalid_payment");
-    }
-    let same_terms = event.payment_id == payment.id
-        && event.subject == payment.subject
-        && event.from == payment.from
-        && event.to == payment.to
-        && event.amount == payment.amount;
-    if !same_terms {
-        return refused("invalid_event");
-    }
-    if let Some(completion) = completion {
-        if completion.subject != payment.subject {
-            return refused("idempotency_subject_mismatch");
-        }
-        if completion.response.len() > IDEMPOTENCY_RESPONSE_LEN_MAX {
-            return refused("idempotency_response_len_max");
-        }
-    }
-    Ok(())
-}
-
-/// What a transition must be before it is recorded; returns the parsed failure reason.
-fn check_transition(transition: &Transition, failure_reason: Option<&str>) -> PortResult<Option<FailureReason>> {
-    let refused = |rule| PortError::Refused { rule };
-    let cause_len = transition.cause.chars().count();
-    if !(1..=TRANSITION_CAUSE_LEN_MAX).contains(&cause_len) {
-        return Err(refused("transitions_cause_bounded"));
-    }
-    if !is_legal(transition.from, transition.to) {
-        return Err(refused("illegal_transition"));
-    }
-    match (transition.to, failure_reason) {
-        (PaymentStatus::Failed, Some(code)) => {
-            FailureReason::parse(code).map(Some).ok_or(refused("unknown_failure_reason"))
-        }
-        (PaymentStatus::Failed, None) | (_, Some(_)) => Err(refused("illegal_transition")),
-        (_, None) => Ok(None),
     }
 }
 
@@ -627,32 +572,5 @@ mod tests {
         assert!(!e.to_string().contains("secret"));
         assert!(matches!(port_error(sqlx::Error::RowNotFound), PortError::Corrupt { .. }));
         assert!(matches!(port_error(sqlx::Error::PoolTimedOut), PortError::Unavailable { .. }));
-    }
-
-    #[test]
-    fn transition_rules_are_checked_before_any_io() {
-        let t = |from, to, cause: &str| Transition { from, to, cause: cause.into(), at: OffsetDateTime::UNIX_EPOCH };
-        let refused = |rule| Err(PortError::Refused { rule });
-        use PaymentStatus::*;
-        assert_eq!(check_transition(&t(Pending, Completed, "settled"), None), Ok(None));
-        assert_eq!(
-            check_transition(&t(Pending, Failed, "x"), Some("insufficient_funds")),
-            Ok(Some(FailureReason::InsufficientFunds))
-        );
-        assert_eq!(
-            check_transition(&t(Completed, Failed, "x"), Some("insufficient_funds")),
-            refused("illegal_transition")
-        );
-        assert_eq!(check_transition(&t(Pending, Failed, "x"), None), refused("illegal_transition"));
-        assert_eq!(
-            check_transition(&t(Pending, Completed, "x"), Some("insufficient_funds")),
-            refused("illegal_transition")
-        );
-        assert_eq!(check_transition(&t(Pending, Failed, "x"), Some("nope")), refused("unknown_failure_reason"));
-        assert_eq!(check_transition(&t(Pending, Completed, ""), None), refused("transitions_cause_bounded"));
-        assert_eq!(
-            check_transition(&t(Pending, Completed, &"c".repeat(TRANSITION_CAUSE_LEN_MAX + 1)), None),
-            refused("transitions_cause_bounded")
-        );
     }
 }

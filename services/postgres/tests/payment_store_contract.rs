@@ -19,9 +19,9 @@ use securepay_core::ids::{AccountId, EventId, PaymentId, Subject};
 use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::{Payment, PaymentRequest, PaymentStatus, Transition};
 use securepay_memory::MemoryPaymentStore;
+use securepay_ports::payments::IDEMPOTENCY_LEASE_S;
 use securepay_ports::{IdempotencyCompletion, IdempotencyStore, Outbox, PaymentStore, PortError};
 use securepay_postgres::PgPaymentStore;
-use securepay_postgres::payments::IDEMPOTENCY_LEASE_S;
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
