@@ -447,7 +447,6 @@ impl fmt::Debug for Broker {
 
 #[derive(Default)]
 struct Members {
-    next_id: u64,
     by_id: BTreeMap<u64, Member>,
 }
 
@@ -457,7 +456,8 @@ struct Member {
 }
 
 impl Broker {
-    /// The broker state of one node lifetime; also starts the session reaper on the current node.
+    /// The broker state of one node lifetime; also starts the session reaper on the current node,
+    /// so call it inside the broker node's task (in the `async` block its `init` returns).
     pub fn new(log: MemoryEventLog, faults: Arc<BrokerFaults>) -> Broker {
         let broker = Broker { log, faults, members: Arc::default() };
         let reaper = broker.clone();
@@ -502,8 +502,14 @@ impl Broker {
         }
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         let consumer = Arc::new(tokio::sync::Mutex::new(self.log.consumer(group, &topics)));
-        let id = members.next_id;
-        members.next_id += 1;
+        // Drawn, not counted: ids must not repeat across broker restarts, or a member the broker
+        // forgot could be mistaken for a new one.
+        let id = loop {
+            let id: u64 = thread_rng().r#gen();
+            if !members.by_id.contains_key(&id) {
+                break id;
+            }
+        };
         members.by_id.insert(id, Member { consumer: Arc::clone(&consumer), last_seen: Instant::now() });
         (id, consumer)
     }
