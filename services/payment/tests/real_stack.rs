@@ -1,0 +1,423 @@
+//! The payment service binary against the REAL components: a fresh PostgreSQL database per test,
+//! Redis, Kafka (topics renamed per test with `SECUREPAY_KAFKA_NAME_SUFFIX`) and the real
+//! account-service binary (`cargo build -p securepay-account` first; it must sit next to this
+//! crate's binary in the target directory). One test per "done when" bullet of the issue.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rust_decimal::Decimal;
+use securepay_core::identity::ServiceIdentity;
+use securepay_core::ids::{PaymentId, Subject};
+use securepay_core::payment::{PaymentStatus, Transition};
+use securepay_core::topology::topic;
+use securepay_kafka::KafkaConsumer;
+use securepay_kit::caller::dev_insecure::{self, ClientInterceptor};
+use securepay_kit::status::error_code;
+use securepay_kit::with_subject;
+use securepay_payment::REPLAYED_METADATA;
+use securepay_ports::{EventConsumer, PaymentStore, PortError};
+use securepay_postgres::PgPaymentStore;
+use securepay_postgres::testing::TestDb;
+use securepay_proto::payment::v1 as wire;
+use securepay_proto::payment::v1::payment_service_client::PaymentServiceClient;
+use securepay_testkit::{component, var};
+use sqlx::postgres::PgPoolOptions;
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use uuid::Uuid;
+
+const ALICE_EUR: &str = "a11ce000-0000-4000-8000-000000000001";
+const BOB_EUR: &str = "b0b00000-0000-4000-8000-000000000001";
+/// Generous bounds for a shared 2-core machine; a test fails with a message when one is exceeded.
+const START_BOUND: Duration = Duration::from_secs(60);
+const SETTLE_BOUND: Duration = Duration::from_secs(90);
+
+/// A service process, killed (and reaped) on drop.
+struct Service {
+    name: &'static str,
+    child: Child,
+}
+
+impl Service {
+    /// Starts `exe` with `env` and waits until `ready` accepts TCP connections.
+    async fn start(name: &'static str, exe: PathBuf, env: &[(String, String)], ready: SocketAddr) -> Service {
+        assert!(exe.exists(), "{} is missing: build it first (cargo build -p securepay-{name})", exe.display());
+        let logs = if std::env::var_os("SECUREPAY_TEST_SERVICE_LOGS").is_some() { Stdio::inherit } else { Stdio::null };
+        let child = Command::new(&exe)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(logs())
+            .stderr(logs())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let mut service = Service { name, child };
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(ready).await.is_err() {
+            if let Some(status) = service.child.try_wait().unwrap() {
+                panic!("{name} exited during start-up with {status} (set SECUREPAY_TEST_SERVICE_LOGS=1 to see why)");
+            }
+            assert!(started.elapsed() < START_BOUND, "{name} did not listen on {ready} within {START_BOUND:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        service
+    }
+
+    /// Waits (bounded) for the process to exit on its own.
+    async fn exited(&mut self) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(started.elapsed() < START_BOUND, "{} did not exit", self.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+fn binary(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_securepay-payment")).with_file_name(name)
+}
+
+/// One test's world: database, broker topics, and the environment both binaries share.
+struct World {
+    db: TestDb,
+    redis_url: String,
+    brokers: String,
+    suffix: String,
+    /// The services' secrets directories, alive as long as the world.
+    secrets: Vec<tempfile::TempDir>,
+}
+
+impl World {
+    async fn new() -> Option<World> {
+        let redis_url = component(var::REDIS_URL)?;
+        let brokers = component(var::KAFKA_BROKERS)?;
+        let db = TestDb::new().await?;
+        db.seed_demo().await;
+        let suffix = format!("-t{}", Uuid::new_v4().simple());
+        let names: Vec<String> = topic::ALL.iter().map(|t| format!("{t}{suffix}")).collect();
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("kafka admin client");
+        let new: Vec<NewTopic<'_>> = names.iter().map(|t| NewTopic::new(t, 3, TopicReplication::Fixed(1))).collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let created = admin.create_topics(&new, &options).await.expect("create topics");
+        assert!(created.iter().all(Result::is_ok), "{created:?}");
+        Some(World { db, redis_url, brokers, suffix, secrets: Vec::new() })
+    }
+
+    async fn env(&mut self, role: &str, listen: SocketAddr, redis_url: &str) -> Vec<(String, String)> {
+        let (mut env, secrets) = self.db.service_env(role).await;
+        self.secrets.push(secrets);
+        env.extend([
+            (dev_insecure::ENV.to_owned(), "1".to_owned()),
+            ("SECUREPAY_LISTEN_ADDR".to_owned(), listen.to_string()),
+            ("SECUREPAY_ADMIN_ADDR".to_owned(), free_addr().to_string()),
+            ("SECUREPAY_REDIS_URL".to_owned(), redis_url.to_owned()),
+            ("SECUREPAY_KAFKA_BROKERS".to_owned(), self.brokers.clone()),
+            ("SECUREPAY_KAFKA_NAME_SUFFIX".to_owned(), self.suffix.clone()),
+        ]);
+        env
+    }
+
+    /// The real account service; returns it and its gRPC address.
+    async fn account(&mut self) -> (Service, SocketAddr) {
+        let listen = free_addr();
+        let redis_url = self.redis_url.clone();
+        let env = self.env("account_service", listen, &redis_url).await;
+        (Service::start("account", binary("securepay-account"), &env, listen).await, listen)
+    }
+
+    /// The payment service binary; `extra` overrides (Redis URL, failpoint).
+    async fn payment(&mut self, account: SocketAddr, listen: SocketAddr, extra: &[(&str, &str)]) -> Service {
+        let redis_url = self.redis_url.clone();
+        let mut env = self.env("payment_service", listen, &redis_url).await;
+        env.push(("SECUREPAY_ACCOUNT_ADDR".to_owned(), account.to_string()));
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push(((*k).to_owned(), (*v).to_owned()));
+        }
+        Service::start("payment", PathBuf::from(env!("CARGO_BIN_EXE_securepay-payment")), &env, listen).await
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.db.pool).await.unwrap()
+    }
+
+    async fn balance(&self, account: &str) -> Decimal {
+        sqlx::query_scalar("SELECT balance FROM accounts.accounts WHERE account_id = $1")
+            .bind(Uuid::parse_str(account).unwrap())
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
+    }
+
+    /// The store as the service uses it (role `payment_service`, via SET ROLE on superuser
+    /// connections so no cluster-wide role password is involved).
+    async fn store(&self) -> PgPaymentStore {
+        let options = securepay_postgres::admin_options(&self.db.admin_url, &self.db.name).unwrap();
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::Executor::execute(&mut *conn, "SET ROLE payment_service").await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .unwrap();
+        PgPaymentStore::new(pool)
+    }
+}
+
+type Client = PaymentServiceClient<InterceptedService<Channel, ClientInterceptor>>;
+
+async fn client(addr: SocketAddr) -> Client {
+    let channel = Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    PaymentServiceClient::with_interceptor(channel, ClientInterceptor(ServiceIdentity::ApiGateway))
+}
+
+fn as_subject<T>(message: T, subject: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    with_subject(&mut request, &Subject::parse(subject).unwrap());
+    request
+}
+
+fn pay(amount: &str, key: &str) -> wire::InitiatePaymentRequest {
+    wire::InitiatePaymentRequest {
+        payment_id: String::new(),
+        from_account: ALICE_EUR.into(),
+        to_account: BOB_EUR.into(),
+        amount: Some(wire::Money { amount: amount.into(), currency: "EUR".into() }),
+        idempotency_key: key.into(),
+    }
+}
+
+/// Initiates; returns the body's bytes and whether it was a replay.
+async fn initiate(
+    client: &mut Client,
+    request: wire::InitiatePaymentRequest,
+) -> Result<(Vec<u8>, bool), tonic::Status> {
+    let response = client.initiate_payment(as_subject(request, "alice")).await?;
+    let replayed = response.metadata().get(REPLAYED_METADATA).is_some();
+    Ok((response.into_inner().encode_to_vec(), replayed))
+}
+
+fn payment_id(bytes: &[u8]) -> String {
+    wire::InitiatePaymentResponse::decode(bytes).unwrap().payment.unwrap().payment_id
+}
+
+async fn get(client: &mut Client, id: &str, subject: &str) -> Result<wire::Payment, tonic::Status> {
+    client
+        .get_payment(as_subject(wire::GetPaymentRequest { payment_id: id.into() }, subject))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn wait_for_status(client: &mut Client, id: &str, status: wire::PaymentStatus) -> wire::Payment {
+    let started = Instant::now();
+    loop {
+        if let Ok(payment) = get(client, id, "alice").await
+            && payment.status == status as i32
+        {
+            return payment;
+        }
+        assert!(started.elapsed() < SETTLE_BOUND, "payment {id} did not reach {status:?} within {SETTLE_BOUND:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Records keyed `payment_id` on `payment.initiated` (this test's name): waits for the first, then
+/// keeps reading for `linger` to catch any duplicate.
+async fn initiated_on_kafka(world: &World, payment_id: &str, linger: Duration) -> usize {
+    let group = format!("observer-{}", Uuid::new_v4().simple());
+    let name = format!("{}{}", topic::PAYMENT_INITIATED, world.suffix);
+    let mut consumer = KafkaConsumer::new(&world.brokers, &group, &[name.as_str()]).unwrap();
+    let started = Instant::now();
+    let mut seen = 0;
+    let mut first_at = None;
+    loop {
+        for record in consumer.poll(100, Duration::from_millis(500)).await.unwrap() {
+            if record.key == payment_id {
+                seen += 1;
+                first_at.get_or_insert_with(Instant::now);
+            }
+        }
+        match first_at {
+            Some(at) if at.elapsed() >= linger => return seen,
+            None => assert!(started.elapsed() < SETTLE_BOUND, "payment.initiated for {payment_id} never published"),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_concurrent_identical_requests_make_one_payment_and_one_event() {
+    let Some(mut world) = World::new().await else { return };
+    let (_account, account_addr) = world.account().await;
+    let listen = free_addr();
+    let _payment = world.payment(account_addr, listen, &[]).await;
+    let client = client(listen).await;
+
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { initiate(&mut client, pay("10.50", "order-50")).await })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for task in tasks {
+        bodies.push(task.await.unwrap().expect("every identical request is served"));
+    }
+    assert_eq!(bodies.iter().filter(|(_, replayed)| !replayed).count(), 1, "exactly one executed");
+    assert!(bodies.windows(2).all(|w| w[0].0 == w[1].0), "every response body is byte-identical");
+    assert_eq!(world.count("SELECT count(*) FROM payments.transactions").await, 1);
+    assert_eq!(world.count("SELECT count(*) FROM payments.outbox").await, 1);
+
+    let mut c = client.clone();
+    let reused = initiate(&mut c, pay("10.51", "order-50")).await.unwrap_err();
+    assert_eq!((reused.code(), error_code(&reused)), (Code::FailedPrecondition, Some("idempotency_key_reused")));
+
+    let id = payment_id(&bodies[0].0);
+    assert_eq!(initiated_on_kafka(&world, &id, Duration::from_secs(3)).await, 1, "one event on the broker");
+    let settled = wait_for_status(&mut c, &id, wire::PaymentStatus::Completed).await;
+    let causes: Vec<&str> = settled.transitions.iter().map(|t| t.cause.as_str()).collect();
+    assert_eq!(causes, ["accepted", "settled"], "GET shows the history");
+    assert_eq!(world.balance(ALICE_EUR).await, Decimal::from_str("989.50").unwrap(), "debited once");
+    assert_eq!(world.balance(BOB_EUR).await, Decimal::from_str("510.50").unwrap(), "credited once");
+
+    let forbidden = get(&mut c, &id, "bob").await.unwrap_err();
+    assert_eq!((forbidden.code(), error_code(&forbidden)), (Code::PermissionDenied, Some("forbidden")));
+    let missing = get(&mut c, &Uuid::new_v4().to_string(), "alice").await.unwrap_err();
+    assert_eq!((missing.code(), error_code(&missing)), (Code::NotFound, Some("payment_not_found")));
+
+    // The store itself refuses what the table forbids, whatever the caller believes.
+    let store = world.store().await;
+    let pid = PaymentId::parse(&id).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    for from in [PaymentStatus::Completed, PaymentStatus::Pending] {
+        let t = Transition { from, to: PaymentStatus::Failed, cause: "insufficient_funds".into(), at: now };
+        let refused = store.record_transition(pid, &t, Some("insufficient_funds")).await.unwrap_err();
+        assert_eq!(refused, PortError::Refused { rule: "illegal_transition" }, "from {from}");
+    }
+    assert_eq!(store.get(pid).await.unwrap().unwrap().status, PaymentStatus::Completed);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_between_commit_and_publish_still_publishes_and_settles_once() {
+    let Some(mut world) = World::new().await else { return };
+    let (_account, account_addr) = world.account().await;
+    let listen = free_addr();
+    let mut crashing = world.payment(account_addr, listen, &[("SECUREPAY_FAILPOINT", "crash_after_commit")]).await;
+    let mut c = client(listen).await;
+    let lost = initiate(&mut c, pay("25.00", "order-crash")).await;
+    assert!(lost.is_err(), "the process died before answering");
+    assert!(!crashing.exited().await.success(), "the failpoint aborted the process");
+    assert_eq!(world.count("SELECT count(*) FROM payments.transactions").await, 1, "the commit happened");
+    assert_eq!(world.count("SELECT count(*) FROM payments.outbox WHERE published_at IS NULL").await, 1, "unpublished");
+    drop(crashing);
+
+    let listen = free_addr();
+    let _payment = world.payment(account_addr, listen, &[]).await;
+    let mut c = client(listen).await;
+    let (body, replayed) = initiate(&mut c, pay("25.00", "order-crash")).await.expect("the retry is answered");
+    assert!(replayed, "the committed first response is replayed, nothing executes twice");
+    let id = payment_id(&body);
+    wait_for_status(&mut c, &id, wire::PaymentStatus::Completed).await;
+    assert_eq!(world.balance(ALICE_EUR).await, Decimal::from_str("975.00").unwrap(), "money moved once");
+    assert_eq!(world.count("SELECT count(*) FROM accounts.ledger_entries").await, 2);
+    assert_eq!(world.count("SELECT count(*) FROM payments.transactions").await, 1);
+    assert_eq!(world.count("SELECT count(*) FROM payments.outbox WHERE published_at IS NULL").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_unreachable_postgresql_keeps_idempotency() {
+    let Some(mut world) = World::new().await else { return };
+    let (_account, account_addr) = world.account().await;
+    let listen = free_addr();
+    let closed = format!("redis://{}", free_addr());
+    let _payment = world.payment(account_addr, listen, &[("SECUREPAY_REDIS_URL", closed.as_str())]).await;
+    let client = client(listen).await;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { initiate(&mut client, pay("1.00", "order-noredis")).await })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for task in tasks {
+        bodies.push(task.await.unwrap().expect("served without Redis"));
+    }
+    assert_eq!(bodies.iter().filter(|(_, replayed)| !replayed).count(), 1);
+    assert!(bodies.windows(2).all(|w| w[0].0 == w[1].0));
+    let mut c = client.clone();
+    let reused = initiate(&mut c, pay("2.00", "order-noredis")).await.unwrap_err();
+    assert_eq!(error_code(&reused), Some("idempotency_key_reused"));
+    assert_eq!(world.count("SELECT count(*) FROM payments.transactions").await, 1);
+    assert_eq!(world.count("SELECT count(*) FROM payments.outbox").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_account_service_down_requests_fail_fast_and_nothing_is_written() {
+    let Some(mut world) = World::new().await else { return };
+    let listen = free_addr();
+    let _payment = world.payment(free_addr(), listen, &[]).await;
+    let mut c = client(listen).await;
+
+    let started = Instant::now();
+    let down = initiate(&mut c, pay("5.00", "order-down")).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!((down.code(), error_code(&down)), (Code::Unavailable, Some("account_service_unavailable")));
+    assert!(took < Duration::from_secs(10), "fails within the client's bound, took {took:?}");
+
+    let hostile = [
+        pay("1e400", "h-1"),
+        pay("NaN", "h-2"),
+        pay("-5", "h-3"),
+        pay("1.001", "h-4"),
+        pay("0", "h-5"),
+        pay("99999999999999999999999999999999999", "h-6"),
+        wire::InitiatePaymentRequest {
+            from_account: "'; DROP TABLE payments.transactions; --".into(),
+            ..pay("1", "h-7")
+        },
+        wire::InitiatePaymentRequest { payment_id: "1 OR 1=1".into(), ..pay("1", "h-8") },
+        wire::InitiatePaymentRequest { to_account: ALICE_EUR.into(), ..pay("1", "h-9") },
+        wire::InitiatePaymentRequest { idempotency_key: "key with spaces".into(), ..pay("1", "") },
+        wire::InitiatePaymentRequest {
+            amount: Some(wire::Money { amount: "1".into(), currency: "EU'R".into() }),
+            ..pay("1", "h-10")
+        },
+    ];
+    for request in hostile {
+        let refused = initiate(&mut c, request.clone()).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{request:?}");
+        assert!(error_code(&refused).is_some(), "a stable code for {request:?}");
+    }
+    assert_eq!(world.count("SELECT count(*) FROM payments.transactions").await, 0, "nothing written");
+    assert_eq!(world.count("SELECT count(*) FROM payments.outbox").await, 0);
+    assert_eq!(world.count("SELECT count(*) FROM payments.idempotency_keys").await, 0, "every claim released");
+}
