@@ -1,13 +1,129 @@
-//! securepay-gateway: see ARCHITECTURE.md for its role. The service logic grows with its issue; this
-//! shell already starts, answers the `identity` subcommand, logs structured JSON and shuts down
-//! cleanly on SIGINT/SIGTERM.
+//! securepay-gateway: the public HTTP edge (see the library docs and ARCHITECTURE.md).
+//!
+//! Subcommands: (none) or `serve` runs the gateway; `dev-keys --dir D` creates the development
+//! signing key and JWKS; `token --key PEM --sub alice [--scope ..] [--ttl ..]` mints a development
+//! token; `openapi` prints the OpenAPI document; `identity` prints this process's SVID.
 
+#[cfg(madsim)]
+fn main() {}
+
+#[cfg(not(madsim))]
+mod real {
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use clap::{Parser, Subcommand};
+    use securepay_gateway::config::{JwtConfig, ProcessConfig};
+    use securepay_gateway::{AppState, Authenticator, Backends, GatewayConfig, api, devkeys};
+
+    #[derive(Parser)]
+    #[command(name = "securepay-gateway", about = "SecurePay public API gateway")]
+    struct Cli {
+        #[command(subcommand)]
+        command: Option<Command>,
+    }
+
+    #[derive(Subcommand)]
+    enum Command {
+        /// Run the gateway (the default).
+        Serve,
+        /// Create (if missing) the development ES256 key pair: DIR/jwt-dev-key.pem and DIR/jwks.json.
+        DevKeys {
+            #[arg(long)]
+            dir: PathBuf,
+        },
+        /// Print a development token signed with the dev key (iss/aud from SECUREPAY_JWT_ISSUER/_AUDIENCE).
+        Token {
+            #[arg(long)]
+            key: PathBuf,
+            #[arg(long)]
+            sub: String,
+            #[arg(long, default_value = "payments:read payments:write")]
+            scope: String,
+            /// Lifetime in seconds.
+            #[arg(long, default_value_t = 3600)]
+            ttl: i64,
+        },
+        /// Print the OpenAPI document (what services/gateway/openapi.json must contain).
+        Openapi,
+    }
+
+    pub async fn main() -> anyhow::Result<()> {
+        securepay_runtime::exit_if_identity_subcommand().await;
+        match Cli::parse().command.unwrap_or(Command::Serve) {
+            Command::DevKeys { dir } => {
+                let (key, jwks) = devkeys::ensure_dev_keys(&dir)?;
+                println!("{}\n{}", key.display(), jwks.display());
+                Ok(())
+            }
+            Command::Token { key, sub, scope, ttl } => {
+                anyhow::ensure!(ttl > 0, "--ttl must be positive");
+                let jwt = GatewayConfig::from_env()?.jwt;
+                let secret = devkeys::load_key(&key)?;
+                println!("{}", devkeys::mint_token(&secret, &jwt, &sub, &scope, ttl)?);
+                Ok(())
+            }
+            Command::Openapi => {
+                print!("{}", api::openapi_json());
+                Ok(())
+            }
+            Command::Serve => serve().await,
+        }
+    }
+
+    async fn serve() -> anyhow::Result<()> {
+        securepay_runtime::init_tracing();
+        anyhow::ensure!(
+            securepay_kit::caller::dev_insecure::enabled(),
+            "refusing to start: only the development plaintext transport exists yet; set {}=1 (mTLS comes later)",
+            securepay_kit::caller::dev_insecure::ENV
+        );
+        let config = ProcessConfig::from_env()?;
+        let jwt: JwtConfig = config.gateway.jwt.clone();
+        let auth = Authenticator::from_jwks_file(&config.jwks_path, jwt)?;
+        let backends = Backends::connect_dev_insecure(&config.payment_addr, &config.account_addr)?;
+        let metrics = securepay_runtime::install_metrics()?;
+        securepay_gateway::register_known_series();
+        tracing::warn!(
+            service = "gateway",
+            "DEVELOPMENT ONLY: plaintext gRPC to the services, identity claimed in metadata"
+        );
+        let state = AppState::new(config.gateway.clone(), auth, backends, Some(metrics));
+
+        let janitor_state = state.clone();
+        let janitor = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                janitor_state.limits.forget_idle();
+            }
+        });
+
+        let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
+        tracing::info!(service = "gateway", addr = %config.listen_addr, version = env!("CARGO_PKG_VERSION"), "listening");
+        let app = securepay_gateway::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                if let Err(error) = securepay_runtime::shutdown_signal().await {
+                    tracing::error!(%error, "cannot wait for a shutdown signal");
+                }
+                tracing::info!(service = "gateway", "shutting down: draining requests in flight");
+            })
+            .await?;
+        janitor.abort();
+        tracing::info!(service = "gateway", "stopped");
+        Ok(())
+    }
+}
+
+#[cfg(not(madsim))]
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    securepay_runtime::exit_if_identity_subcommand().await;
-    securepay_runtime::init_tracing();
-    tracing::info!(service = "gateway", version = env!("CARGO_PKG_VERSION"), "starting");
-    securepay_runtime::shutdown_signal().await?;
-    tracing::info!(service = "gateway", "stopped");
-    Ok(())
+async fn main() -> std::process::ExitCode {
+    match real::main().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("securepay-gateway: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
