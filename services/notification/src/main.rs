@@ -1,13 +1,103 @@
-//! securepay-notification: see ARCHITECTURE.md for its role. The service logic grows with its issue; this
-//! shell already starts, answers the `identity` subcommand, logs structured JSON and shuts down
-//! cleanly on SIGINT/SIGTERM.
+//! `securepay-notification`: the notification service's process (SPEC §2: HTTP on :8083).
+//!
+//! Wires the real adapters into the library: `PgNotificationStore` (role `notification_service`,
+//! `SECUREPAY_PG_ADDR` / `SECUREPAY_PG_DATABASE` / `SECUREPAY_SECRETS_DIR`), a `KafkaConsumer` in
+//! `notification-service-group` on the three payment topics (`SECUREPAY_KAFKA_BROKERS`), and one
+//! HTTP listener (`SECUREPAY_LISTEN_ADDR`, default 127.0.0.1:8083) serving the API plus `/health`,
+//! `/ready` (PostgreSQL answers and the last poll reached Kafka) and `/metrics`. JSON logs; the
+//! `identity` subcommand; SIGINT/SIGTERM stop the listener, let the consumer finish and commit its
+//! batch, then exit.
 
+#[cfg(madsim)]
+fn main() {}
+
+#[cfg(not(madsim))]
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    securepay_runtime::exit_if_identity_subcommand().await;
-    securepay_runtime::init_tracing();
-    tracing::info!(service = "notification", version = env!("CARGO_PKG_VERSION"), "starting");
-    securepay_runtime::shutdown_signal().await?;
-    tracing::info!(service = "notification", "stopped");
-    Ok(())
+    real::main().await
+}
+
+#[cfg(not(madsim))]
+mod real {
+    use std::sync::Arc;
+
+    use anyhow::Context as _;
+    use securepay_kafka::KafkaConsumer;
+    use securepay_notification::{ConsumerConfig, ConsumerHealth, metrics, run_consumer};
+    use securepay_ports::Clock;
+    use securepay_postgres::PgNotificationStore;
+    use securepay_runtime::ReadyCheck;
+    use time::OffsetDateTime;
+
+    const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:8083";
+    /// Connections of the store's pool: the consumer writes one at a time, the API reads.
+    const PG_CONNECTIONS_MAX: u32 = 8;
+
+    /// The OS wall clock.
+    struct SystemClock;
+
+    impl Clock for SystemClock {
+        fn now(&self) -> OffsetDateTime {
+            OffsetDateTime::now_utc()
+        }
+    }
+
+    pub async fn main() -> anyhow::Result<()> {
+        securepay_runtime::exit_if_identity_subcommand().await;
+        securepay_runtime::init_tracing();
+        tracing::info!(service = metrics::SERVICE, version = env!("CARGO_PKG_VERSION"), "starting");
+        let metrics_handle = securepay_runtime::install_metrics()?;
+        metrics::register_known_series();
+
+        let listen = securepay_runtime::addr_from_env("SECUREPAY_LISTEN_ADDR", DEFAULT_LISTEN_ADDR)?;
+        let brokers = securepay_runtime::required_env("SECUREPAY_KAFKA_BROKERS")?;
+        let pg_options = securepay_postgres::service_options_from_env("notification_service")?;
+        let store = PgNotificationStore::connect(pg_options, PG_CONNECTIONS_MAX)
+            .await
+            .context("cannot connect to PostgreSQL as notification_service")?;
+        let store = Arc::new(store);
+        let config = ConsumerConfig::default();
+        let mut consumer = KafkaConsumer::new(&brokers, &config.group, &config.topics.all())
+            .context("cannot create the Kafka consumer")?;
+
+        let health = ConsumerHealth::default();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let consumer_task = {
+            let (store, health) = (Arc::clone(&store), health.clone());
+            tokio::spawn(async move {
+                run_consumer(&*store, &mut consumer, &SystemClock, &config, &health, stopped).await;
+            })
+        };
+
+        let checks = vec![
+            ReadyCheck::new("postgresql", {
+                let store = Arc::clone(&store);
+                move || {
+                    let store = Arc::clone(&store);
+                    async move { store.ping().await }
+                }
+            }),
+            ReadyCheck::new("kafka", move || {
+                let reachable = health.broker_reachable();
+                async move { reachable }
+            }),
+        ];
+        let app = securepay_notification::http::router(Arc::clone(&store))
+            .merge(securepay_runtime::admin::router(metrics_handle, checks));
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        tracing::info!(addr = %listen, "HTTP listening (/api/v1/notifications, /health, /ready, /metrics)");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                if let Err(error) = securepay_runtime::shutdown_signal().await {
+                    tracing::error!(%error, "cannot wait for shutdown signals; stopping");
+                }
+                tracing::info!("shutdown requested: finishing the current batch");
+                let _ = stop.send(true);
+            })
+            .await?;
+        consumer_task.await.context("consumer task failed")?;
+        tracing::info!(service = metrics::SERVICE, "stopped");
+        Ok(())
+    }
 }

@@ -1,0 +1,21 @@
+//! The notification service (SPEC §2, §6.7): one notification per event of the payment flow.
+//!
+//! - [`consumer`]: the consumer loop on `payment.initiated`, `payment.completed` and
+//!   `payment.failed` (group `notification-service-group`). Each record is decoded by its topic,
+//!   recorded in the [`NotificationStore`](securepay_ports::NotificationStore) (deduplicated by event
+//!   id, so redelivery is harmless), each NEW notification logged as one structured line, and the
+//!   offsets committed only after the store write. Invalid records are logged, counted and committed
+//!   past; a store outage is retried with capped backoff and never committed past.
+//! - [`http`] (real mode only): `GET /api/v1/notifications?payment_id=` plus RED metrics; the
+//!   binary merges the admin routes (`/health`, `/ready`, `/metrics`) into the same listener.
+//! - [`metrics`]: this service's metric names.
+//!
+//! Architecture invariant: the consumer logic depends on core, ports and proto only (plus the
+//! madsim drop-ins), so the simulator runs it against the in-memory twins unchanged.
+
+pub mod consumer;
+#[cfg(not(madsim))]
+pub mod http;
+pub mod metrics;
+
+pub use consumer::{ConsumerConfig, ConsumerHealth, Topics, run_consumer};
