@@ -47,10 +47,12 @@ struct Recorder {
     fail_with: Mutex<Option<Status>>,
     /// Successful InitiatePayment answers say "replayed" in metadata.
     replay: Mutex<bool>,
+    /// Answers take this long.
+    delay: Mutex<Option<std::time::Duration>>,
 }
 
 impl Recorder {
-    fn record<T>(&self, method: &'static str, request: &tonic::Request<T>, detail: String) -> Result<(), Status> {
+    async fn record<T>(&self, method: &'static str, request: &tonic::Request<T>, detail: String) -> Result<(), Status> {
         let md = |k: &str| request.metadata().get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
         self.calls.lock().unwrap().push(Call {
             method,
@@ -58,6 +60,10 @@ impl Recorder {
             peer: md(securepay_kit::caller::dev_insecure::PEER_METADATA),
             detail,
         });
+        let delay = *self.delay.lock().unwrap();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         match self.fail_with.lock().unwrap().clone() {
             Some(status) => Err(status),
             None => Ok(()),
@@ -93,7 +99,7 @@ impl payment::payment_service_server::PaymentService for Fake {
         request: tonic::Request<payment::InitiatePaymentRequest>,
     ) -> Result<tonic::Response<payment::InitiatePaymentResponse>, Status> {
         let r = request.get_ref().clone();
-        self.0.record("InitiatePayment", &request, format!("{r:?}"))?;
+        self.0.record("InitiatePayment", &request, format!("{r:?}")).await?;
         let id = if r.payment_id.is_empty() { PAYMENT.to_owned() } else { r.payment_id.clone() };
         let replayed = *self.0.replay.lock().unwrap();
         let body = payment::InitiatePaymentResponse {
@@ -112,7 +118,7 @@ impl payment::payment_service_server::PaymentService for Fake {
         request: tonic::Request<payment::GetPaymentRequest>,
     ) -> Result<tonic::Response<payment::Payment>, Status> {
         let id = request.get_ref().payment_id.clone();
-        self.0.record("GetPayment", &request, id.clone())?;
+        self.0.record("GetPayment", &request, id.clone()).await?;
         let money = payment::Money { amount: "10.50".into(), currency: "EUR".into() };
         Ok(tonic::Response::new(stored_payment(&id, FROM, TO, money)))
     }
@@ -124,7 +130,7 @@ impl account::account_service_server::AccountService for Fake {
         &self,
         request: tonic::Request<account::CheckBalanceRequest>,
     ) -> Result<tonic::Response<account::CheckBalanceResponse>, Status> {
-        self.0.record("CheckBalance", &request, String::new())?;
+        self.0.record("CheckBalance", &request, String::new()).await?;
         Err(Status::permission_denied("the gateway never calls this"))
     }
 
@@ -133,7 +139,7 @@ impl account::account_service_server::AccountService for Fake {
         request: tonic::Request<account::GetBalanceRequest>,
     ) -> Result<tonic::Response<account::Balance>, Status> {
         let id = request.get_ref().account_id.clone();
-        self.0.record("GetBalance", &request, id.clone())?;
+        self.0.record("GetBalance", &request, id.clone()).await?;
         Ok(tonic::Response::new(account::Balance {
             account_id: id,
             balance: "1000.00".into(),
@@ -754,4 +760,114 @@ fn the_binary_refuses_to_serve_without_the_dev_transport_flag() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(securepay_kit::caller::dev_insecure::ENV), "one-line reason: {stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// RS256, timeouts, metrics
+
+fn rsa_fixture() -> (EncodingKey, Value) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let pem = std::fs::read(dir.join("rsa-test-key.pem")).unwrap();
+    let jwk: Value = serde_json::from_slice(&std::fs::read(dir.join("rsa-test-jwk.json")).unwrap()).unwrap();
+    (EncodingKey::from_rsa_pem(&pem).unwrap(), jwk)
+}
+
+#[test]
+fn rs256_is_accepted_and_a_key_only_verifies_its_own_algorithm() {
+    let (rsa_key, rsa_jwk) = rsa_fixture();
+    let ec_key = SecretKey::random(&mut rand_core::OsRng);
+    let ec_jwk = devkeys::public_jwk(&ec_key.public_key());
+    let ec_kid = devkeys::key_id(&ec_key.public_key());
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(json!({"keys": [rsa_jwk, ec_jwk]})).unwrap();
+    let jwt = JwtConfig::default();
+    let auth = Authenticator::from_jwks(&jwks, jwt.clone()).unwrap();
+    let claims =
+        json!({"iss": jwt.issuer, "aud": jwt.audience, "sub": "bob", "scope": "payments:read", "exp": now() + 60});
+    let signed = |alg: Algorithm, kid: &str, key: &EncodingKey| {
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    };
+    let ok = auth.verify(&signed(Algorithm::RS256, "rsa-test", &rsa_key)).unwrap();
+    assert_eq!(ok.subject.as_str(), "bob");
+    assert!(auth.verify(&sign_es256(&ec_key, &ec_kid, &claims)).is_ok());
+    let refused = [
+        ("RS384 with the RSA key", signed(Algorithm::RS384, "rsa-test", &rsa_key)),
+        ("PS256 with the RSA key", signed(Algorithm::PS256, "rsa-test", &rsa_key)),
+        ("RS256 naming the EC key", signed(Algorithm::RS256, &ec_kid, &rsa_key)),
+        ("ES256 naming the RSA key", sign_es256(&ec_key, "rsa-test", &claims)),
+        ("HS256 with the RSA JWK text", {
+            let secret = serde_json::to_vec(&jwks.keys[0]).unwrap();
+            signed(Algorithm::HS256, "rsa-test", &EncodingKey::from_secret(&secret))
+        }),
+    ];
+    for (case, token) in refused {
+        assert!(auth.verify(&token).is_err(), "{case} must be refused");
+    }
+}
+
+#[test]
+fn a_jwks_without_an_allowed_key_is_refused_at_start_up() {
+    let (_, mut rsa_jwk) = rsa_fixture();
+    rsa_jwk["alg"] = json!("RS512");
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(json!({"keys": [rsa_jwk]})).unwrap();
+    assert!(Authenticator::from_jwks(&jwks, JwtConfig::default()).is_err());
+}
+
+#[tokio::test]
+async fn a_request_that_outlives_its_budget_is_a_504_problem() {
+    let mut config = GatewayConfig::default();
+    config.request_timeout = std::time::Duration::from_millis(300);
+    let gw = gateway_with(config).await;
+    *gw.backend.delay.lock().unwrap() = Some(std::time::Duration::from_secs(5));
+    let reply = gw.send(get(&balance_path(FROM), Some(&gw.token("alice")))).await;
+    assert!(
+        reply.status == StatusCode::GATEWAY_TIMEOUT,
+        "status {} body {}",
+        reply.status,
+        String::from_utf8_lossy(&reply.bytes)
+    );
+    reply.assert_problem(504, "gateway_timeout");
+}
+
+#[tokio::test]
+async fn metrics_name_the_route_template_and_the_auth_failure_reason() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).expect("only this test installs a recorder");
+    let dir = tempfile::tempdir().unwrap();
+    let (key_path, jwks_path) = devkeys::ensure_dev_keys(dir.path()).unwrap();
+    let config = GatewayConfig::default();
+    let auth = Authenticator::from_jwks_file(&jwks_path, config.jwt.clone()).unwrap();
+    let (addr, _backend) = start_backend().await;
+    let backends = Backends::connect_dev_insecure(&addr.to_string(), &addr.to_string()).unwrap();
+    let token =
+        devkeys::mint_token(&devkeys::load_key(&key_path).unwrap(), &config.jwt, "alice", "payments:read", 60).unwrap();
+    let app = securepay_gateway::router(AppState::new(config, auth, backends, Some(handle)));
+    let send = |request: Request<Body>| {
+        let app = app.clone();
+        async move {
+            let mut request = request;
+            request.extensions_mut().insert(ConnectInfo(SocketAddr::from(([192, 0, 2, 4], 1))));
+            app.oneshot(request).await.unwrap()
+        }
+    };
+    assert_eq!(send(get(&balance_path(FROM), Some(&token))).await.status(), StatusCode::OK);
+    assert_eq!(send(get(&balance_path(FROM), None)).await.status(), StatusCode::UNAUTHORIZED);
+    let response = send(get("/metrics", None)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    // Other tests in this binary run concurrently and are recorded too: counts are at least ours.
+    let count = |series: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok()))
+            .unwrap_or_else(|| panic!("missing {series} in:\n{text}")) as u64
+    };
+    let route = "/api/v1/accounts/{id}/balance";
+    assert!(count(&format!(r#"securepay_http_requests_total{{service="gateway",route="{route}",status="200"}}"#)) >= 1);
+    assert!(count(&format!(r#"securepay_http_requests_total{{service="gateway",route="{route}",status="401"}}"#)) >= 1);
+    assert!(count(r#"securepay_auth_failures_total{reason="jwt_missing"}"#) >= 1);
+    assert!(
+        count(&format!(r#"securepay_http_request_duration_seconds_count{{service="gateway",route="{route}"}}"#)) >= 2
+    );
 }
