@@ -816,8 +816,7 @@ fn a_jwks_without_an_allowed_key_is_refused_at_start_up() {
 
 #[tokio::test]
 async fn a_request_that_outlives_its_budget_is_a_504_problem() {
-    let mut config = GatewayConfig::default();
-    config.request_timeout = std::time::Duration::from_millis(300);
+    let config = GatewayConfig { request_timeout: std::time::Duration::from_millis(300), ..GatewayConfig::default() };
     let gw = gateway_with(config).await;
     *gw.backend.delay.lock().unwrap() = Some(std::time::Duration::from_secs(5));
     let reply = gw.send(get(&balance_path(FROM), Some(&gw.token("alice")))).await;
