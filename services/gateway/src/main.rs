@@ -3,6 +3,15 @@
 //! Subcommands: (none) or `serve` runs the gateway; `dev-keys --dir D` creates the development
 //! signing key and JWKS; `token --key PEM --sub alice [--scope ..] [--ttl ..]` mints a development
 //! token; `openapi` prints the OpenAPI document; `identity` prints this process's SVID.
+//!
+//! Environment (serve): `SECUREPAY_DEV_INSECURE_PLAINTEXT=1` (required until mTLS lands),
+//! `SECUREPAY_LISTEN_ADDR` (default 127.0.0.1:8080), `SECUREPAY_PAYMENT_ADDR` and
+//! `SECUREPAY_ACCOUNT_ADDR` (host:port, required), `SECUREPAY_JWKS_PATH` (required),
+//! `SECUREPAY_JWT_ISSUER` (default https://auth.securepay.dev), `SECUREPAY_JWT_AUDIENCE` (default
+//! securepay-api), `SECUREPAY_RATE_LIMIT_IP_PER_S`/`_IP_BURST` (50/100),
+//! `SECUREPAY_RATE_LIMIT_SUBJECT_PER_S`/`_SUBJECT_BURST` (10/20), `SECUREPAY_REQUEST_TIMEOUT_MS`
+//! (10000), `RUST_LOG`. The `token` subcommand reads the issuer and audience variables too.
+//! Demo subjects with seeded accounts: alice, bob, carol.
 
 #[cfg(madsim)]
 fn main() {}
