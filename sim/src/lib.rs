@@ -22,6 +22,9 @@ compile_error!(
     "the `sim` feature needs `--cfg madsim`: run the simulator with `cargo sim` (and no RUSTFLAGS in the environment)"
 );
 
+pub mod clock;
+#[cfg(madsim)]
+pub mod infra;
 pub mod ledger_node;
 pub mod plan;
 #[cfg(madsim)]

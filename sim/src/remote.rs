@@ -41,12 +41,13 @@ use securepay_core::idempotency::{Fingerprint, IdempotencyKey, Record};
 use securepay_core::ids::{AccountId, PaymentId, Subject};
 use securepay_core::payment::{Payment, Transition};
 use securepay_memory::{
-    MemoryBalanceCache, MemoryConsumer, MemoryEventLog, MemoryIdempotencyStore, MemoryLedgerStore, MemoryPaymentStore,
+    MemoryBalanceCache, MemoryConsumer, MemoryEventLog, MemoryIdempotencyStore, MemoryLedgerStore,
+    MemoryNotificationStore, MemoryPaymentStore,
 };
 use securepay_ports::{
     AccountView, BalanceCache, CachedBalance, ConsumedRecord, EventConsumer, EventLog, IdempotencyCompletion,
-    IdempotencyStore, LedgerStore, Outbox, OutboxEvent, OutgoingRecord, PaymentStore, PortError, PortResult,
-    SettlementRequest, SettlementResult, TopicPartitionOffset,
+    IdempotencyStore, LedgerStore, Notification, NotificationStore, Outbox, OutboxEvent, OutgoingRecord, PaymentStore,
+    PortError, PortResult, Recorded, SettlementRequest, SettlementResult, TopicPartitionOffset,
 };
 use time::OffsetDateTime;
 use tokio::time::{Instant, sleep, timeout};
@@ -218,12 +219,30 @@ impl<S: Send + Sync + 'static> RemoteClient<S> {
 // ---------------------------------------------------------------------------------------------
 // The database node: the stores of record.
 
-/// What the database node serves: the account service's ledger and the payment service's store.
-/// Clones share state; create it in the harness (it survives the node).
+/// What the database node serves: the account service's ledger, the payment service's store and
+/// the notification service's store. Clones share state; create it in the harness (it survives
+/// the node).
 #[derive(Debug, Clone, Default)]
 pub struct Database {
     pub ledger: MemoryLedgerStore,
     pub payments: MemoryPaymentStore,
+    pub notifications: MemoryNotificationStore,
+}
+
+/// `NotificationStore` of the notification service, on the database node.
+#[derive(Debug, Clone)]
+pub struct RemoteNotificationStore(pub RemoteClient<Database>);
+
+#[async_trait]
+impl NotificationStore for RemoteNotificationStore {
+    async fn record(&self, notification: &Notification) -> PortResult<Recorded> {
+        let notification = notification.clone();
+        self.0.call(move |db| async move { db.notifications.record(&notification).await }).await?
+    }
+
+    async fn for_payment(&self, payment: PaymentId, limit: usize) -> PortResult<Vec<Notification>> {
+        self.0.call(move |db| async move { db.notifications.for_payment(payment, limit).await }).await?
+    }
 }
 
 /// `LedgerStore` + `Outbox` of the account service, on the database node.
@@ -494,11 +513,11 @@ impl Broker {
         topics: &[String],
     ) -> (u64, Arc<tokio::sync::Mutex<MemoryConsumer>>) {
         let mut members = self.lock();
-        if let Some(id) = member {
-            if let Some(m) = members.by_id.get_mut(&id) {
-                m.last_seen = Instant::now();
-                return (id, Arc::clone(&m.consumer));
-            }
+        if let Some(id) = member
+            && let Some(m) = members.by_id.get_mut(&id)
+        {
+            m.last_seen = Instant::now();
+            return (id, Arc::clone(&m.consumer));
         }
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         let consumer = Arc::new(tokio::sync::Mutex::new(self.log.consumer(group, &topics)));
@@ -544,6 +563,11 @@ impl Broker {
         (id, Ok(delivered))
     }
 
+    /// Leaves the group (a consumer closed cleanly): its partitions move at once.
+    fn leave(&self, member: u64) {
+        self.lock().by_id.remove(&member);
+    }
+
     /// `None` when the broker does not know `member` (evicted, or the broker restarted): Kafka
     /// refuses such a commit, and the member must poll (rejoin) again.
     async fn commit(&self, member: u64, positions: Vec<TopicPartitionOffset>) -> Option<PortResult<()>> {
@@ -569,9 +593,12 @@ impl EventLog for RemoteEventLog {
     }
 }
 
-/// A member of a consumer group on the broker node. Its membership lives on the broker: if this
-/// node dies (or stops polling), the broker evicts it after [`SESSION_TIMEOUT`]; if the broker
-/// forgot it (restart, eviction), its next poll joins again — from the committed offsets.
+/// A member of a consumer group on the broker node. Its membership lives on the broker: dropped,
+/// it leaves the group (best effort, like Kafka's `close`); if its node dies (or it stops
+/// polling), the broker evicts it after [`SESSION_TIMEOUT`]; if the broker forgot it (restart,
+/// eviction), its next poll joins again — from the committed offsets. A poll that fails in
+/// transit (timeout, partition, outage) also leaves and rejoins, so records whose delivery was
+/// lost on the way are delivered again: at-least-once holds through the network.
 #[derive(Debug)]
 pub struct RemoteConsumer {
     client: RemoteClient<Broker>,
@@ -597,12 +624,24 @@ impl EventConsumer for RemoteConsumer {
     async fn poll(&mut self, max_records: usize, wait: Duration) -> PortResult<Vec<ConsumedRecord>> {
         let (member, group, topics) = (self.member, self.group.clone(), self.topics.clone());
         let bound = wait + self.client.timeout;
-        let (id, records) = self
+        let polled = self
             .client
             .call_with(bound, move |b: Broker, _| async move { b.poll(member, group, topics, max_records, wait).await })
-            .await?;
-        self.member = Some(id);
-        records
+            .await;
+        match polled {
+            Ok((id, records)) => {
+                self.member = Some(id);
+                records
+            }
+            Err(unavailable) => {
+                // The broker may have handed out records whose reply never arrived: its fetch
+                // position moved past them. Leave and rejoin, so the group resumes from the
+                // committed offsets and they are delivered again (a Kafka client re-fetches from
+                // its own position instead; both keep at-least-once).
+                self.leave();
+                Err(unavailable)
+            }
+        }
     }
 
     async fn commit(&mut self, positions: &[TopicPartitionOffset]) -> PortResult<()> {
@@ -616,5 +655,24 @@ impl EventConsumer for RemoteConsumer {
                 Err(PortError::Unavailable { component: "kafka" })
             }
         }
+    }
+}
+
+impl RemoteConsumer {
+    /// Leaves the group (best effort) and forgets the membership: the next poll joins anew.
+    fn leave(&mut self) {
+        let Some(member) = self.member.take() else { return };
+        let client = self.client.clone();
+        // Fire and forget: on a node being killed the task never runs, and the session timeout
+        // ends the membership instead — exactly a crash.
+        madsim::task::spawn(async move {
+            let _ = client.call(move |b: Broker| async move { b.leave(member) }).await;
+        });
+    }
+}
+
+impl Drop for RemoteConsumer {
+    fn drop(&mut self) {
+        self.leave();
     }
 }

@@ -311,3 +311,40 @@ async fn the_broker_duplicates_deliveries_and_refuses_during_an_outage() {
     check.check(broker_faults.duplicated() == 3, || format!("{} duplicates counted", broker_faults.duplicated()));
     run::print_line(&format!("{TEST}/broker seed={} checks={}", run::seed(), check.checks()));
 }
+
+#[madsim::test]
+async fn records_whose_poll_reply_was_lost_are_delivered_again() {
+    run::print_replay_command_on_panic(TEST);
+    let mut check = Checker::new(TEST);
+    let log = MemoryEventLog::with_partitions(1);
+    let (broker, broker_addr) = broker_node(&log, &BrokerFaults::new());
+    let net = NetSim::current();
+    let node = service_node("account", 3);
+    let node_id = node.id();
+    log.publish(&(0..5).map(record).collect::<Vec<_>>()).await.expect("publish");
+    let mut consumer = node
+        .spawn(async move {
+            let mut consumer =
+                RemoteConsumer::new(RemoteClient::connect(broker_addr, "kafka").await, "g", &["payments"]);
+            // Join with an empty first poll of nothing (max 0), so the next poll is the one that fetches.
+            consumer.poll(0, Duration::from_millis(10)).await.expect("join");
+            consumer
+        })
+        .await
+        .unwrap();
+    // The broker hands the records out, but the reply never reaches the consumer.
+    net.clog_link(broker.id(), node_id);
+    let (lost, returned) = node
+        .spawn(async move {
+            let lost = consumer.poll(100, Duration::from_millis(100)).await;
+            (lost, consumer)
+        })
+        .await
+        .unwrap();
+    consumer = returned;
+    check.check(lost == Err(KAFKA_DOWN), || format!("a poll with its reply lost: {lost:?}"));
+    net.unclog_link(broker.id(), node_id);
+    let got = node.spawn(async move { poll_until(&mut consumer, 5, Duration::from_secs(5)).await }).await.unwrap();
+    check.check(got == vec![0, 1, 2, 3, 4], || format!("after the lost reply the consumer got {got:?}"));
+    run::print_line(&format!("{TEST}/lost-poll seed={} checks={}", run::seed(), check.checks()));
+}
