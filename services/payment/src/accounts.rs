@@ -2,7 +2,7 @@
 //! [`AccountClient`] towards account.v1 `CheckBalance`.
 //!
 //! The client never hangs a request: every attempt has a deadline; only `UNAVAILABLE` and
-//! `DEADLINE_EXCEEDED` are retried, at most `attempts` times in all, with exponential backoff and
+//! `DEADLINE_EXCEEDED` (and `CANCELLED`) are retried, at most `attempts` times in all, with exponential backoff and
 //! full jitter drawn from the `Ids` port (seeded in simulation, so runs replay); a
 //! [`CircuitBreaker`] fails calls fast while the account service is down. Any way of not getting an
 //! answer ends as [`AccountError::Unavailable`] within about
@@ -96,8 +96,7 @@ impl<I: Interceptor + Clone + Send + Sync + 'static> AccountClient<I> {
     pub fn new(uri: &str, interceptor: I, config: AccountClientConfig, ids: Arc<dyn Ids>) -> Result<Self, String> {
         let endpoint = Endpoint::from_shared(uri.to_owned())
             .map_err(|_| format!("not a valid account service address: {uri}"))?
-            .connect_timeout(config.deadline)
-            .timeout(config.deadline);
+            .connect_timeout(config.deadline);
         let client = AccountServiceClient::with_interceptor(endpoint.connect_lazy(), interceptor);
         let breaker = CircuitBreaker::new(config.breaker_threshold, config.breaker_cool_down);
         Ok(AccountClient { client, config, breaker, ids })
@@ -142,7 +141,7 @@ impl<I: Interceptor + Clone + Send + Sync + 'static> Accounts for AccountClient<
                     let sufficient = response.into_inner().sufficient;
                     return Ok(if sufficient { BalanceCheck::Sufficient } else { BalanceCheck::Insufficient });
                 }
-                Err(status) if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded) => {
+                Err(status) if is_transient(status.code()) => {
                     self.breaker.on_failure(tokio::time::Instant::now());
                     tracing::warn!(attempt, code = ?status.code(), "account service call failed");
                 }
@@ -154,6 +153,12 @@ impl<I: Interceptor + Clone + Send + Sync + 'static> Accounts for AccountClient<
         }
         Err(AccountError::Unavailable)
     }
+}
+
+/// Not an answer: the service was unreachable, too slow, or the call was cut. CheckBalance reads
+/// only, so retrying these is safe.
+fn is_transient(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
 }
 
 /// The account service's refusal, by its stable code.

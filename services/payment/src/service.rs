@@ -52,7 +52,9 @@ impl Default for ServiceConfig {
     fn default() -> Self {
         ServiceConfig {
             amount_policy: AmountPolicy::default(),
-            in_flight_wait: Duration::from_secs(2),
+            // Longer than a healthy first request takes (the account client gives up after about
+            // 3 s), far shorter than the truth's 30 s lease.
+            in_flight_wait: Duration::from_secs(10),
             crash_after_commit: false,
         }
     }

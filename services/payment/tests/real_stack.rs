@@ -206,6 +206,11 @@ fn as_subject<T>(message: T, subject: &str) -> tonic::Request<T> {
     request
 }
 
+/// An idempotency key unique to this run: Redis is shared by every test and run.
+fn key(name: &str) -> String {
+    format!("{name}-{}", Uuid::new_v4().simple())
+}
+
 fn pay(amount: &str, key: &str) -> wire::InitiatePaymentRequest {
     wire::InitiatePaymentRequest {
         payment_id: String::new(),
@@ -282,10 +287,11 @@ async fn fifty_concurrent_identical_requests_make_one_payment_and_one_event() {
     let _payment = world.payment(account_addr, listen, &[]).await;
     let client = client(listen).await;
 
+    let k = key("order-50");
     let tasks: Vec<_> = (0..50)
         .map(|_| {
-            let mut client = client.clone();
-            tokio::spawn(async move { initiate(&mut client, pay("10.50", "order-50")).await })
+            let (mut client, k) = (client.clone(), k.clone());
+            tokio::spawn(async move { initiate(&mut client, pay("10.50", &k)).await })
         })
         .collect();
     let mut bodies = Vec::new();
@@ -298,7 +304,7 @@ async fn fifty_concurrent_identical_requests_make_one_payment_and_one_event() {
     assert_eq!(world.count("SELECT count(*) FROM payments.outbox").await, 1);
 
     let mut c = client.clone();
-    let reused = initiate(&mut c, pay("10.51", "order-50")).await.unwrap_err();
+    let reused = initiate(&mut c, pay("10.51", &k)).await.unwrap_err();
     assert_eq!((reused.code(), error_code(&reused)), (Code::FailedPrecondition, Some("idempotency_key_reused")));
 
     let id = payment_id(&bodies[0].0);
@@ -333,7 +339,8 @@ async fn a_crash_between_commit_and_publish_still_publishes_and_settles_once() {
     let listen = free_addr();
     let mut crashing = world.payment(account_addr, listen, &[("SECUREPAY_FAILPOINT", "crash_after_commit")]).await;
     let mut c = client(listen).await;
-    let lost = initiate(&mut c, pay("25.00", "order-crash")).await;
+    let k = key("order-crash");
+    let lost = initiate(&mut c, pay("25.00", &k)).await;
     assert!(lost.is_err(), "the process died before answering");
     assert!(!crashing.exited().await.success(), "the failpoint aborted the process");
     assert_eq!(world.count("SELECT count(*) FROM payments.transactions").await, 1, "the commit happened");
@@ -343,7 +350,7 @@ async fn a_crash_between_commit_and_publish_still_publishes_and_settles_once() {
     let listen = free_addr();
     let _payment = world.payment(account_addr, listen, &[]).await;
     let mut c = client(listen).await;
-    let (body, replayed) = initiate(&mut c, pay("25.00", "order-crash")).await.expect("the retry is answered");
+    let (body, replayed) = initiate(&mut c, pay("25.00", &k)).await.expect("the retry is answered");
     assert!(replayed, "the committed first response is replayed, nothing executes twice");
     let id = payment_id(&body);
     wait_for_status(&mut c, &id, wire::PaymentStatus::Completed).await;
@@ -361,10 +368,11 @@ async fn with_redis_unreachable_postgresql_keeps_idempotency() {
     let closed = format!("redis://{}", free_addr());
     let _payment = world.payment(account_addr, listen, &[("SECUREPAY_REDIS_URL", closed.as_str())]).await;
     let client = client(listen).await;
+    let k = key("order-noredis");
     let tasks: Vec<_> = (0..10)
         .map(|_| {
-            let mut client = client.clone();
-            tokio::spawn(async move { initiate(&mut client, pay("1.00", "order-noredis")).await })
+            let (mut client, k) = (client.clone(), k.clone());
+            tokio::spawn(async move { initiate(&mut client, pay("1.00", &k)).await })
         })
         .collect();
     let mut bodies = Vec::new();
@@ -374,7 +382,7 @@ async fn with_redis_unreachable_postgresql_keeps_idempotency() {
     assert_eq!(bodies.iter().filter(|(_, replayed)| !replayed).count(), 1);
     assert!(bodies.windows(2).all(|w| w[0].0 == w[1].0));
     let mut c = client.clone();
-    let reused = initiate(&mut c, pay("2.00", "order-noredis")).await.unwrap_err();
+    let reused = initiate(&mut c, pay("2.00", &k)).await.unwrap_err();
     assert_eq!(error_code(&reused), Some("idempotency_key_reused"));
     assert_eq!(world.count("SELECT count(*) FROM payments.transactions").await, 1);
     assert_eq!(world.count("SELECT count(*) FROM payments.outbox").await, 1);
@@ -388,28 +396,28 @@ async fn with_the_account_service_down_requests_fail_fast_and_nothing_is_written
     let mut c = client(listen).await;
 
     let started = Instant::now();
-    let down = initiate(&mut c, pay("5.00", "order-down")).await.unwrap_err();
+    let down = initiate(&mut c, pay("5.00", &key("order-down"))).await.unwrap_err();
     let took = started.elapsed();
     assert_eq!((down.code(), error_code(&down)), (Code::Unavailable, Some("account_service_unavailable")));
     assert!(took < Duration::from_secs(10), "fails within the client's bound, took {took:?}");
 
     let hostile = [
-        pay("1e400", "h-1"),
-        pay("NaN", "h-2"),
-        pay("-5", "h-3"),
-        pay("1.001", "h-4"),
-        pay("0", "h-5"),
-        pay("99999999999999999999999999999999999", "h-6"),
+        pay("1e400", &key("h-1")),
+        pay("NaN", &key("h-2")),
+        pay("-5", &key("h-3")),
+        pay("1.001", &key("h-4")),
+        pay("0", &key("h-5")),
+        pay("99999999999999999999999999999999999", &key("h-6")),
         wire::InitiatePaymentRequest {
             from_account: "'; DROP TABLE payments.transactions; --".into(),
-            ..pay("1", "h-7")
+            ..pay("1", &key("h-7"))
         },
-        wire::InitiatePaymentRequest { payment_id: "1 OR 1=1".into(), ..pay("1", "h-8") },
-        wire::InitiatePaymentRequest { to_account: ALICE_EUR.into(), ..pay("1", "h-9") },
+        wire::InitiatePaymentRequest { payment_id: "1 OR 1=1".into(), ..pay("1", &key("h-8")) },
+        wire::InitiatePaymentRequest { to_account: ALICE_EUR.into(), ..pay("1", &key("h-9")) },
         wire::InitiatePaymentRequest { idempotency_key: "key with spaces".into(), ..pay("1", "") },
         wire::InitiatePaymentRequest {
             amount: Some(wire::Money { amount: "1".into(), currency: "EU'R".into() }),
-            ..pay("1", "h-10")
+            ..pay("1", &key("h-10"))
         },
     ];
     for request in hostile {
