@@ -22,7 +22,6 @@ use securepay_proto::account::v1::CheckBalanceRequest;
 use securepay_proto::account::v1::account_service_client::AccountServiceClient;
 use tonic::Code;
 use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::breaker::CircuitBreaker;
@@ -82,10 +81,17 @@ impl Default for AccountClientConfig {
     }
 }
 
+/// The generated client with an interceptor: real tonic wraps the channel, madsim-tonic keeps the
+/// interceptor beside it.
+#[cfg(not(madsim))]
+type InterceptedClient<I> = AccountServiceClient<tonic::service::interceptor::InterceptedService<Channel, I>>;
+#[cfg(madsim)]
+type InterceptedClient<I> = AccountServiceClient<Channel, I>;
+
 /// account.v1 over a lazily connected channel, with `I` putting this workload's identity on each
 /// call (`dev_insecure::ClientInterceptor` in development, the simulator's in madsim; mTLS later).
 pub struct AccountClient<I: Interceptor> {
-    client: AccountServiceClient<InterceptedService<Channel, I>>,
+    client: InterceptedClient<I>,
     config: AccountClientConfig,
     breaker: CircuitBreaker,
     ids: Arc<dyn Ids>,
