@@ -7,6 +7,8 @@
 //! - [`relay`]: the outbox relay (SPEC §6.4): unpublished outbox rows → event log → marked published.
 //! - [`metrics`]: the metric names of the contract in `observability/prometheus/rules/`, recorded
 //!   through the `metrics` facade (exported by the binaries; a no-op in simulation).
+//! - [`trace`]: W3C trace context over gRPC metadata, HTTP and event headers, and the span names
+//!   of SPEC §8 (a no-op without the binaries' OpenTelemetry layer, e.g. in simulation).
 //!
 //! Architecture invariant: depends on core and ports only (plus the madsim drop-ins); no real IO,
 //! so the simulator links it unchanged.
@@ -15,6 +17,7 @@ pub mod caller;
 pub mod metrics;
 pub mod relay;
 pub mod status;
+pub mod trace;
 
 pub use caller::{Caller, PeerSvid, authorize, with_subject};
 pub use relay::{RelayConfig, relay_once, run_relay};

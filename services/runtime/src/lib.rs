@@ -1,11 +1,14 @@
 //! What every SecurePay service binary does the same way, written once: the `identity` subcommand,
-//! structured JSON logs, and waiting for a shutdown signal. Tracing export (OTLP) joins it here.
+//! structured JSON logs and OpenTelemetry trace export ([`telemetry`]), and waiting for a shutdown
+//! signal.
 //!
 //! Architecture invariant: process plumbing only — no service logic, no ports. Real mode only.
 
 pub mod admin;
+pub mod telemetry;
 
 pub use admin::{ReadyCheck, install_metrics};
+pub use telemetry::{TelemetryGuard, init_telemetry};
 
 /// `securepay-<service> identity`: prints this process's SVID as one JSON line and exits; exits
 /// non-zero when the SPIRE agent issues none (the runner and the proof tests use it). Returns
@@ -16,11 +19,15 @@ pub async fn exit_if_identity_subcommand() {
     }
 }
 
-/// JSON logs on stdout, filtered by `RUST_LOG` (default `info`).
+/// JSON logs on stdout, filtered by `RUST_LOG` (default `info`), without OpenTelemetry spans.
+/// Services use [`init_telemetry`] instead, which adds trace ids to the logs and exports spans.
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(telemetry::env_filter())
+        .with(telemetry::json_log_layer(std::io::stdout))
+        .init();
 }
 
 /// Resolves on SIGINT or SIGTERM, so the service can drain and stop cleanly.
