@@ -323,3 +323,44 @@ impl Backoff {
         self.next = self.min;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_configured_topic_names_its_kind_and_nothing_else_does() {
+        let topics = Topics { initiated: "a.i".into(), completed: "a.c".into(), failed: "a.f".into() };
+        assert_eq!(topics.kind_of("a.i"), Some(NotificationKind::Initiated));
+        assert_eq!(topics.kind_of("a.c"), Some(NotificationKind::Completed));
+        assert_eq!(topics.kind_of("a.f"), Some(NotificationKind::Failed));
+        for other in ["payment.initiated", "", "a.i.dlq"] {
+            assert_eq!(topics.kind_of(other), None, "{other}");
+        }
+        let production = Topics::default();
+        for kind in NotificationKind::ALL {
+            assert_eq!(production.kind_of(kind.topic()), Some(kind));
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let config = ConsumerConfig {
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(300),
+            ..ConsumerConfig::default()
+        };
+        let mut backoff = Backoff::new(&config);
+        let waits: Vec<u128> = (0..5).map(|_| backoff.next().as_millis()).collect();
+        assert_eq!(waits, [50, 100, 200, 300, 300]);
+        backoff.reset();
+        assert_eq!(backoff.next(), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn undecodable_payloads_name_their_reason() {
+        let policy = AmountPolicy::default();
+        assert_eq!(decode(NotificationKind::Initiated, b"\xff\xff", policy).unwrap_err().reason, "undecodable");
+        assert_eq!(decode(NotificationKind::Failed, b"", policy).unwrap_err().reason, "unknown_failure_reason");
+    }
+}
