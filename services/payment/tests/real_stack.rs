@@ -109,6 +109,8 @@ struct World {
     suffix: String,
     /// The services' secrets directories, alive as long as the world.
     secrets: Vec<tempfile::TempDir>,
+    /// The admin address of the service started last.
+    admin: Option<SocketAddr>,
 }
 
 impl World {
@@ -125,16 +127,18 @@ impl World {
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let created = admin.create_topics(&new, &options).await.expect("create topics");
         assert!(created.iter().all(Result::is_ok), "{created:?}");
-        Some(World { db, redis_url, brokers, suffix, secrets: Vec::new() })
+        Some(World { db, redis_url, brokers, suffix, secrets: Vec::new(), admin: None })
     }
 
     async fn env(&mut self, role: &str, listen: SocketAddr, redis_url: &str) -> Vec<(String, String)> {
+        let admin = free_addr();
+        self.admin = Some(admin);
         let (mut env, secrets) = self.db.service_env(role).await;
         self.secrets.push(secrets);
         env.extend([
             (dev_insecure::ENV.to_owned(), "1".to_owned()),
             ("SECUREPAY_LISTEN_ADDR".to_owned(), listen.to_string()),
-            ("SECUREPAY_ADMIN_ADDR".to_owned(), free_addr().to_string()),
+            ("SECUREPAY_ADMIN_ADDR".to_owned(), admin.to_string()),
             ("SECUREPAY_REDIS_URL".to_owned(), redis_url.to_owned()),
             ("SECUREPAY_KAFKA_BROKERS".to_owned(), self.brokers.clone()),
             ("SECUREPAY_KAFKA_NAME_SUFFIX".to_owned(), self.suffix.clone()),
@@ -160,6 +164,26 @@ impl World {
             env.push(((*k).to_owned(), (*v).to_owned()));
         }
         Service::start("payment", PathBuf::from(env!("CARGO_BIN_EXE_securepay-payment")), &env, listen).await
+    }
+
+    /// `GET path` on the admin listener of the service started last: (status, body).
+    async fn admin_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let addr = self.admin.expect("a service was started");
+        let started = Instant::now();
+        let mut stream = loop {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(stream) => break stream,
+                Err(_) => assert!(started.elapsed() < START_BOUND, "admin listener {addr} never came up"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.unwrap();
+        let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("an HTTP status line");
+        (status, text)
     }
 
     async fn count(&self, sql: &str) -> i64 {
@@ -307,6 +331,25 @@ async fn fifty_concurrent_identical_requests_make_one_payment_and_one_event() {
     let reused = initiate(&mut c, pay("10.51", &k)).await.unwrap_err();
     assert_eq!((reused.code(), error_code(&reused)), (Code::FailedPrecondition, Some("idempotency_key_reused")));
 
+    // The fast path holds the completed record, self-consistent (fingerprint twice, then the
+    // body). With it gone (a flush), PostgreSQL answers the same bytes and refills it.
+    let redis = redis::Client::open(world.redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let redis_key = securepay_redis::idempotency_key(
+        &Subject::parse("alice").unwrap(),
+        &securepay_core::idempotency::IdempotencyKey::parse(&k).unwrap(),
+    );
+    let cached: Vec<u8> = redis::cmd("GET").arg(&redis_key).query_async(&mut conn).await.unwrap();
+    assert_eq!(cached.first(), Some(&b'C'), "completed in Redis");
+    assert_eq!(cached[1..33], cached[33..65], "the embedded fingerprint is the record's");
+    assert_eq!(cached[65..], bodies[0].0[..], "Redis holds the first body");
+    let _: i64 = redis::cmd("DEL").arg(&redis_key).query_async(&mut conn).await.unwrap();
+    let (again, replayed) = initiate(&mut c, pay("10.50", &k)).await.unwrap();
+    assert!(replayed);
+    assert_eq!(again, bodies[0].0, "PostgreSQL replays the same bytes");
+    let refilled: Vec<u8> = redis::cmd("GET").arg(&redis_key).query_async(&mut conn).await.unwrap();
+    assert_eq!(refilled, cached, "the fast path is refilled from the truth");
+
     let id = payment_id(&bodies[0].0);
     assert_eq!(initiated_on_kafka(&world, &id, Duration::from_secs(3)).await, 1, "one event on the broker");
     let settled = wait_for_status(&mut c, &id, wire::PaymentStatus::Completed).await;
@@ -330,6 +373,20 @@ async fn fifty_concurrent_identical_requests_make_one_payment_and_one_event() {
         assert_eq!(refused, PortError::Refused { rule: "illegal_transition" }, "from {from}");
     }
     assert_eq!(store.get(pid).await.unwrap().unwrap().status, PaymentStatus::Completed);
+
+    let (ready, body) = world.admin_get("/ready").await;
+    assert_eq!(ready, 200, "{body}");
+    let (_, metrics) = world.admin_get("/metrics").await;
+    for series in [
+        "securepay_payments_total{status=\"PENDING\"} 1",
+        "securepay_payments_total{status=\"COMPLETED\"} 1",
+        "securepay_payment_transitions_total{from=\"PENDING\",to=\"COMPLETED\"} 1",
+        "securepay_illegal_transitions_total 0",
+        "securepay_outbox_lag_events{service=\"payment\"} 0",
+        "securepay_settlement_duration_seconds_count 1",
+    ] {
+        assert!(metrics.contains(series), "/metrics lacks {series}:\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
