@@ -17,10 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use madsim::rand::thread_rng;
-use madsim::runtime::Handle;
 use securepay_core::ids::AccountId;
 use securepay_ports::{BalanceCache, EventConsumer, EventLog, LedgerStore, OutgoingRecord, SvidSource};
-use securepay_sim::infra::{Infra, Injector, ServicePorts, ip};
+use securepay_sim::infra::{Infra, Injector, ServicePorts};
 use securepay_sim::plan::{Node, Plan, Schedule};
 use securepay_sim::run::{self, Checker};
 use tokio::time::{Instant, sleep};
@@ -91,17 +90,8 @@ async fn run_plan(name: &str) {
     infra.groups.extend(Node::SERVICES.iter().map(|n| format!("probe-{n}")));
     let stats = Shared::default();
     for node in Node::SERVICES {
-        let (clock, stats) = (infra.clock(node), Arc::clone(&stats));
-        let handle = Handle::current()
-            .create_node()
-            .name(node.name())
-            .ip(ip(node))
-            .init(move || {
-                let (clock, stats) = (clock.clone(), Arc::clone(&stats));
-                async move { probe(node, ServicePorts::connect(clock).await, stats).await }
-            })
-            .build();
-        infra.add_service(node, handle);
+        let stats = Arc::clone(&stats);
+        infra.start_service(node, move |ports| probe(node, ports, Arc::clone(&stats)));
     }
 
     let injector = Injector::new(&infra);

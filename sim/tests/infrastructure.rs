@@ -180,7 +180,19 @@ async fn database_calls_fail_as_unavailable_across_partitions_outages_and_kills_
     let s = store.clone();
     let read = on_account!(s.account(b).await.map(|v| v.map(|v| v.balance)));
     check.check(read == Ok(Some(Decimal::new(12_500, 2))), || format!("read after the restart: {read:?}"));
-    check.check(faults.lost_replies() == 0, || "no reply was dropped by the fault switch");
+
+    // The lost-reply switch: the call commits, its reply is dropped, the caller sees Unavailable.
+    faults.lose_replies(1000);
+    let request = transfer(b, a, 100);
+    let (s, r) = (store.clone(), request.clone());
+    let lost = on_account!(s.settle(&[r], SimClock.now()).await.map(|_| ()));
+    faults.lose_replies(0);
+    check.check(lost == Err(DOWN), || format!("settle with the reply dropped: {lost:?}"));
+    check.check(
+        db.ledger.ledger().outcome(request.transfer.payment_id) == Some(Outcome::Completed),
+        || "the settlement whose reply was dropped did not commit",
+    );
+    check.check(faults.lost_replies() == 1, || format!("{} replies dropped", faults.lost_replies()));
     run::print_line(&format!("{TEST}/database seed={} checks={}", run::seed(), check.checks()));
 }
 

@@ -27,6 +27,8 @@ use securepay_ports::{Clock, Svid, SvidSource};
 use securepay_proto::account::v1::account_service_client::AccountServiceClient;
 use securepay_proto::account::v1::account_service_server::{AccountService, AccountServiceServer};
 use securepay_proto::account::v1::{Balance, CheckBalanceRequest, CheckBalanceResponse, GetBalanceRequest};
+use securepay_sim::infra::{self, Infra, ServicePorts};
+use securepay_sim::plan::{Node, Plan};
 use securepay_sim::remote::ServerFaults;
 use securepay_sim::run::{self, Checker};
 use securepay_sim::spire::{
@@ -248,4 +250,52 @@ async fn an_issuer_outage_past_the_ttl_refuses_calls_until_the_svid_is_renewed()
         check.checks(),
         healed_at.elapsed().as_millis()
     ));
+}
+
+/// What each caller node saw last, keyed by its node.
+type Seen = Arc<std::sync::Mutex<BTreeMap<Node, Result<(), Code>>>>;
+
+#[madsim::test]
+async fn service_nodes_started_by_infra_authenticate_each_other_with_their_issued_svids() {
+    run::print_replay_command_on_panic(TEST);
+    let mut check = Checker::new(TEST);
+    let plan = Plan::named("svid-expiry").unwrap_or_else(|e| panic!("{e}"));
+    let mut infra = Infra::start(&plan);
+    infra.start_service(Node::Account, |ports: ServicePorts| async move {
+        Server::builder()
+            .add_service(AccountServiceServer::with_interceptor(Probe, ports.server_interceptor()))
+            .serve(infra::addr(Node::Account))
+            .await
+            .expect("account serves");
+    });
+    let seen = Seen::default();
+    for caller in [Node::Payment, Node::Notification] {
+        let seen = Arc::clone(&seen);
+        infra.start_service(caller, move |ports: ServicePorts| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let mut client =
+                    AccountServiceClient::with_interceptor(ports.channel(Node::Account), ports.client_interceptor());
+                loop {
+                    let mut request = Request::new(CheckBalanceRequest::default());
+                    with_subject(&mut request, &Subject::parse("alice").expect("valid"));
+                    let outcome = match timeout(CALL_TIMEOUT, client.check_balance(request)).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(status)) => Err(status.code()),
+                        Err(_) => Err(Code::DeadlineExceeded),
+                    };
+                    seen.lock().unwrap().insert(caller, outcome);
+                    sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+    }
+    let expected = BTreeMap::from([(Node::Payment, Ok(())), (Node::Notification, Err(Code::PermissionDenied))]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while *seen.lock().unwrap() != expected && Instant::now() < deadline {
+        sleep(Duration::from_millis(100)).await;
+    }
+    let last = seen.lock().unwrap().clone();
+    check.check(last == expected, || format!("callers saw {last:?}, expected {expected:?}"));
+    run::print_line(&format!("{TEST}/infra-grpc seed={} checks={}", run::seed(), check.checks()));
 }
