@@ -5,9 +5,18 @@
 //! process that is not one of the four services gets no SVID and every caller here fails closed:
 //! an error is returned, never a default identity.
 //!
-//! Architecture invariant: no service logic; only the Workload API client and the summary of what it
-//! issued. Under `--cfg madsim` the real client is not compiled and every fetch fails with
+//! - [`x509`]: the live identity a service holds while it runs (rotation pushed by the agent).
+//! - [`grpc`]: the zero-trust gRPC transport built on it — mTLS server and client channels whose
+//!   every handshake uses the current SVID, trust domain pinned, peers identified by SPIFFE ID.
+//!
+//! Architecture invariant: no service logic; only the Workload API client, the transport, and the
+//! summary of what was issued. Under `--cfg madsim` the real client is not compiled and every fetch fails with
 //! [`IdentityError::Unsupported`]; the simulator issues SVIDs through its own port.
+
+#[cfg(not(madsim))]
+pub mod grpc;
+#[cfg(not(madsim))]
+pub mod x509;
 
 use securepay_core::identity::TRUST_DOMAIN;
 use time::OffsetDateTime;
@@ -49,6 +58,10 @@ pub enum IdentityError {
     NoIdentityIssued,
     #[error("the SPIRE agent refused an identity: {0}")]
     PermissionDenied(String),
+    #[error(
+        "no X.509-SVID for {spiffe_id} from the SPIRE agent at {endpoint} within {secs} s: is the agent running and is this binary registered?"
+    )]
+    NoSvidWithin { spiffe_id: &'static str, endpoint: String, secs: u64 },
     #[error("the Workload API did not answer within {FETCH_TIMEOUT_MS_MAX} ms")]
     Timeout,
     #[error("the Workload API returned an unusable SVID: {0}")]

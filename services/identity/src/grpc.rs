@@ -1,0 +1,274 @@
+//! The zero-trust gRPC transport (SPEC §2): every hop is mTLS with X.509-SVIDs from the SPIRE
+//! agent, the trust domain is pinned to `securepay.dev`, and nothing else is served or dialled.
+//!
+//! - [`serve`] runs tonic services on a listener that completes only mTLS handshakes: the client
+//!   must present a certificate that chains to the trust domain's current bundle and names one of
+//!   the four SecurePay workloads. Plaintext, foreign and expired clients fail the handshake. The
+//!   verified peer (SPIFFE ID from the URI SAN, the leaf's `notAfter`) reaches every request as a
+//!   [`PeerSvid`] extension, and handlers authorize per method with `securepay_kit::authorize`.
+//! - [`channel`] dials a service over mTLS and refuses any server whose SVID is not exactly the
+//!   expected workload's.
+//!
+//! Rotation: both sides resolve the current SVID and bundle at each handshake, so rotated SVIDs
+//! take effect without a restart. A connection is never used past the certificates it was opened
+//! with: the server closes each connection gracefully (HTTP/2 GOAWAY, in-flight calls finish)
+//! after a quarter of its SVID's lifetime, at most [`MAX_CONNECTION_AGE_CAP`]; clients reconnect
+//! with their current SVID.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use securepay_core::identity::{ServiceIdentity, TRUST_DOMAIN};
+use securepay_kit::PeerSvid;
+use securepay_ports::Svid;
+use spiffe_rustls::{LocalOnly, SpiffeId, TrustDomain, authorizer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_stream::StreamExt as _;
+use tonic::service::Routes;
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint, Server};
+use x509_parser::extensions::GeneralName;
+
+use crate::x509::{WorkloadIdentity, leaf_not_after};
+
+/// A client that has not completed its handshake by then is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound on how long one connection is used, whatever the SVID lifetime.
+pub const MAX_CONNECTION_AGE_CAP: Duration = Duration::from_secs(300);
+/// Connecting (TCP + handshake) to a service gives up after this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const ALPN_H2: &[u8] = b"h2";
+
+/// Why the transport could not be set up or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("the mTLS configuration could not be built from the current SVID: {0}")]
+    Tls(String),
+    #[error("{0} is not a gRPC address (expected host:port)")]
+    Address(String),
+    #[error("the gRPC server failed: {0}")]
+    Serve(String),
+}
+
+/// Serves `routes` on `listener` over mTLS only, as `workload`, until `shutdown` completes; then
+/// stops accepting and waits for open calls to finish.
+///
+/// ```ignore
+/// let routes = Routes::new(AccountServiceServer::new(service));
+/// securepay_identity::grpc::serve(routes, listener, &workload, shutdown).await?;
+/// ```
+pub async fn serve<F>(
+    routes: Routes,
+    listener: TcpListener,
+    workload: &WorkloadIdentity,
+    shutdown: F,
+) -> Result<(), TransportError>
+where
+    F: Future<Output = ()>,
+{
+    let max_age = connection_max_age(workload)?;
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(workload)?));
+    let (tx, rx) = tokio::sync::mpsc::channel::<MtlsStream>(64);
+    let accepting = AbortOnDrop(tokio::spawn(accept_loop(listener, acceptor, tx)));
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
+    let served = Server::builder()
+        .max_connection_age(max_age)
+        // No `max_connection_age_grace`: with it, tonic 0.14 skips the graceful GOAWAY at
+        // `max_connection_age` and only cuts the connection after age + grace.
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    drop(accepting);
+    served.map_err(|e| TransportError::Serve(e.to_string()))
+}
+
+/// A lazily connecting channel to `addr` (`host:port`) that accepts only a server presenting
+/// `server`'s SVID. Each new connection presents `workload`'s current SVID.
+pub fn channel(addr: &str, server: ServiceIdentity, workload: &WorkloadIdentity) -> Result<Channel, TransportError> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|_| TransportError::Address(addr.to_owned()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let config = client_config(server, workload)?;
+    Ok(endpoint.connect_with_connector_lazy(SpiffeConnector { tls: TlsConnector::from(Arc::new(config)) }))
+}
+
+fn trust_domain() -> Result<TrustDomain, TransportError> {
+    TrustDomain::new(TRUST_DOMAIN).map_err(|e| TransportError::Tls(e.to_string()))
+}
+
+/// Client certificate required and verified against our trust domain's bundle only; any of the
+/// four workloads passes the handshake (per-method authorization happens in the handlers).
+fn server_config(workload: &WorkloadIdentity) -> Result<rustls::ServerConfig, TransportError> {
+    spiffe_rustls::mtls_server(workload.source().clone())
+        .authorize(|peer: &SpiffeId| ServiceIdentity::from_spiffe_id(&peer.to_string()).is_some())
+        .trust_domain_policy(LocalOnly(trust_domain()?))
+        .with_alpn_protocols([ALPN_H2])
+        .build()
+        .map_err(|e| TransportError::Tls(e.to_string()))
+}
+
+/// The server must present exactly `server`'s SPIFFE ID from our trust domain.
+fn client_config(server: ServiceIdentity, workload: &WorkloadIdentity) -> Result<rustls::ClientConfig, TransportError> {
+    let exact = authorizer::exact([server.spiffe_id()]).map_err(|e| TransportError::Tls(e.to_string()))?;
+    spiffe_rustls::mtls_client(workload.source().clone())
+        .authorize(exact)
+        .trust_domain_policy(LocalOnly(trust_domain()?))
+        .with_alpn_protocols([ALPN_H2])
+        .build()
+        .map_err(|e| TransportError::Tls(e.to_string()))
+}
+
+/// A quarter of our SVID's lifetime: the agent rotates at half-life, so a connection opened with
+/// any SVID of the same lifetime closes well before that SVID expires.
+fn connection_max_age(workload: &WorkloadIdentity) -> Result<Duration, TransportError> {
+    let svid = workload.source().svid().map_err(|e| TransportError::Tls(e.to_string()))?;
+    let (_, leaf) =
+        x509_parser::parse_x509_certificate(svid.leaf().as_ref()).map_err(|e| TransportError::Tls(e.to_string()))?;
+    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+    let quarter = Duration::from_secs(u64::try_from(lifetime / 4).unwrap_or(0).max(1));
+    Ok(quarter.min(MAX_CONNECTION_AGE_CAP))
+}
+
+/// Accepts TCP connections and completes mTLS handshakes concurrently (a slow or hostile client
+/// never delays others); only verified connections reach tonic.
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, verified: tokio::sync::mpsc::Sender<MtlsStream>) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a gRPC connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if verified.is_closed() {
+            return;
+        }
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, verified) = (acceptor.clone(), verified.clone());
+        tokio::spawn(async move {
+            let refused = |reason: &'static str, detail: String| {
+                securepay_kit::metrics::auth_failure(reason);
+                tracing::warn!(%remote, reason, detail, "refused a gRPC connection");
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Err(_) => refused("tls_handshake_timeout", String::new()),
+                Ok(Err(e)) => refused("tls_handshake_failed", e.to_string()),
+                Ok(Ok(tls)) => match verified_peer(&tls) {
+                    Some(peer) => {
+                        let _ = verified.send(MtlsStream { tls, peer: PeerSvid(peer) }).await;
+                    }
+                    None => refused("tls_peer_unreadable", String::new()),
+                },
+            }
+        });
+    }
+}
+
+/// The client's SPIFFE ID and `notAfter`, from the leaf certificate the handshake verified.
+fn verified_peer(tls: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<Svid> {
+    let leaf = tls.get_ref().1.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|name| match name {
+        GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
+    let spiffe_id = uris.next().filter(|uri| uri.starts_with("spiffe://"))?.to_owned();
+    if uris.next().is_some() {
+        return None; // an X.509-SVID has exactly one URI SAN
+    }
+    Some(Svid { spiffe_id, not_after: leaf_not_after(leaf.as_ref()).ok()? })
+}
+
+/// A verified mTLS connection; tonic puts its [`PeerSvid`] on every request made over it.
+struct MtlsStream {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: PeerSvid,
+}
+
+impl Connected for MtlsStream {
+    type ConnectInfo = PeerSvid;
+
+    fn connect_info(&self) -> PeerSvid {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for MtlsStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MtlsStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+}
+
+/// Dials TCP and completes the mTLS handshake with the current SVID, for tonic's channel.
+#[derive(Clone)]
+struct SpiffeConnector {
+    tls: TlsConnector,
+}
+
+impl tower_service::Service<http::Uri> for SpiffeConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri} has no host:port"));
+            let host = uri.host().ok_or_else(invalid)?.trim_matches(['[', ']']).to_owned();
+            let port = uri.port_u16().ok_or_else(invalid)?;
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            // The server is identified by the SPIFFE ID in its SVID; the name only fills SNI.
+            let name = rustls::pki_types::ServerName::try_from(host).map_err(|_| invalid())?;
+            Ok(TokioIo::new(tls.connect(name, tcp).await?))
+        })
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
