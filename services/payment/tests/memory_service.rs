@@ -364,3 +364,25 @@ async fn the_consumer_loop_commits_only_after_the_store_write() {
     let mut reader = log.consumer(group, &[topic::PAYMENT_FAILED]);
     assert!(reader.poll(10, Duration::from_millis(50)).await.unwrap().is_empty(), "the outcome was committed");
 }
+
+#[tokio::test]
+async fn a_client_chosen_id_is_used_once_and_keys_are_purged_after_their_retention() {
+    let f = fixture(Duration::ZERO);
+    let id = uuid::Uuid::new_v4().to_string();
+    let chosen = wire::InitiatePaymentRequest { payment_id: id.clone(), ..request("1", "k-id-1") };
+    let paid = f.service.initiate(alice(), &chosen, None).await.unwrap().response.payment.unwrap();
+    assert_eq!(paid.payment_id, id);
+    let again = wire::InitiatePaymentRequest { payment_id: id.clone(), ..request("1", "k-id-2") };
+    assert_eq!(f.service.initiate(alice(), &again, None).await.unwrap_err(), ServiceError::PaymentExists);
+    assert_eq!(rows(&f.store), (1, 1));
+
+    // Kept 24 h, then purged: the fast path was down throughout, so the truth alone decides.
+    f.fast.set_available(false);
+    f.clock.advance(time::Duration::hours(23));
+    f.service.run_purge(Duration::from_secs(3600), std::future::ready(())).await;
+    assert!(f.service.initiate(alice(), &chosen, None).await.unwrap().replayed, "still kept at 23 h");
+    f.clock.advance(time::Duration::hours(2));
+    f.service.run_purge(Duration::from_secs(3600), std::future::ready(())).await;
+    let after = f.service.initiate(alice(), &chosen, None).await.unwrap_err();
+    assert_eq!(after, ServiceError::PaymentExists, "after the purge the key is new; the id is still taken");
+}

@@ -291,6 +291,12 @@ async fn initiated_on_kafka(world: &World, payment_id: &str, linger: Duration) -
     loop {
         for record in consumer.poll(100, Duration::from_millis(500)).await.unwrap() {
             if record.key == payment_id {
+                let traceparent = record.headers.iter().find(|(k, _)| k == "traceparent").map(|(_, v)| v.as_str());
+                assert!(
+                    traceparent.is_some_and(|t| t.len() == 55 && t.starts_with("00-")),
+                    "W3C trace context in the headers: {:?}",
+                    record.headers
+                );
                 seen += 1;
                 first_at.get_or_insert_with(Instant::now);
             }
@@ -485,4 +491,29 @@ async fn with_the_account_service_down_requests_fail_fast_and_nothing_is_written
     assert_eq!(world.count("SELECT count(*) FROM payments.transactions").await, 0, "nothing written");
     assert_eq!(world.count("SELECT count(*) FROM payments.outbox").await, 0);
     assert_eq!(world.count("SELECT count(*) FROM payments.idempotency_keys").await, 0, "every claim released");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_with_two_relays_settle_every_payment_exactly_once() {
+    let Some(mut world) = World::new().await else { return };
+    let (_account, account_addr) = world.account().await;
+    let (a, b) = (free_addr(), free_addr());
+    let _first = world.payment(account_addr, a, &[]).await;
+    let _second = world.payment(account_addr, b, &[]).await;
+    let clients = [client(a).await, client(b).await];
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        let mut c = clients[n % 2].clone();
+        let (body, replayed) = initiate(&mut c, pay("1.00", &key("order-two"))).await.unwrap();
+        assert!(!replayed);
+        ids.push(payment_id(&body));
+    }
+    let mut c = clients[0].clone();
+    for id in &ids {
+        wait_for_status(&mut c, id, wire::PaymentStatus::Completed).await;
+    }
+    assert_eq!(world.count("SELECT count(*) FROM accounts.processed_events").await, 10, "one settlement each");
+    assert_eq!(world.count("SELECT count(*) FROM accounts.ledger_entries").await, 20);
+    assert_eq!(world.balance(ALICE_EUR).await, Decimal::from_str("990.00").unwrap(), "each debited once");
+    assert_eq!(world.count("SELECT count(*) FROM payments.outbox WHERE published_at IS NULL").await, 0);
 }
