@@ -13,13 +13,15 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::http_get;
 use opentelemetry::trace::TraceContextExt;
 use securepay_kit::trace::{self, names};
 use securepay_runtime::telemetry;
 use securepay_testkit::{component, var};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
+
+mod common;
 
 /// A log sink the test can read back.
 #[derive(Clone, Default)]
@@ -149,23 +151,6 @@ fn http_headers_and_event_headers_round_trip_the_w3c_context() {
         assert!(!trace::extract_from_http(&http::HeaderMap::new()).span().span_context().is_valid());
         assert!(!trace::context_from_headers(&[]).span().span_context().is_valid());
     });
-}
-
-/// A minimal HTTP/1.0 GET (no chunked bodies, the connection ends the body): the status code and
-/// body of `url` (`http://host:port/path`).
-async fn http_get(url: &str) -> io::Result<(u16, String)> {
-    let rest = url.strip_prefix("http://").expect("an http:// URL");
-    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let mut stream = tokio::net::TcpStream::connect(host).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-    Ok((status, body.to_owned()))
 }
 
 /// One span as Jaeger reports it.
