@@ -7,6 +7,11 @@
 //! `/ready` (PostgreSQL answers and the last poll reached Kafka) and `/metrics`. JSON logs; the
 //! `identity` subcommand; SIGINT/SIGTERM stop the listener, let the consumer finish and commit its
 //! batch, then exit.
+//!
+//! Also read: `SECUREPAY_AMOUNT_MAX` (largest valid amount of an event, default `1000000`, as the
+//! payment service) and `SECUREPAY_KAFKA_NAME_SUFFIX`: TESTS ONLY, appended to the three topics and
+//! to the consumer group (as the payment and account services do), so a test can run the binaries
+//! against a shared broker without touching the production names.
 
 #[cfg(madsim)]
 fn main() {}
@@ -21,9 +26,10 @@ async fn main() -> anyhow::Result<()> {
 mod real {
     use std::sync::Arc;
 
-    use anyhow::Context as _;
+    use anyhow::{Context as _, anyhow, bail};
+    use securepay_core::money::{AmountPolicy, parse_decimal_text};
     use securepay_kafka::KafkaConsumer;
-    use securepay_notification::{ConsumerConfig, ConsumerHealth, metrics, run_consumer};
+    use securepay_notification::{ConsumerConfig, ConsumerHealth, Topics, metrics, run_consumer};
     use securepay_ports::Clock;
     use securepay_postgres::PgNotificationStore;
     use securepay_runtime::ReadyCheck;
@@ -32,6 +38,53 @@ mod real {
     const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:8083";
     /// Connections of the store's pool: the consumer writes one at a time, the API reads.
     const PG_CONNECTIONS_MAX: u32 = 8;
+
+    const AMOUNT_MAX_ENV: &str = "SECUREPAY_AMOUNT_MAX";
+    const NAME_SUFFIX_ENV: &str = "SECUREPAY_KAFKA_NAME_SUFFIX";
+    const NAME_SUFFIX_LEN_MAX: usize = 64;
+
+    fn amount_policy() -> anyhow::Result<AmountPolicy> {
+        let Ok(text) = std::env::var(AMOUNT_MAX_ENV) else { return Ok(AmountPolicy::default()) };
+        let maximum = parse_decimal_text(&text)
+            .ok()
+            .filter(|m| !m.is_zero())
+            .ok_or_else(|| anyhow!("{AMOUNT_MAX_ENV} must be a positive decimal like 1000000, not {text:?}"))?;
+        Ok(AmountPolicy { maximum })
+    }
+
+    fn name_suffix() -> anyhow::Result<String> {
+        let suffix = std::env::var(NAME_SUFFIX_ENV).unwrap_or_default();
+        let valid = suffix.len() <= NAME_SUFFIX_LEN_MAX
+            && suffix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !valid {
+            bail!("{NAME_SUFFIX_ENV} must be at most {NAME_SUFFIX_LEN_MAX} characters of [A-Za-z0-9._-]");
+        }
+        Ok(suffix)
+    }
+
+    /// Production's consumer configuration, with the test-only name suffix applied.
+    fn consumer_config() -> anyhow::Result<ConsumerConfig> {
+        let suffix = name_suffix()?;
+        let production = ConsumerConfig::default();
+        if !suffix.is_empty() {
+            tracing::warn!(
+                service = metrics::SERVICE,
+                suffix,
+                "TESTS ONLY: {NAME_SUFFIX_ENV} renames every topic and the consumer group"
+            );
+        }
+        let t = &production.topics;
+        Ok(ConsumerConfig {
+            topics: Topics {
+                initiated: format!("{}{suffix}", t.initiated),
+                completed: format!("{}{suffix}", t.completed),
+                failed: format!("{}{suffix}", t.failed),
+            },
+            group: format!("{}{suffix}", production.group),
+            amount_policy: amount_policy()?,
+            ..production
+        })
+    }
 
     /// The OS wall clock.
     struct SystemClock;
@@ -52,11 +105,11 @@ mod real {
         let listen = securepay_runtime::addr_from_env("SECUREPAY_LISTEN_ADDR", DEFAULT_LISTEN_ADDR)?;
         let brokers = securepay_runtime::required_env("SECUREPAY_KAFKA_BROKERS")?;
         let pg_options = securepay_postgres::service_options_from_env("notification_service")?;
+        let config = consumer_config()?;
         let store = PgNotificationStore::connect(pg_options, PG_CONNECTIONS_MAX)
             .await
             .context("cannot connect to PostgreSQL as notification_service")?;
         let store = Arc::new(store);
-        let config = ConsumerConfig::default();
         let mut consumer = KafkaConsumer::new(&brokers, &config.group, &config.topics.all())
             .context("cannot create the Kafka consumer")?;
 

@@ -1,7 +1,8 @@
 //! The HTTP API over the REAL PostgreSQL store (fresh database per test), served on a real socket:
 //! the listing's exact JSON, and hostile `payment_id` values answered with a 400 problem — and the
-//! real binary, started as the runner starts it, answering `/health`, `/ready`, the API and
-//! `/metrics`, then stopping cleanly on SIGTERM.
+//! real binary, started as the runner starts it (topics and group suffixed), recording an event
+//! published to Kafka and answering `/health`, `/ready`, the API and `/metrics`, then stopping
+//! cleanly on SIGTERM.
 #![cfg(not(madsim))]
 
 mod common;
@@ -14,6 +15,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use securepay_core::ids::PaymentId;
 use securepay_core::payment::{FailureReason, Outcome};
+use securepay_kafka::KafkaEventLog;
+use securepay_notification::Topics;
+use securepay_ports::EventLog;
 use securepay_ports::{Notification, NotificationStore, Recorded};
 use securepay_postgres::PgNotificationStore;
 use securepay_postgres::testing::TestDb;
@@ -191,11 +195,19 @@ async fn the_binary_serves_health_readiness_the_api_and_metrics_and_stops_on_sig
     let Some(brokers) = component(var::KAFKA_BROKERS) else { return };
     let Some(db) = TestDb::new().await else { return };
     let (env, _secrets) = db.service_env("notification_service").await;
+    let suffix = format!(".test-{}", Uuid::new_v4().simple());
+    let topics = Topics {
+        initiated: format!("payment.initiated{suffix}"),
+        completed: format!("payment.completed{suffix}"),
+        failed: format!("payment.failed{suffix}"),
+    };
+    create_topics(&brokers, &topics).await;
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_securepay-notification"))
         .envs(env)
         .env("SECUREPAY_KAFKA_BROKERS", &brokers)
         .env("SECUREPAY_LISTEN_ADDR", addr.to_string())
+        .env("SECUREPAY_KAFKA_NAME_SUFFIX", &suffix)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -208,22 +220,31 @@ async fn the_binary_serves_health_readiness_the_api_and_metrics_and_stops_on_sig
     let ready = wait_for_status(addr, "/ready", 200).await;
     assert_eq!(ready.json()["status"], "ready");
 
-    let store = PgNotificationStore::connect(db.role_options("notification_service").await, 1).await.unwrap();
+    // End to end through the binary's consumer: an event published to its (suffixed) topic is listed.
     let payment = PaymentId::from_uuid(Uuid::new_v4());
     let event = initiated(payment, "42.00");
-    store.record(&Notification::from_event(&event, recorded_at())).await.unwrap();
-    let listed = http_get(addr, &format!("/api/v1/notifications?payment_id={payment}")).await.unwrap();
+    let log = KafkaEventLog::new(&brokers).expect("producer");
+    log.publish(&[record_of(&event, &topics)]).await.expect("publish");
+    let target = format!("/api/v1/notifications?payment_id={payment}");
+    let mut listed = http_get(addr, &target).await.unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while listed.json()["notifications"].as_array().is_none_or(Vec::is_empty) {
+        assert!(Instant::now() < deadline, "the published event was not listed within {PATIENCE:?}: {}", listed.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        listed = http_get(addr, &target).await.unwrap();
+    }
     assert_eq!(listed.status, 200, "{}", listed.body);
     assert_eq!(listed.json()["notifications"][0]["event_id"], event.event_id().to_string());
+    assert_eq!(listed.json()["notifications"][0]["amount"], "42.00");
     let refused = http_get(addr, "/api/v1/notifications?payment_id=..%2F").await.unwrap();
     assert_eq!((refused.status, refused.content_type.as_str()), (400, "application/problem+json"));
 
     let metrics = http_get(addr, "/metrics").await.unwrap();
     assert_eq!(metrics.status, 200);
     for series in [
-        r#"securepay_http_requests_total{service="notification",route="/api/v1/notifications",status="200"} 1"#,
+        r#"securepay_http_requests_total{service="notification",route="/api/v1/notifications",status="200"}"#,
         r#"securepay_http_requests_total{service="notification",route="/api/v1/notifications",status="400"} 1"#,
-        r#"securepay_notifications_total{kind="initiated"}"#,
+        r#"securepay_notifications_total{kind="initiated"} 1"#,
         "securepay_http_request_duration_seconds_bucket",
     ] {
         assert!(metrics.body.contains(series), "/metrics lacks {series}:\n{}", metrics.body);
