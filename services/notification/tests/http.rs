@@ -191,7 +191,7 @@ async fn wait_for_status(addr: SocketAddr, target: &str, status: u16) -> HttpAns
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_binary_serves_health_readiness_the_api_and_metrics_and_stops_on_sigterm() {
+async fn the_binary_records_logs_and_serves_health_readiness_the_api_and_metrics_and_stops_on_sigterm() {
     let Some(brokers) = component(var::KAFKA_BROKERS) else { return };
     let Some(db) = TestDb::new().await else { return };
     let (env, _secrets) = db.service_env("notification_service").await;
@@ -203,13 +203,14 @@ async fn the_binary_serves_health_readiness_the_api_and_metrics_and_stops_on_sig
     };
     create_topics(&brokers, &topics).await;
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log_path = std::env::temp_dir().join(format!("securepay-notification-{}.log", Uuid::new_v4().simple()));
     let child = Command::new(env!("CARGO_BIN_EXE_securepay-notification"))
         .envs(env)
         .env("SECUREPAY_KAFKA_BROKERS", &brokers)
         .env("SECUREPAY_LISTEN_ADDR", addr.to_string())
         .env("SECUREPAY_KAFKA_NAME_SUFFIX", &suffix)
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
+        .stdout(Stdio::from(std::fs::File::create(&log_path).expect("log file")))
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the binary");
@@ -262,4 +263,25 @@ async fn the_binary_serves_health_readiness_the_api_and_metrics_and_stops_on_sig
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(status.success(), "clean exit after SIGTERM: {status}");
+
+    // The new notification was logged as ONE structured JSON line with its fields.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {l}")))
+        .collect();
+    let fields = |line: &serde_json::Value| line.get("fields").cloned().unwrap_or_else(|| line.clone());
+    let recorded: Vec<serde_json::Value> = lines
+        .iter()
+        .map(fields)
+        .filter(|f| f["message"] == "notification recorded" && f["event_id"] == event.event_id().to_string())
+        .collect();
+    assert_eq!(recorded.len(), 1, "one log line for the new notification:\n{log}");
+    let line = &recorded[0];
+    assert_eq!(
+        [&line["payment_id"], &line["kind"], &line["amount"], &line["currency"]],
+        [&json!(payment.to_string()), &json!("initiated"), &json!("42.00"), &json!("EUR")]
+    );
+    assert!(!log.contains("password"), "no secret in the log");
 }
