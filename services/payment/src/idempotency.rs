@@ -179,6 +179,13 @@ impl<T: IdempotencyStore, F: IdempotencyStore> Idempotency<T, F> {
         self.release_fast(&claim.subject, &claim.key, claim.fast_owned).await;
     }
 
+    /// The insert found the truth's claim completed by a racing identical request (our lease had
+    /// run out): gives back our own fast-path claim, then decides again — normally a replay.
+    pub async fn after_claim_lost(&self, claim: Claim) -> Result<Begin, ServiceError> {
+        self.release_fast(&claim.subject, &claim.key, claim.fast_owned).await;
+        self.begin(&claim.subject, &claim.key, claim.fingerprint).await
+    }
+
     /// Deletes truth records created before `cutoff` (SPEC §6.1: kept ≥ 24 h, then purged).
     pub async fn purge_before(&self, cutoff: time::OffsetDateTime) -> securepay_ports::PortResult<u64> {
         self.truth.purge_before(cutoff).await

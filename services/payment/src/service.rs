@@ -128,7 +128,7 @@ where
                 // A request with the same key and fingerprint completed first (our lease had run
                 // out): the truth holds its response.
                 let claim = claim.expect("a claim can only be lost when there was one");
-                match self.idempotency.begin(&claim.subject, &claim.key, claim.fingerprint).await? {
+                match self.idempotency.after_claim_lost(claim).await? {
                     Begin::Replay(bytes) => decode_replay(&bytes),
                     Begin::Execute(again) => {
                         self.idempotency.release(again).await;

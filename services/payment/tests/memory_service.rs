@@ -386,3 +386,22 @@ async fn a_client_chosen_id_is_used_once_and_keys_are_purged_after_their_retenti
     let after = f.service.initiate(alice(), &chosen, None).await.unwrap_err();
     assert_eq!(after, ServiceError::PaymentExists, "after the purge the key is new; the id is still taken");
 }
+
+#[tokio::test]
+async fn a_request_that_outlived_its_lease_gets_the_winners_response() {
+    let f = fixture(Duration::from_millis(300));
+    let first = {
+        let service = f.service.clone();
+        tokio::spawn(async move { service.initiate(alice(), &request("4", "k-lease"), None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The first is still in its balance check when its 30 s lease runs out; the same request
+    // takes the key over. Whichever inserts second finds the claim completed by the other.
+    f.clock.advance(time::Duration::seconds(31));
+    let second = f.service.initiate(alice(), &request("4", "k-lease"), None).await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.response.encode_to_vec(), second.response.encode_to_vec(), "one answer for both");
+    assert!(first.replayed != second.replayed, "exactly one of them executed");
+    assert_eq!(rows(&f.store), (1, 1));
+    assert_eq!(f.accounts.calls.load(Ordering::SeqCst), 2, "both ran, one payment");
+}
