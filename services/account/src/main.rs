@@ -217,7 +217,7 @@ mod real {
 
         let relay_task = tokio::spawn(run_relay(
             Arc::clone(&ledger) as Arc<dyn securepay_ports::Outbox>,
-            Arc::clone(&events),
+            events,
             RelayConfig::new(SERVICE),
             stopped(),
         ));
@@ -225,7 +225,8 @@ mod real {
         let settler = Settler {
             ledger,
             cache,
-            dlq: events,
+            // The dead-letter topic is named in full (suffix included) by the configuration.
+            dlq: Arc::new(kafka.clone()),
             ids: Arc::new(RandomIds),
             clock,
             config: SettlementConfig {
