@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use securepay_ports::{EventLog, Outbox, OutgoingRecord, PortResult};
 
-use crate::metrics;
+use crate::{metrics, trace};
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -44,16 +44,22 @@ pub async fn relay_once(outbox: &dyn Outbox, log: &dyn EventLog, config: &RelayC
     if events.is_empty() {
         return Ok(0);
     }
+    // One `kafka.publish <topic>` span per event, child of the span that wrote it; the record
+    // carries the publish span's context, so consumers continue the same trace. The spans end
+    // when the broker acknowledged (or refused) the batch.
+    let spans: Vec<tracing::Span> = events.iter().map(|e| trace::publish_span(&e.topic, &e.headers)).collect();
     let records: Vec<OutgoingRecord> = events
         .iter()
-        .map(|e| OutgoingRecord {
+        .zip(&spans)
+        .map(|(e, span)| OutgoingRecord {
             topic: e.topic.clone(),
             key: e.key.clone(),
             payload: e.payload.clone(),
-            headers: e.headers.clone(),
+            headers: trace::relay_headers(&e.headers, span),
         })
         .collect();
     log.publish(&records).await?;
+    drop(spans);
     let sequences: Vec<i64> = events.iter().map(|e| e.sequence).collect();
     outbox.mark_published(&sequences).await?;
     Ok(events.len())
