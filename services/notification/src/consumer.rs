@@ -5,7 +5,8 @@
 //!    `securepay_proto::convert` — a record that fails is logged with its reason (never its
 //!    payload), counted (`securepay_notification_invalid_events_total{kind,reason}`) and skipped,
 //!    so one bad record never stalls its partition;
-//! 2. the notification is recorded (span `notification.record`). `New` is logged as ONE structured
+//! 2. the notification is recorded in a span `notification.record` whose parent is the trace context
+//!    of the record's headers (W3C `traceparent`, SPEC §8). `New` is logged as ONE structured
 //!    line (fields `event_id`, `payment_id`, `kind`, `amount`, `currency`, `reason`); `Duplicate`
 //!    (redelivery, or an event published twice) changes nothing. `Unavailable` retries the SAME
 //!    record with capped exponential backoff — nothing after it is handled, nothing committed past
@@ -25,6 +26,7 @@ use std::time::Duration;
 use securepay_core::events::PaymentEvent;
 use securepay_core::money::AmountPolicy;
 use securepay_core::topology::{consumer_group, topic};
+use securepay_kit::trace;
 use securepay_ports::{
     Clock, ConsumedRecord, EventConsumer, Notification, NotificationKind, NotificationStore, PortError, Recorded,
     TopicPartitionOffset,
@@ -183,7 +185,15 @@ async fn handle_batch<S: NotificationStore + ?Sized>(
                 continue;
             }
         };
-        if !record_until_stored(store, &notification, config, shutdown).await {
+        // SPEC §8: one `notification.record` span per event, a child of the trace that produced it.
+        let span = tracing::info_span!(
+            trace::names::NOTIFICATION_RECORD,
+            event_id = %notification.event_id,
+            payment_id = %notification.payment_id,
+            kind = notification.kind.as_str(),
+        );
+        trace::set_parent(&span, trace::context_from_headers(&record.headers));
+        if !record_until_stored(store, &notification, config, &span, shutdown).await {
             return i;
         }
     }
@@ -195,23 +205,25 @@ async fn record_until_stored<S: NotificationStore + ?Sized>(
     store: &S,
     n: &Notification,
     config: &ConsumerConfig,
+    span: &tracing::Span,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
     let mut backoff = Backoff::new(config);
     loop {
-        let span = tracing::info_span!("notification.record", event_id = %n.event_id, payment_id = %n.payment_id);
-        match store.record(n).instrument(span).await {
+        match store.record(n).instrument(span.clone()).await {
             Ok(Recorded::New) => {
                 metrics::recorded(n.kind);
-                tracing::info!(
-                    event_id = %n.event_id,
-                    payment_id = %n.payment_id,
-                    kind = n.kind.as_str(),
-                    amount = %n.amount,
-                    currency = n.amount.currency().code(),
-                    reason = n.failure_reason.map(|r| r.code()),
-                    "notification recorded"
-                );
+                span.in_scope(|| {
+                    tracing::info!(
+                        event_id = %n.event_id,
+                        payment_id = %n.payment_id,
+                        kind = n.kind.as_str(),
+                        amount = %n.amount,
+                        currency = n.amount.currency().code(),
+                        reason = n.failure_reason.map(|r| r.code()),
+                        "notification recorded"
+                    )
+                });
                 return true;
             }
             Ok(Recorded::Duplicate) => {

@@ -97,7 +97,8 @@ mod real {
 
     pub async fn main() -> anyhow::Result<()> {
         securepay_runtime::exit_if_identity_subcommand().await;
-        securepay_runtime::init_tracing();
+        // JSON logs, plus OTLP trace export when OTEL_EXPORTER_OTLP_ENDPOINT is set; flushed on drop.
+        let _telemetry = securepay_runtime::init_telemetry("notification-service")?;
         tracing::info!(service = metrics::SERVICE, version = env!("CARGO_PKG_VERSION"), "starting");
         let metrics_handle = securepay_runtime::install_metrics()?;
         metrics::register_known_series();
