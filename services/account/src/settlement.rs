@@ -426,3 +426,211 @@ fn highest_per_partition(records: &[ConsumedRecord]) -> Vec<TopicPartitionOffset
         .map(|((topic, partition), offset)| TopicPartitionOffset { topic: topic.to_owned(), partition, offset })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The round's control flow against the in-memory twins (fast, deterministic). The same code
+    //! against the real components: `tests/settlement.rs` and `tests/binary.rs`.
+
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use securepay_core::events::PaymentInitiated;
+    use securepay_core::ids::{EventId, PaymentId, Subject};
+    use securepay_core::money::{Amount, Currency};
+    use securepay_memory::{MemoryBalanceCache, MemoryEventLog, MemoryLedgerStore, SeededIds, SimClock};
+    use securepay_ports::{AccountView, CachedBalance, Outbox, OutboxEvent};
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    const TOPIC: &str = "payment.initiated";
+    const DLQ: &str = "payment.initiated.dlq";
+
+    /// The memory store behind switches: the next `outages` calls are `Unavailable`; a batch
+    /// naming `refused` is refused whole. Records the length of every batch it is asked to settle.
+    struct Switched {
+        inner: MemoryLedgerStore,
+        outages: AtomicUsize,
+        refused: Option<PaymentId>,
+        batches: Mutex<Vec<usize>>,
+    }
+
+    #[async_trait]
+    impl Outbox for Switched {
+        async fn unpublished(&self, limit: usize) -> PortResult<Vec<OutboxEvent>> {
+            self.inner.unpublished(limit).await
+        }
+        async fn mark_published(&self, sequences: &[i64]) -> PortResult<()> {
+            self.inner.mark_published(sequences).await
+        }
+    }
+
+    #[async_trait]
+    impl LedgerStore for Switched {
+        async fn settle(&self, batch: &[SettlementRequest], now: OffsetDateTime) -> PortResult<Vec<SettlementResult>> {
+            self.batches.lock().unwrap().push(batch.len());
+            if self.outages.load(Ordering::SeqCst) > 0 {
+                self.outages.fetch_sub(1, Ordering::SeqCst);
+                return Err(PortError::Unavailable { component: "postgresql" });
+            }
+            if batch.iter().any(|r| Some(r.transfer.payment_id) == self.refused) {
+                return Err(PortError::Refused { rule: "test_rule" });
+            }
+            self.inner.settle(batch, now).await
+        }
+        async fn account(&self, id: AccountId) -> PortResult<Option<AccountView>> {
+            self.inner.account(id).await
+        }
+    }
+
+    struct World {
+        log: MemoryEventLog,
+        store: MemoryLedgerStore,
+        cache: Arc<MemoryBalanceCache>,
+        alice: AccountId,
+        bob: AccountId,
+    }
+
+    fn eur() -> Currency {
+        Currency::from_code("EUR").unwrap()
+    }
+
+    fn world() -> World {
+        let store = MemoryLedgerStore::new();
+        let (alice, bob) = (AccountId::from_uuid(SeededIds.uuid()), AccountId::from_uuid(SeededIds.uuid()));
+        store.open(alice, Subject::parse("alice").unwrap(), eur(), Decimal::from(100)).unwrap();
+        store.open(bob, Subject::parse("bob").unwrap(), eur(), Decimal::ZERO).unwrap();
+        World { log: MemoryEventLog::with_partitions(1), store, cache: Arc::new(MemoryBalanceCache::new()), alice, bob }
+    }
+
+    fn payment(w: &World, amount: &str) -> (PaymentId, OutgoingRecord) {
+        let event = PaymentInitiated {
+            event_id: EventId::from_uuid(SeededIds.uuid()),
+            payment_id: PaymentId::from_uuid(SeededIds.uuid()),
+            subject: Subject::parse("alice").unwrap(),
+            from: w.alice,
+            to: w.bob,
+            amount: Amount::parse(amount, eur(), AmountPolicy::default()).unwrap(),
+            occurred_at: OffsetDateTime::now_utc(),
+        };
+        let record = OutgoingRecord {
+            topic: TOPIC.into(),
+            key: "one-partition".into(),
+            payload: securepay_proto::convert::encode_initiated(&event),
+            headers: vec![("traceparent".into(), "00-t".into())],
+        };
+        (event.payment_id, record)
+    }
+
+    fn settler(w: &World, outages: usize, refused: Option<PaymentId>) -> Settler<Switched, MemoryBalanceCache> {
+        let ledger =
+            Switched { inner: w.store.clone(), outages: AtomicUsize::new(outages), refused, batches: Mutex::default() };
+        let config = SettlementConfig {
+            backoff_min: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(4),
+            ..SettlementConfig::new(DLQ)
+        };
+        Settler {
+            ledger: Arc::new(ledger),
+            cache: Arc::clone(&w.cache),
+            dlq: Arc::new(w.log.clone()),
+            ids: Arc::new(SeededIds),
+            clock: Arc::new(SimClock),
+            config,
+        }
+    }
+
+    async fn poll_all(w: &World, group: &str) -> Vec<ConsumedRecord> {
+        w.log.consumer(group, &[TOPIC]).poll(100, Duration::from_millis(10)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_outage_retries_the_same_batch_until_it_commits() {
+        let w = world();
+        let records: Vec<OutgoingRecord> = (0..5).map(|_| payment(&w, "1.00").1).collect();
+        w.log.publish(&records).await.unwrap();
+        let s = settler(&w, 3, None);
+        let round = s.settle_round(&poll_all(&w, "g").await, &mut Shutdown::never()).await.unwrap();
+        assert_eq!(*s.ledger.batches.lock().unwrap(), [5, 5, 5, 5], "the same batch, retried whole");
+        assert_eq!(round.settled.len(), 5);
+        assert!(round.dead_lettered.is_empty());
+        assert_eq!(round.commit.len(), 1);
+        assert_eq!(round.commit[0].offset, 4, "the highest offset of the round");
+        assert_eq!(w.store.ledger().balance(w.bob), Some(Decimal::from(5)));
+    }
+
+    #[tokio::test]
+    async fn shutdown_during_an_outage_abandons_the_round_uncommitted() {
+        let w = world();
+        w.log.publish(&[payment(&w, "1.00").1]).await.unwrap();
+        let s = settler(&w, usize::MAX, None);
+        let records = poll_all(&w, "g").await;
+        let mut stop = Shutdown::new(tokio::time::sleep(Duration::from_millis(30)));
+        assert_eq!(s.settle_round(&records, &mut stop).await, Err(Stopped));
+        assert_eq!(w.store.ledger().balance(w.bob), Some(Decimal::ZERO));
+    }
+
+    #[tokio::test]
+    async fn an_event_refused_by_the_store_is_dead_lettered_alone() {
+        let w = world();
+        let (first, a) = payment(&w, "1.00");
+        let (bad, b) = payment(&w, "2.00");
+        let (last, c) = payment(&w, "4.00");
+        w.log.publish(&[a, b.clone(), c]).await.unwrap();
+        let mut dlq = w.log.consumer("dlq-reader", &[DLQ]);
+        let s = settler(&w, 0, Some(bad));
+        let round = s.settle_round(&poll_all(&w, "g").await, &mut Shutdown::never()).await.unwrap();
+        assert_eq!(*s.ledger.batches.lock().unwrap(), [3, 1, 1, 1], "the batch, then each event alone");
+        assert_eq!(round.dead_lettered.len(), 1);
+        assert_eq!(round.dead_lettered[0].1, "test_rule");
+        assert_eq!(w.store.ledger().balance(w.bob), Some(Decimal::from(5)), "the other two settled");
+        assert!(w.store.ledger().outcome(first).is_some() && w.store.ledger().outcome(last).is_some());
+        let letters = dlq.poll(10, Duration::from_millis(10)).await.unwrap();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].payload, b.payload);
+        assert_eq!(letters[0].key, b.key);
+        let headers: Vec<(&str, &str)> = letters[0].headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            headers,
+            [("traceparent", "00-t"), (DLQ_REASON_HEADER, "test_rule"), (DLQ_SOURCE_HEADER, "payment.initiated/0/1")]
+        );
+        assert_eq!(round.commit[0].offset, 2, "the refused event is passed, not retried forever");
+    }
+
+    #[tokio::test]
+    async fn the_loop_commits_after_settling_and_invalidates_the_cache() {
+        let w = world();
+        let stale = CachedBalance {
+            account: AccountView {
+                id: w.bob,
+                owner: Subject::parse("bob").unwrap(),
+                currency: eur(),
+                balance: Decimal::ZERO,
+            },
+            cached_at: OffsetDateTime::now_utc(),
+        };
+        w.cache.put(&stale, 60).await.unwrap();
+        let mut records: Vec<OutgoingRecord> = (0..3).map(|_| payment(&w, "1.00").1).collect();
+        records.push(OutgoingRecord { payload: b"garbage".to_vec(), ..records[0].clone() });
+        w.log.publish(&records).await.unwrap();
+        let s = settler(&w, 1, None);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let log = w.log.clone();
+        let running = async {
+            run_settlement(&s, || Ok(log.consumer("account", &[TOPIC])), async move { drop(stop_rx.await) }).await;
+        };
+        let watching = async {
+            while w.log.committed("account", TOPIC, 0) != Some(4) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            stop_tx.send(()).unwrap();
+        };
+        tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(running, watching) })
+            .await
+            .expect("the loop settled, committed and stopped");
+        assert_eq!(w.store.ledger().balance(w.bob), Some(Decimal::from(3)));
+        assert_eq!(w.cache.get(w.bob).await.unwrap(), None, "invalidated after the commit");
+    }
+}
