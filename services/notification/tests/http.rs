@@ -16,6 +16,7 @@ use common::*;
 use securepay_core::ids::PaymentId;
 use securepay_core::payment::{FailureReason, Outcome};
 use securepay_kafka::KafkaEventLog;
+use securepay_memory::MemoryNotificationStore;
 use securepay_notification::Topics;
 use securepay_ports::EventLog;
 use securepay_ports::{Notification, NotificationStore, Recorded};
@@ -158,6 +159,33 @@ async fn unknown_routes_and_methods_are_problems_too() {
     assert_eq!(answer.status, 404);
     assert_eq!(answer.content_type, "application/problem+json");
     assert_eq!(answer.json()["code"], "not_found");
+}
+
+/// The store being down is a 503 problem naming no internals (on the twin: an outage cannot be
+/// injected into the shared PostgreSQL).
+#[tokio::test]
+async fn a_store_outage_is_a_503_problem() {
+    let store = MemoryNotificationStore::new();
+    store.set_available(false);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = securepay_notification::http::router(Arc::new(store));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let payment = PaymentId::from_uuid(Uuid::new_v4());
+
+    let answer = http_get(addr, &format!("/api/v1/notifications?payment_id={payment}")).await.unwrap();
+
+    assert_eq!((answer.status, answer.content_type.as_str()), (503, "application/problem+json"));
+    assert_eq!(
+        answer.json(),
+        json!({
+            "type": "https://securepay.dev/problems/service_unavailable",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": "the service is unavailable; retry later",
+            "code": "service_unavailable",
+        })
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
