@@ -209,6 +209,26 @@ async fn the_binary_settles_relays_dead_letters_and_reports() {
     infra.assert_books_balance().await;
 }
 
+/// `/health` says the process is alive; `/ready` answers 503 naming the dependency that is down.
+#[tokio::test]
+async fn ready_names_the_dependency_that_is_down() {
+    let Some(infra) = Infra::new().await else { return };
+    let mut service = Service::new(&infra, 8).await;
+    for (name, value) in &mut service.env {
+        if name == "SECUREPAY_REDIS_URL" {
+            *value = "redis://127.0.0.1:1".to_owned(); // nothing listens there
+        }
+    }
+    let mut child = service.spawn();
+    wait_until(PATIENCE, "the admin listener answers", || async { http_get(service.admin, "/health").is_some() }).await;
+    assert_eq!(http_get(service.admin, "/health").map(|(s, _)| s), Some(200));
+    let (status, body) = http_get(service.admin, "/ready").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"failing\":[\"redis\"]"), "only redis is failing: {body}");
+    sigterm(&child);
+    assert!(exit_success(&mut child, || service.logs()).await, "clean exit:\n{}", service.logs());
+}
+
 fn header(record: &securepay_ports::ConsumedRecord) -> Option<&str> {
     common::header(record, DLQ_REASON_HEADER)
 }
