@@ -35,7 +35,9 @@ use crate::remote::{
     RemoteConsumer, RemoteEventLog, RemoteIdempotencyStore, RemoteLedgerStore, RemoteNotificationStore,
     RemotePaymentStore, ServerFaults, serve,
 };
-use crate::spire::{ClientInterceptor, ISSUER_PORT, Issuer, IssuerKey, ServerInterceptor, SimSvidSource};
+use crate::spire::{
+    Audited, ClientInterceptor, ISSUER_PORT, Issuer, IssuerKey, ServerInterceptor, SimSvidSource, SvidAudit,
+};
 
 /// The port every service serves gRPC on.
 pub const GRPC_PORT: u16 = 50_051;
@@ -98,6 +100,8 @@ pub struct Infra {
     /// PLANTED BUG switch (off by default): service nodes started after setting it get a server
     /// interceptor that trusts expired SVIDs (see [`ServerInterceptor::trust_expired_svid`]).
     pub trust_expired_svid: bool,
+    /// What every [`ServicePorts::audited`] server saw: the SVID invariant's evidence.
+    pub svid_audit: Arc<SvidAudit>,
     nodes: BTreeMap<Node, NodeHandle>,
 }
 
@@ -161,6 +165,7 @@ impl Infra {
             clocks,
             groups: GROUPS.iter().map(|g| (*g).to_owned()).collect(),
             trust_expired_svid: false,
+            svid_audit: SvidAudit::new(),
             nodes,
         }
     }
@@ -174,17 +179,19 @@ impl Infra {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let service = Arc::new(service);
-        let (clock, bundle, trust_expired) = (self.clock(node), self.issuer_key.clone(), self.trust_expired_svid);
+        let clock = self.clock(node);
+        let security = NodeSecurity {
+            bundle: self.issuer_key.clone(),
+            trust_expired_svid: self.trust_expired_svid,
+            audit: Arc::clone(&self.svid_audit),
+        };
         let handle = Handle::current()
             .create_node()
             .name(node.name())
             .ip(ip(node))
             .init(move || {
-                let (service, clock, bundle) = (Arc::clone(&service), clock.clone(), bundle.clone());
-                async move {
-                    let server = ServerInterceptor::new(bundle).trust_expired_svid(trust_expired);
-                    service(ServicePorts::connect(clock, server).await).await;
-                }
+                let (service, clock, security) = (Arc::clone(&service), clock.clone(), security.clone());
+                async move { service(ServicePorts::connect(clock, security).await).await }
             })
             .build();
         self.add_service(node, handle.clone());
@@ -220,7 +227,17 @@ pub struct ServicePorts {
     broker: RemoteClient<Broker>,
     pub svid: SimSvidSource,
     pub clock: Arc<dyn Clock>,
-    server_interceptor: ServerInterceptor,
+    security: NodeSecurity,
+}
+
+/// How a service node's gRPC servers authenticate callers.
+#[derive(Debug, Clone)]
+pub struct NodeSecurity {
+    /// The issuer's trust bundle.
+    pub bundle: IssuerKey,
+    /// The planted bug (see [`Infra::trust_expired_svid`]).
+    pub trust_expired_svid: bool,
+    pub audit: Arc<SvidAudit>,
 }
 
 impl std::fmt::Debug for ServicePorts {
@@ -230,9 +247,9 @@ impl std::fmt::Debug for ServicePorts {
 }
 
 impl ServicePorts {
-    /// Connects the current node to the infrastructure and starts its SVID renewal; `server` is
-    /// the interceptor its gRPC servers authenticate callers with.
-    pub async fn connect(clock: SkewedClock, server: ServerInterceptor) -> ServicePorts {
+    /// Connects the current node to the infrastructure and starts its SVID renewal; `security`
+    /// says how its gRPC servers authenticate callers.
+    pub async fn connect(clock: SkewedClock, security: NodeSecurity) -> ServicePorts {
         let db: RemoteClient<Database> = RemoteClient::connect(addr(Node::Database), "postgresql").await;
         let cache: RemoteClient<Cache> = RemoteClient::connect(addr(Node::Cache), "redis").await;
         let broker: RemoteClient<Broker> = RemoteClient::connect(addr(Node::Broker), "kafka").await;
@@ -247,14 +264,20 @@ impl ServicePorts {
             broker,
             svid: SimSvidSource::start(addr(Node::Spire), Arc::clone(&clock)).await,
             clock,
-            server_interceptor: server,
+            security,
         }
     }
 
     /// For this node's gRPC servers: `XServer::with_interceptor(service, ports.server_interceptor())`,
     /// then handlers call `securepay_kit::authorize`.
     pub fn server_interceptor(&self) -> ServerInterceptor {
-        self.server_interceptor.clone()
+        ServerInterceptor::new(self.security.bundle.clone()).trust_expired_svid(self.security.trust_expired_svid)
+    }
+
+    /// Wraps a generated server (with its interceptor) in the SVID invariant's observer:
+    /// `add_service(ports.audited(XServer::with_interceptor(svc, ports.server_interceptor())))`.
+    pub fn audited<S>(&self, server: S) -> Audited<S> {
+        Audited::new(server, self.security.bundle.clone(), Arc::clone(&self.clock), Arc::clone(&self.security.audit))
     }
 
     /// For this node's gRPC clients: `XClient::with_interceptor(channel, ports.client_interceptor())`

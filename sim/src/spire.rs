@@ -162,7 +162,7 @@ impl Interceptor for ClientInterceptor {
 }
 
 #[cfg(madsim)]
-pub use node::{ISSUER_PORT, Issuer, SimSvidSource};
+pub use node::{Audited, ISSUER_PORT, Issuer, SimSvidSource, SvidAudit, Violation};
 
 #[cfg(madsim)]
 mod node {
@@ -171,13 +171,22 @@ mod node {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::task::{Context, Poll};
+
     use async_trait::async_trait;
     use securepay_core::identity::ServiceIdentity;
     use securepay_memory::SimClock;
-    use securepay_ports::{Clock, PortResult, Svid, SvidSource};
+    use securepay_ports::{Clock, PortResult, Svid, SvidSource, authorize_peer};
+    use time::OffsetDateTime;
     use tokio::time::sleep;
+    use tonic::codegen::http::uri::PathAndQuery;
+    use tonic::codegen::{BoxFuture, BoxMessageStream, Service};
+    use tonic::transport::NamedService;
+    use tonic::{Request, Response, Status};
 
-    use super::{IssuerKey, SignedSvid, SvidCell};
+    use super::{IssuerKey, SVID_METADATA, SignedSvid, SvidCell};
     use crate::remote::{RemoteClient, ServerFaults, serve};
 
     pub const ISSUER_PORT: u16 = 8081;
@@ -263,6 +272,102 @@ mod node {
         /// The latest SVID, expired or not.
         pub fn latest(&self) -> Option<SignedSvid> {
             self.cell.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+    }
+
+    /// A request a service SERVED (its handler answered `Ok`) although, judged at its arrival by
+    /// the serving node's clock, the caller had no valid, unexpired, allow-listed SVID (SPEC §6).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Violation {
+        pub method: String,
+        pub peer: Option<Svid>,
+        pub at: OffsetDateTime,
+        pub why: String,
+    }
+
+    /// What the [`Audited`] servers of a run saw; one per run, shared by every service node.
+    #[derive(Debug, Default)]
+    pub struct SvidAudit {
+        served: AtomicU64,
+        violations: Mutex<Vec<Violation>>,
+    }
+
+    impl SvidAudit {
+        pub fn new() -> Arc<SvidAudit> {
+            Arc::new(SvidAudit::default())
+        }
+
+        /// Requests served so far.
+        pub fn served(&self) -> u64 {
+            self.served.load(Ordering::SeqCst)
+        }
+
+        /// Every request served without a valid SVID (empty unless something is broken).
+        pub fn violations(&self) -> Vec<Violation> {
+            self.violations.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+    }
+
+    /// The observer of the SVID invariant, wrapped around a generated gRPC server (outside its
+    /// interceptor): it verifies the caller's token itself and judges it with
+    /// `securepay_ports::authorize_peer` at arrival, on the serving node's clock; when the handler
+    /// then serves the request (`Ok`), a refusal becomes a [`Violation`]. A handler that forgets
+    /// `authorize`, or an interceptor that trusts what it must not, is caught by what was served,
+    /// not by how.
+    #[derive(Clone)]
+    pub struct Audited<S> {
+        inner: S,
+        bundle: IssuerKey,
+        clock: Arc<dyn Clock>,
+        audit: Arc<SvidAudit>,
+    }
+
+    impl<S> Audited<S> {
+        pub fn new(inner: S, bundle: IssuerKey, clock: Arc<dyn Clock>, audit: Arc<SvidAudit>) -> Audited<S> {
+            Audited { inner, bundle, clock, audit }
+        }
+    }
+
+    impl<S: NamedService> NamedService for Audited<S> {
+        const NAME: &'static str = S::NAME;
+    }
+
+    impl<S> Service<(PathAndQuery, Request<BoxMessageStream>)> for Audited<S>
+    where
+        S: Service<
+                (PathAndQuery, Request<BoxMessageStream>),
+                Response = Response<BoxMessageStream>,
+                Error = Status,
+                Future = BoxFuture<Response<BoxMessageStream>, Status>,
+            >,
+    {
+        type Response = Response<BoxMessageStream>;
+        type Error = Status;
+        type Future = BoxFuture<Response<BoxMessageStream>, Status>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+            self.inner.poll_ready(cx)
+        }
+
+        fn call(&mut self, (path, request): (PathAndQuery, Request<BoxMessageStream>)) -> Self::Future {
+            let token = request.metadata().get(SVID_METADATA).and_then(|v| v.to_str().ok());
+            let peer = token.and_then(|t| self.bundle.verify(t));
+            let at = self.clock.now();
+            let refusal = authorize_peer(peer.as_ref(), path.path(), at).err();
+            let method = path.path().to_owned();
+            let audit = Arc::clone(&self.audit);
+            let served = self.inner.call((path, request));
+            Box::pin(async move {
+                let response = served.await;
+                if response.is_ok() {
+                    audit.served.fetch_add(1, Ordering::SeqCst);
+                    if let Some(refusal) = refusal {
+                        let violation = Violation { method, peer, at, why: refusal.to_string() };
+                        audit.violations.lock().unwrap_or_else(|p| p.into_inner()).push(violation);
+                    }
+                }
+                response
+            })
         }
     }
 

@@ -32,7 +32,7 @@ use securepay_sim::plan::{Node, Plan};
 use securepay_sim::remote::ServerFaults;
 use securepay_sim::run::{self, Checker};
 use securepay_sim::spire::{
-    ClientInterceptor, ISSUER_PORT, Issuer, IssuerKey, ServerInterceptor, SimSvidSource, SvidCell,
+    Audited, ClientInterceptor, ISSUER_PORT, Issuer, IssuerKey, ServerInterceptor, SimSvidSource, SvidAudit, SvidCell,
 };
 use tokio::time::{Instant, sleep, timeout};
 use tonic::transport::{Endpoint, Server};
@@ -75,6 +75,9 @@ impl AccountService for Probe {
 struct Cluster {
     key: IssuerKey,
     spire: NodeHandle,
+    /// What the correct server served, and what the one with the planted bug served.
+    audit: Arc<SvidAudit>,
+    buggy_audit: Arc<SvidAudit>,
 }
 
 /// The issuer node (payment and notification nodes registered) and the account node, which
@@ -94,29 +97,33 @@ fn cluster(ttl: Duration) -> Cluster {
         .ip(issuer_addr.ip())
         .init(move || issuer.clone().serve(issuer_addr, ServerFaults::new()))
         .build();
-    let bundle = key.clone();
+    let (audit, buggy_audit) = (SvidAudit::new(), SvidAudit::new());
+    let (bundle, audits) = (key.clone(), (Arc::clone(&audit), Arc::clone(&buggy_audit)));
     handle
         .create_node()
         .name("account")
         .ip(ip(ACCOUNT_IP))
         .init(move || {
-            let bundle = bundle.clone();
+            let (bundle, (audit, buggy_audit)) = (bundle.clone(), audits.clone());
             async move {
+                let clock: Arc<dyn Clock> = Arc::new(SimClock);
                 let buggy = ServerInterceptor::new(bundle.clone()).trust_expired_svid(true);
+                let buggy = AccountServiceServer::with_interceptor(Probe, buggy);
                 madsim::task::spawn(
                     Server::builder()
-                        .add_service(AccountServiceServer::with_interceptor(Probe, buggy))
+                        .add_service(Audited::new(buggy, bundle.clone(), Arc::clone(&clock), buggy_audit))
                         .serve(SocketAddr::new(ip(ACCOUNT_IP), BUGGY_PORT)),
                 );
+                let correct = AccountServiceServer::with_interceptor(Probe, ServerInterceptor::new(bundle.clone()));
                 Server::builder()
-                    .add_service(AccountServiceServer::with_interceptor(Probe, ServerInterceptor::new(bundle)))
+                    .add_service(Audited::new(correct, bundle, clock, audit))
                     .serve(SocketAddr::new(ip(ACCOUNT_IP), ACCOUNT_PORT))
                     .await
                     .expect("account node serves");
             }
         })
         .build();
-    Cluster { key, spire }
+    Cluster { key, spire, audit, buggy_audit }
 }
 
 /// CheckBalance from the current node with the SVID in `cell`, to the account node at `port`.
@@ -207,6 +214,15 @@ async fn the_account_service_serves_exactly_the_callers_the_allow_list_admits() 
     check.check(bug_serves_expired == Ok(()), || {
         format!("the planted trust_expired_svid bug should serve an expired SVID: {bug_serves_expired:?}")
     });
+    // The audit sees what was served: nothing wrong on the correct server, the expired SVID on the
+    // buggy one.
+    check.check(cluster.audit.served() == 1 && cluster.audit.violations().is_empty(), || {
+        format!("correct server: {} served, violations {:?}", cluster.audit.served(), cluster.audit.violations())
+    });
+    let caught = cluster.buggy_audit.violations();
+    check.check(caught.len() == 1 && caught[0].why == "SVID expired", || {
+        format!("the audit should catch the expired SVID the planted bug served: {caught:?}")
+    });
     drop(cluster.spire);
     run::print_line(&format!("{TEST}/allow-list seed={} checks={}", run::seed(), check.checks()));
 }
@@ -263,7 +279,7 @@ async fn service_nodes_started_by_infra_authenticate_each_other_with_their_issue
     let mut infra = Infra::start(&plan);
     infra.start_service(Node::Account, |ports: ServicePorts| async move {
         Server::builder()
-            .add_service(AccountServiceServer::with_interceptor(Probe, ports.server_interceptor()))
+            .add_service(ports.audited(AccountServiceServer::with_interceptor(Probe, ports.server_interceptor())))
             .serve(infra::addr(Node::Account))
             .await
             .expect("account serves");
@@ -297,5 +313,14 @@ async fn service_nodes_started_by_infra_authenticate_each_other_with_their_issue
     }
     let last = seen.lock().unwrap().clone();
     check.check(last == expected, || format!("callers saw {last:?}, expected {expected:?}"));
-    run::print_line(&format!("{TEST}/infra-grpc seed={} checks={}", run::seed(), check.checks()));
+    let audit = &infra.svid_audit;
+    check.check(audit.served() > 0 && audit.violations().is_empty(), || {
+        format!("audit: {} served, violations {:?}", audit.served(), audit.violations())
+    });
+    run::print_line(&format!(
+        "{TEST}/infra-grpc seed={} served={} checks={}",
+        run::seed(),
+        audit.served(),
+        check.checks()
+    ));
 }
