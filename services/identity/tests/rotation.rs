@@ -24,6 +24,8 @@ const ROTATION_WAIT: Duration = Duration::from_secs(150);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_without_restart_and_expired_svids_refused() {
     let Some(spire) = Spire::from_env() else { return };
+    // The only test in this executable: the global recorder sees every gauge the identities set.
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().unwrap();
     let _entries = spire
         .register_this_test(&[ServiceIdentity::AccountService, ServiceIdentity::PaymentService], Some(SVID_TTL_SECS));
     let account = spire.identity(ServiceIdentity::AccountService).await;
@@ -36,6 +38,22 @@ async fn rotation_without_restart_and_expired_svids_refused() {
         an_unregistered_identity_fails_closed_with_one_clear_line(&spire),
     );
     server.stop().await;
+
+    // After the rotations, the expiry gauge names each identity's current SVID.
+    for identity in [&account, &payment] {
+        let id = identity.identity().spiffe_id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let want = identity.current().expect("an SVID").not_after.unix_timestamp();
+            let line = format!("securepay_svid_expiry_timestamp_seconds{{spiffe_id=\"{id}\"}} {want}");
+            let text = prometheus.render();
+            if text.lines().any(|l| l == line) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the metrics have no `{line}`:\n{text}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 async fn rotations_cause_no_failed_call(server: &TestServer, account: &WorkloadIdentity, payment: &WorkloadIdentity) {
