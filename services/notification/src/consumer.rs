@@ -19,8 +19,6 @@
 //! loop returns. During a store outage it stops at once and commits only the records handled so far.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use securepay_core::events::PaymentEvent;
@@ -110,22 +108,6 @@ impl Default for ConsumerConfig {
     }
 }
 
-/// Whether the last poll reached the broker (the binary's readiness check for Kafka). Clones share.
-#[derive(Debug, Clone, Default)]
-pub struct ConsumerHealth {
-    broker_reachable: Arc<AtomicBool>,
-}
-
-impl ConsumerHealth {
-    pub fn broker_reachable(&self) -> bool {
-        self.broker_reachable.load(Ordering::Relaxed)
-    }
-
-    fn set(&self, reachable: bool) {
-        self.broker_reachable.store(reachable, Ordering::Relaxed);
-    }
-}
-
 /// Consumes until `shutdown` turns `true` (or its sender is dropped), then returns after
 /// committing what was handled. See the module docs for the per-batch protocol.
 pub async fn run_consumer<S, C>(
@@ -133,7 +115,6 @@ pub async fn run_consumer<S, C>(
     consumer: &mut C,
     clock: &dyn Clock,
     config: &ConsumerConfig,
-    health: &ConsumerHealth,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: NotificationStore + ?Sized,
@@ -145,7 +126,6 @@ pub async fn run_consumer<S, C>(
         let records = match consumer.poll(config.batch_len, config.poll_wait).await {
             Ok(records) => records,
             Err(error) => {
-                health.set(false);
                 tracing::warn!(%error, "poll failed; retrying");
                 if pause(backoff.next(), &mut shutdown).await {
                     break;
@@ -153,7 +133,6 @@ pub async fn run_consumer<S, C>(
                 continue;
             }
         };
-        health.set(true);
         backoff.reset();
         if records.is_empty() {
             continue;

@@ -18,4 +18,4 @@ pub mod consumer;
 pub mod http;
 pub mod metrics;
 
-pub use consumer::{ConsumerConfig, ConsumerHealth, Topics, run_consumer};
+pub use consumer::{ConsumerConfig, Topics, run_consumer};

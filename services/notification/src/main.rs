@@ -4,7 +4,7 @@
 //! `SECUREPAY_PG_ADDR` / `SECUREPAY_PG_DATABASE` / `SECUREPAY_SECRETS_DIR`), a `KafkaConsumer` in
 //! `notification-service-group` on the three payment topics (`SECUREPAY_KAFKA_BROKERS`), and one
 //! HTTP listener (`SECUREPAY_LISTEN_ADDR`, default 127.0.0.1:8083) serving the API plus `/health`,
-//! `/ready` (PostgreSQL answers and the last poll reached Kafka) and `/metrics`. JSON logs; the
+//! `/ready` (PostgreSQL answers a query and the Kafka brokers a metadata request) and `/metrics`. JSON logs; the
 //! `identity` subcommand; SIGINT/SIGTERM stop the listener, let the consumer finish and commit its
 //! batch, then exit.
 //!
@@ -28,8 +28,8 @@ mod real {
 
     use anyhow::{Context as _, anyhow, bail};
     use securepay_core::money::{AmountPolicy, parse_decimal_text};
-    use securepay_kafka::KafkaConsumer;
-    use securepay_notification::{ConsumerConfig, ConsumerHealth, Topics, metrics, run_consumer};
+    use securepay_kafka::{KafkaConsumer, KafkaEventLog};
+    use securepay_notification::{ConsumerConfig, Topics, metrics, run_consumer};
     use securepay_ports::Clock;
     use securepay_postgres::PgNotificationStore;
     use securepay_runtime::ReadyCheck;
@@ -39,6 +39,8 @@ mod real {
     /// Connections of the store's pool: the consumer writes one at a time, the API reads.
     const PG_CONNECTIONS_MAX: u32 = 8;
 
+    /// How long the readiness check waits for the brokers' metadata.
+    const KAFKA_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
     const AMOUNT_MAX_ENV: &str = "SECUREPAY_AMOUNT_MAX";
     const NAME_SUFFIX_ENV: &str = "SECUREPAY_KAFKA_NAME_SUFFIX";
     const NAME_SUFFIX_LEN_MAX: usize = 64;
@@ -114,12 +116,13 @@ mod real {
         let mut consumer = KafkaConsumer::new(&brokers, &config.group, &config.topics.all())
             .context("cannot create the Kafka consumer")?;
 
-        let health = ConsumerHealth::default();
+        // Readiness asks the brokers for metadata, as the account service does.
+        let kafka = KafkaEventLog::new(&brokers).context("cannot create the Kafka client")?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let consumer_task = {
-            let (store, health) = (Arc::clone(&store), health.clone());
+            let store = Arc::clone(&store);
             tokio::spawn(async move {
-                run_consumer(&*store, &mut consumer, &SystemClock, &config, &health, stopped).await;
+                run_consumer(&*store, &mut consumer, &SystemClock, &config, stopped).await;
             })
         };
 
@@ -132,8 +135,8 @@ mod real {
                 }
             }),
             ReadyCheck::new("kafka", move || {
-                let reachable = health.broker_reachable();
-                async move { reachable }
+                let kafka = kafka.clone();
+                async move { kafka.reachable(KAFKA_READY_TIMEOUT).await }
             }),
         ];
         let app = securepay_notification::http::router(Arc::clone(&store))

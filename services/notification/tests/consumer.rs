@@ -19,7 +19,7 @@ use securepay_core::ids::PaymentId;
 use securepay_core::payment::{FailureReason, Outcome};
 use securepay_kafka::{KafkaConsumer, KafkaEventLog};
 use securepay_memory::{MemoryEventLog, MemoryNotificationStore};
-use securepay_notification::{ConsumerConfig, ConsumerHealth, run_consumer};
+use securepay_notification::{ConsumerConfig, run_consumer};
 use securepay_ports::{
     ConsumedRecord, EventConsumer, EventLog, NotificationKind, NotificationStore, OutgoingRecord, PortError,
     PortResult, TopicPartitionOffset,
@@ -45,8 +45,7 @@ impl Running {
     {
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
-            let health = ConsumerHealth::default();
-            run_consumer(&store, &mut consumer, &SystemClock, &config, &health, stopped).await;
+            run_consumer(&store, &mut consumer, &SystemClock, &config, stopped).await;
         });
         Running { stop, task }
     }
