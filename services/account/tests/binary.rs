@@ -262,14 +262,21 @@ async fn sigkill_mid_settlement_then_restart_loses_and_duplicates_nothing() {
         log.publish(chunk).await.unwrap();
     }
 
-    let mut first = service.spawn();
-    wait_until(PATIENCE, "settlement started", || async { infra.processed().await > 0 }).await;
-    first.kill().unwrap(); // SIGKILL
-    first.wait().unwrap();
-    let at_kill = infra.processed().await;
+    // Three SIGKILLs while settling (each after more events were settled), then a final run.
+    let mut kills = Vec::new();
+    for progress in [1, 25, 60] {
+        let mut run = service.spawn();
+        let target = infra.processed().await + progress;
+        wait_until(PATIENCE, "settlement moving", || async { infra.processed().await >= target }).await;
+        run.kill().unwrap(); // SIGKILL
+        run.wait().unwrap();
+        kills.push(infra.processed().await);
+    }
+    eprintln!("SIGKILLed after {kills:?} of {N} settlements");
+    let at_kill = *kills.last().unwrap();
     assert!(
         (at_kill as usize) < N,
-        "everything was settled before the kill ({at_kill}); the test needs more events to kill mid-way"
+        "everything was settled before the last kill ({kills:?}); the test needs more events to kill mid-way"
     );
 
     let mut second = service.spawn();
@@ -286,7 +293,7 @@ async fn sigkill_mid_settlement_then_restart_loses_and_duplicates_nothing() {
     // Nothing lost, nothing duplicated: one processed row, one outcome event per payment.
     let wanted: BTreeSet<_> = payments.iter().map(|p| p.payment_id).collect();
     let outcomes = infra.outbox().await;
-    assert_eq!(outcomes.len(), N, "one outcome event per payment (killed at {at_kill} of {N})");
+    assert_eq!(outcomes.len(), N, "one outcome event per payment (killed at {kills:?} of {N})");
     let settled: BTreeSet<_> = outcomes.iter().map(|o| o.payment_id).collect();
     assert_eq!(settled, wanted);
     let completed = outcomes.iter().filter(|o| o.outcome.status().as_str() == "COMPLETED").count();
