@@ -32,6 +32,7 @@ pub mod remote;
 #[cfg(madsim)]
 pub mod run;
 pub mod spire;
+pub mod workload;
 
 /// Code generated from `proto/ledger_node.proto`.
 #[allow(clippy::all, unreachable_pub, missing_docs)]
