@@ -72,6 +72,8 @@ mod real {
     const NAME_SUFFIX_LEN_MAX: usize = 64;
     const FAILPOINT_ENV: &str = "SECUREPAY_FAILPOINT";
     const AMOUNT_MAX_ENV: &str = "SECUREPAY_AMOUNT_MAX";
+    /// Largest request message accepted (a payment request is well under 1 KiB).
+    const REQUEST_LEN_MAX: usize = 16 * 1024;
 
     /// The OS clock.
     struct SystemClock;
@@ -281,7 +283,7 @@ mod real {
             .map_err(|_| anyhow!("cannot listen on SECUREPAY_LISTEN_ADDR {listen}: is the port free?"))?;
         let grpc = tonic::transport::Server::builder()
             .add_service(tonic::service::interceptor::InterceptedService::new(
-                PaymentServiceServer::from_arc(service.clone()),
+                PaymentServiceServer::from_arc(service.clone()).max_decoding_message_size(REQUEST_LEN_MAX),
                 dev_insecure::ServerInterceptor,
             ))
             .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc_listener), stopped());
