@@ -4,6 +4,7 @@
 //! - `main.rs`     — the command line;
 //! - `platform.rs` — `up`, `down`, `status`, `logs` over all components and services;
 //! - `test.rs`     — `cargo xtask test`: test platform up, clippy, tests, simulation, tear-down;
+//! - `load/`       — `cargo xtask load`: the load generator against a running platform;
 //! - `components/` — one file per infrastructure process (PostgreSQL, Redis, Kafka, Prometheus,
 //!   ...); see `components/mod.rs` for how to add one;
 //! - `services.rs` — the four SecurePay services and their port table;
@@ -24,6 +25,7 @@ mod components;
 mod ctx;
 mod fsutil;
 mod install;
+mod load;
 mod net;
 mod platform;
 mod process;
@@ -76,6 +78,9 @@ enum Command {
         #[arg(long, short = 'n')]
         tail: Option<usize>,
     },
+    /// Drive payments at a fixed rate through a running platform's gateway and report throughput,
+    /// latency, errors and conservation (load accounts `load-user-*` are seeded as test data).
+    Load(load::Args),
     /// Run everything CI runs: test platform up, clippy, tests, simulation; always tears down.
     Test(test::Args),
 }
@@ -101,6 +106,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Down { only } => platform::down(&ctx, &platform::Selection::parse(&only)?)?,
         Command::Status => platform::print_status(&ctx),
         Command::Logs { component, tail } => platform::logs(&ctx, &component, tail)?,
+        Command::Load(args) => return load::run(&ctx, args),
         Command::Test(_) => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
