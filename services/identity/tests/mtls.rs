@@ -16,7 +16,10 @@ use securepay_identity::grpc::{self, TransportError};
 use securepay_identity::x509::WorkloadIdentity;
 use securepay_ports::SvidSource;
 use securepay_proto::account::v1::GetBalanceRequest;
-use support::{FixedClientCert, Spire, TestServer, check_balance, client, client_config_presenting, tls_probe};
+use support::{
+    FixedClientCert, Spire, TestServer, assert_refused_by_server, check_balance, client, client_config_presenting,
+    tls_probe,
+};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,6 +37,7 @@ async fn zero_trust_transport_against_real_spire() {
     a_plaintext_client_is_refused(&server).await;
     a_client_without_a_certificate_is_refused(&server, &payment).await;
     a_client_expecting_another_server_id_refuses_to_connect(&server, &gateway).await;
+    forged_and_foreign_certificates_are_refused(&server, &payment).await;
     the_svid_source_port_reports_the_current_svid(&payment).await;
 
     server.stop().await;
@@ -100,10 +104,7 @@ async fn a_client_without_a_certificate_is_refused(server: &TestServer, payment:
     assert!(tls_probe(&server.addr, accepted).await.expect("a valid SVID is accepted") > 0);
 
     let no_cert = client_config_presenting(payment, ServiceIdentity::AccountService, FixedClientCert(None));
-    match tls_probe(&server.addr, no_cert).await {
-        Ok(0) | Err(_) => {}
-        Ok(n) => panic!("a TLS client without a certificate was served ({n} bytes)"),
-    }
+    assert_refused_by_server(tls_probe(&server.addr, no_cert).await, "a client without a certificate");
 }
 
 async fn a_client_expecting_another_server_id_refuses_to_connect(server: &TestServer, gateway: &WorkloadIdentity) {
@@ -118,6 +119,14 @@ async fn a_client_expecting_another_server_id_refuses_to_connect(server: &TestSe
     let config = client_config_presenting(gateway, ServiceIdentity::PaymentService, FixedClientCert::of(&svid));
     let err = tls_probe(&server.addr, config).await.expect_err("the client refuses the server's SVID");
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+}
+
+async fn forged_and_foreign_certificates_are_refused(server: &TestServer, payment: &WorkloadIdentity) {
+    for claimed in [ServiceIdentity::PaymentService.spiffe_id(), "spiffe://evil.dev/payment-service"] {
+        let config =
+            client_config_presenting(payment, ServiceIdentity::AccountService, FixedClientCert::forged(claimed));
+        assert_refused_by_server(tls_probe(&server.addr, config).await, &format!("{claimed} from a rogue CA"));
+    }
 }
 
 async fn the_svid_source_port_reports_the_current_svid(payment: &WorkloadIdentity) {

@@ -259,3 +259,29 @@ pub async fn tls_probe(addr: &str, config: rustls::ClientConfig) -> std::io::Res
     let mut buf = [0u8; 64];
     tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await.map_err(std::io::Error::other)?
 }
+
+impl FixedClientCert {
+    /// A certificate naming `spiffe_id`, issued by a CA that is not our trust domain's (a forgery).
+    pub fn forged(spiffe_id: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+        let leaf = leaf.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+        let key = rustls::crypto::ring::sign::any_supported_type(&key).unwrap();
+        Self(Some(Arc::new(rustls::sign::CertifiedKey::new(vec![leaf.der().clone(), ca.der().clone()], key))))
+    }
+}
+
+/// The probe was refused BY THE SERVER: it sent a fatal TLS alert (not a client-side failure).
+pub fn assert_refused_by_server(probe: std::io::Result<usize>, what: &str) {
+    match probe {
+        Err(e) if e.to_string().contains("received fatal alert") => {}
+        other => panic!("{what}: expected the server to refuse with a TLS alert, got {other:?}"),
+    }
+}
