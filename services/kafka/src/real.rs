@@ -126,26 +126,25 @@ impl KafkaConsumer {
     }
 }
 
-fn consumed(message: &BorrowedMessage<'_>) -> PortResult<ConsumedRecord> {
-    let text = |bytes: &[u8], what: &str| {
-        String::from_utf8(bytes.to_vec()).map_err(|_| PortError::Corrupt { what: format!("{what} is not UTF-8") })
-    };
-    let mut headers = Vec::new();
-    if let Some(borrowed) = message.headers() {
-        for header in borrowed.iter() {
-            headers.push((header.key.to_string(), text(header.value.unwrap_or_default(), "a header value")?));
-        }
-    }
-    Ok(ConsumedRecord {
+/// A broker record as the port sees it. Never fails: a key or header value that is not UTF-8 is
+/// delivered lossily decoded (keys and headers route and trace; they never decide money), so the
+/// service still sees the record, and can dead-letter it, instead of the poll dropping it.
+fn consumed(message: &BorrowedMessage<'_>) -> ConsumedRecord {
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let headers = message
+        .headers()
+        .map(|borrowed| borrowed.iter().map(|h| (h.key.to_string(), text(h.value.unwrap_or_default()))).collect())
+        .unwrap_or_default();
+    ConsumedRecord {
         position: TopicPartitionOffset {
             topic: message.topic().to_string(),
             partition: message.partition(),
             offset: message.offset(),
         },
-        key: text(message.key().unwrap_or_default(), "a record key")?,
+        key: text(message.key().unwrap_or_default()),
         payload: message.payload().unwrap_or_default().to_vec(),
         headers,
-    })
+    }
 }
 
 #[async_trait]
@@ -163,7 +162,10 @@ impl EventConsumer for KafkaConsumer {
             };
             match tokio::time::timeout(remaining, self.consumer.recv()).await {
                 Err(_elapsed) => break,
-                Ok(Ok(message)) => out.push(consumed(&message)?),
+                Ok(Ok(message)) => out.push(consumed(&message)),
+                // Records already taken from the client's queue are returned, never dropped: the
+                // client has moved past them, so losing them here would let a later commit skip them.
+                Ok(Err(_)) if !out.is_empty() => break,
                 Ok(Err(e)) => return Err(unavailable("poll", &e)),
             }
         }

@@ -320,3 +320,28 @@ impl Harness for KafkaHarness {
         Duration::from_secs(30)
     }
 }
+
+/// Real broker only (the port's records are UTF-8 by type): a record whose key and header bytes
+/// are not UTF-8 — written by some other producer — is still delivered (lossily decoded), with
+/// the records after it, so the service can dead-letter it instead of the poll dropping a batch.
+#[tokio::test]
+async fn a_record_with_non_utf8_key_and_header_is_delivered_not_dropped() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let Some(h) = kafka_harness().await else { return };
+    let topic = h.topic().await;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", &h.brokers).create().expect("raw producer");
+    let headers = OwnedHeaders::new().insert(Header { key: "traceparent", value: Some(&b"\xff\xfe"[..]) });
+    let raw = FutureRecord::to(&topic).key(&b"\xc3\x28"[..]).payload("hostile").headers(headers);
+    producer.send(raw, Duration::from_secs(10)).await.expect("raw send");
+    h.log().publish(&[record(&topic, "k", "after")]).await.expect("publish");
+
+    let mut consumer = h.consumer(&group(), &topic);
+    let records = consume(&h, &mut consumer, 2).await;
+    assert_eq!(sorted_payloads(&records), ["after", "hostile"]);
+    let hostile = records.iter().find(|r| payload(r) == "hostile").unwrap();
+    assert_eq!(hostile.key, "\u{fffd}(");
+    assert_eq!(hostile.headers, [("traceparent".to_owned(), "\u{fffd}\u{fffd}".to_owned())]);
+}
