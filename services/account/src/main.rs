@@ -56,6 +56,9 @@ mod real {
     const SERVICE: &str = securepay_account::SERVICE;
     /// Pooled PostgreSQL connections: gRPC reads, settlement, relay, readiness.
     const PG_CONNECTIONS_MAX: u32 = 16;
+    /// Longest a gRPC call may take before it is answered `CANCELLED` (a stuck dependency must not
+    /// pile up requests).
+    const GRPC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
     /// How long a readiness check of Kafka may wait for metadata.
     const KAFKA_READY_TIMEOUT: Duration = Duration::from_millis(1500);
     const NAME_SUFFIX_ENV: &str = "SECUREPAY_KAFKA_NAME_SUFFIX";
@@ -210,6 +213,7 @@ mod real {
             .map_err(|_| anyhow!("cannot listen on SECUREPAY_LISTEN_ADDR {listen}: is the port free?"))?;
         let service = AccountGrpc::new(Arc::clone(&ledger), Arc::clone(&cache), Arc::clone(&clock));
         let grpc = tonic::transport::Server::builder()
+            .timeout(GRPC_REQUEST_TIMEOUT)
             .add_service(AccountServiceServer::with_interceptor(service, dev_insecure::ServerInterceptor))
             .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc_listener), stopped());
         tracing::info!(%listen, "gRPC account.v1 listening");

@@ -8,13 +8,17 @@
 //! - `securepay_account_settle_batch_events`: events per settled batch.
 //! - `securepay_account_cache_invalidation_failures_total`: invalidations Redis did not take (the
 //!   short TTL then bounds how long a stale balance is served).
+//! - `securepay_grpc_requests_total` of both methods is exported at zero from start-up.
 //! - Dead letters: `securepay_dead_letters_total{topic,reason}` (`securepay_kit::metrics::dead_letter`).
 
 use std::time::Duration;
 
 use metrics::{counter, histogram};
+use securepay_core::identity::method;
 use securepay_core::ledger::Settled;
 use securepay_core::payment::Outcome;
+
+use crate::SERVICE;
 
 pub const SETTLE_BATCH_DURATION: &str = "securepay_account_settle_batch_duration_seconds";
 pub const SETTLE_BATCH_EVENTS: &str = "securepay_account_settle_batch_events";
@@ -48,4 +52,9 @@ pub fn register_known_series() {
         counter!(securepay_kit::metrics::SETTLEMENTS, "result" => result).increment(0);
     }
     counter!(CACHE_INVALIDATION_FAILURES).increment(0);
+    for method in [method::CHECK_BALANCE, method::GET_BALANCE] {
+        let code = format!("{:?}", tonic::Code::Ok); // as `securepay_kit::metrics::grpc_request` labels it
+        counter!(securepay_kit::metrics::GRPC_REQUESTS, "service" => SERVICE, "method" => method, "code" => code)
+            .increment(0);
+    }
 }

@@ -38,6 +38,8 @@ struct Service {
     _secrets: tempfile::TempDir,
     suffix: String,
     runs: usize,
+    pool: sqlx::PgPool,
+    password: String,
 }
 
 impl Service {
@@ -58,14 +60,35 @@ impl Service {
             ("SECUREPAY_SETTLE_BATCH_LEN".to_owned(), batch_len.to_string()),
             ("RUST_LOG".to_owned(), "info".to_owned()),
         ]);
-        Service { env, admin, log_dir: tempfile::tempdir().unwrap(), _secrets: secrets, suffix, runs: 0 }
+        let password = securepay_postgres::testing::role_passwords(&infra.db.admin_url).await.account_service.clone();
+        let pool = infra.db.pool.clone();
+        Service {
+            env,
+            admin,
+            log_dir: tempfile::tempdir().unwrap(),
+            _secrets: secrets,
+            suffix,
+            runs: 0,
+            pool,
+            password,
+        }
     }
 
     fn topic(&self, name: &str) -> String {
         format!("{name}{}", self.suffix)
     }
 
-    fn spawn(&mut self) -> Child {
+    async fn spawn(&mut self) -> Child {
+        // Role passwords are cluster-wide and every test process (of any crate) sets its own at
+        // start; make sure `account_service` has the one in this service's password file.
+        let alter = format!("ALTER ROLE account_service PASSWORD '{}'", self.password);
+        // Concurrent ALTER ROLEs of one role may fail with "tuple concurrently updated": retry.
+        let mut attempts = 0;
+        while let Err(error) = sqlx::raw_sql(&alter).execute(&self.pool).await {
+            attempts += 1;
+            assert!(attempts < 20, "cannot set the account_service password: {error}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         self.runs += 1;
         let log = std::fs::File::create(self.log_dir.path().join(format!("run-{}.log", self.runs))).unwrap();
         Command::new(env!("CARGO_BIN_EXE_securepay-account"))
@@ -152,7 +175,7 @@ async fn a_missing_setting_is_one_line_naming_it() {
     let Some(infra) = Infra::new().await else { return };
     let mut service = Service::new(&infra, 8).await;
     service.env.retain(|(k, _)| k != "SECUREPAY_REDIS_URL");
-    let mut child = service.spawn();
+    let mut child = service.spawn().await;
     assert!(!exit_success(&mut child, || service.logs()).await);
     let logs = service.logs();
     assert!(logs.contains("SECUREPAY_REDIS_URL is not set"), "{logs}");
@@ -166,7 +189,7 @@ async fn the_binary_settles_relays_dead_letters_and_reports() {
     let alice = infra.open("alice", "EUR", "30.00").await;
     let bob = infra.open("bob", "EUR", "0.00").await;
     let mut service = Service::new(&infra, 8).await;
-    let mut child = service.spawn();
+    let mut child = service.spawn().await;
     service.wait_ready(&mut child).await;
     assert_eq!(http_get(service.admin, "/health").map(|(s, _)| s), Some(200));
 
@@ -202,6 +225,10 @@ async fn the_binary_settles_relays_dead_letters_and_reports() {
         .unwrap_or_else(|| panic!("no dead-letter series:\n{metrics}"));
     assert!(dead_letters.ends_with(" 1"), "{dead_letters}");
     assert!(metrics.contains("securepay_settlements_total{result=\"completed\"} 1"), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("securepay_grpc_requests_total") && l.contains("GetBalance")),
+        "RED series exported before any call: {metrics}"
+    );
     assert_eq!(header(&letters[0]), Some("undecodable"));
 
     sigterm(&child);
@@ -219,7 +246,7 @@ async fn ready_names_the_dependency_that_is_down() {
             *value = "redis://127.0.0.1:1".to_owned(); // nothing listens there
         }
     }
-    let mut child = service.spawn();
+    let mut child = service.spawn().await;
     wait_until(PATIENCE, "the admin listener answers", || async { http_get(service.admin, "/health").is_some() }).await;
     assert_eq!(http_get(service.admin, "/health").map(|(s, _)| s), Some(200));
     let (status, body) = http_get(service.admin, "/ready").unwrap();
@@ -265,7 +292,7 @@ async fn sigkill_mid_settlement_then_restart_loses_and_duplicates_nothing() {
     // Three SIGKILLs while settling (each after more events were settled), then a final run.
     let mut kills = Vec::new();
     for progress in [1, 25, 60] {
-        let mut run = service.spawn();
+        let mut run = service.spawn().await;
         let target = infra.processed().await + progress;
         wait_until(PATIENCE, "settlement moving", || async { infra.processed().await >= target }).await;
         run.kill().unwrap(); // SIGKILL
@@ -279,7 +306,7 @@ async fn sigkill_mid_settlement_then_restart_loses_and_duplicates_nothing() {
         "everything was settled before the last kill ({kills:?}); the test needs more events to kill mid-way"
     );
 
-    let mut second = service.spawn();
+    let mut second = service.spawn().await;
     service.wait_ready(&mut second).await;
     wait_until(PATIENCE, "all payments settled after the restart", || async { infra.processed().await == N as i64 })
         .await;
