@@ -42,6 +42,13 @@ async fn rotation_without_restart_and_expired_svids_refused() {
     );
     server.stop().await;
 
+    // The refused handshake (the expired SVID) was counted as an auth failure.
+    let text = prometheus.render();
+    assert!(
+        text.lines().any(|l| l.starts_with("securepay_auth_failures_total{reason=\"tls_handshake_failed\"}")),
+        "no refused handshake counted:\n{text}"
+    );
+
     // After the rotations, the expiry gauge names each identity's current SVID.
     for identity in [&account, &payment] {
         let id = identity.identity().spiffe_id();
