@@ -201,9 +201,12 @@ fn payment_view(p: payment::Payment) -> Result<PaymentView, Problem> {
     })
 }
 
+/// Every backend call is built here: the verified subject, the deadline, and the trace context of
+/// the current (`gateway.request`) span as `traceparent`, so the service's span continues the trace.
 fn grpc_request<T>(message: T, principal: &Principal, state: &AppState) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     securepay_kit::with_subject(&mut request, &principal.subject);
+    securepay_kit::trace::inject_into_metadata(&tracing::Span::current(), request.metadata_mut());
     // Leave the edge time to answer with the backend's verdict before its own timeout fires.
     request.set_timeout(state.config.request_timeout.mul_f64(0.9));
     request

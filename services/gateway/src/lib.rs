@@ -77,7 +77,8 @@ async fn metrics_text(State(state): State<AppState>) -> axum::response::Response
     }
 }
 
-/// The whole HTTP application. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`
+/// The whole HTTP application; [`edge::edge`] is a `layer` of every route (and the 404 fallback),
+/// so it sees the matched route template. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`
 /// so the per-IP limit sees the peer address.
 pub fn router(state: AppState) -> Router {
     let resources = Router::new()
@@ -90,7 +91,6 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/openapi.json", get(api::serve_openapi))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
-        .route_layer(axum::middleware::from_fn(edge::tag_route))
         .layer(axum::middleware::from_fn_with_state(state.clone(), edge::edge))
         .with_state(state)
 }

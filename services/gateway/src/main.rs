@@ -10,7 +10,8 @@
 //! `SECUREPAY_JWT_ISSUER` (default https://auth.securepay.dev), `SECUREPAY_JWT_AUDIENCE` (default
 //! securepay-api), `SECUREPAY_RATE_LIMIT_IP_PER_S`/`_IP_BURST` (50/100),
 //! `SECUREPAY_RATE_LIMIT_SUBJECT_PER_S`/`_SUBJECT_BURST` (10/20), `SECUREPAY_REQUEST_TIMEOUT_MS`
-//! (10000), `RUST_LOG`. The `token` subcommand reads the issuer and audience variables too.
+//! (10000), `RUST_LOG`, `OTEL_EXPORTER_OTLP_ENDPOINT` (optional: OTLP/gRPC trace export). The
+//! `token` subcommand reads the issuer and audience variables too.
 //! Demo subjects with seeded accounts: alice, bob, carol.
 
 #[cfg(madsim)]
@@ -82,7 +83,10 @@ mod real {
     }
 
     async fn serve() -> anyhow::Result<()> {
-        securepay_runtime::init_tracing();
+        // JSON logs with trace ids, plus OTLP trace export when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+        // Held until serve returns, so the last spans are flushed after the requests drained. A
+        // start-up error below is returned to `main`, which prints it as one line on stderr.
+        let _telemetry = securepay_runtime::init_telemetry("api-gateway")?;
         anyhow::ensure!(
             securepay_kit::caller::dev_insecure::enabled(),
             "refusing to start: only the development plaintext transport exists yet; set {}=1 (mTLS comes later)",
