@@ -57,13 +57,17 @@ pub enum TransportError {
 }
 
 /// Serves `routes` on `listener` over mTLS only, as `workload`, until `shutdown` completes; then
-/// stops accepting and waits for open calls to finish.
+/// stops accepting and waits for open calls to finish. `server` carries the caller's settings
+/// (request timeout, concurrency limits...); the transport adds the connection age. Do not set
+/// `max_connection_age_grace` on it: tonic 0.14 then never closes connections gracefully.
 ///
 /// ```ignore
 /// let routes = Routes::new(AccountServiceServer::new(service));
-/// securepay_identity::grpc::serve(routes, listener, &workload, shutdown).await?;
+/// let server = Server::builder().timeout(GRPC_REQUEST_TIMEOUT);
+/// securepay_identity::grpc::serve(server, routes, listener, &workload, shutdown).await?;
 /// ```
 pub async fn serve<F>(
+    server: Server,
     routes: Routes,
     listener: TcpListener,
     workload: &WorkloadIdentity,
@@ -77,7 +81,7 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel::<MtlsStream>(64);
     let accepting = AbortOnDrop(tokio::spawn(accept_loop(listener, acceptor, tx)));
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
-    let served = Server::builder()
+    let served = server
         .max_connection_age(max_age)
         // No `max_connection_age_grace`: with it, tonic 0.14 skips the graceful GOAWAY at
         // `max_connection_age` and only cuts the connection after age + grace.

@@ -173,7 +173,8 @@ impl TestServer {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let identity = identity.clone();
         let task = tokio::spawn(async move {
-            securepay_identity::grpc::serve(routes, listener, &identity, async {
+            let server = tonic::transport::Server::builder().timeout(Duration::from_secs(10));
+            securepay_identity::grpc::serve(server, routes, listener, &identity, async {
                 let _ = stopped.await;
             })
             .await
