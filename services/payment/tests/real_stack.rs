@@ -517,3 +517,77 @@ async fn two_instances_with_two_relays_settle_every_payment_exactly_once() {
     assert_eq!(world.balance(ALICE_EUR).await, Decimal::from_str("990.00").unwrap(), "each debited once");
     assert_eq!(world.count("SELECT count(*) FROM payments.outbox WHERE published_at IS NULL").await, 0);
 }
+
+/// A TCP forwarder to a real component that the test can cut: stopping it is the component
+/// going away for the service behind it (the shared Redis itself must stay up for other tests).
+struct Cuttable {
+    addr: SocketAddr,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Cuttable {
+    async fn start(target: String) -> Cuttable {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let conns = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns.lock().unwrap().push(conn);
+            }
+        });
+        tasks.lock().unwrap().push(accept);
+        Cuttable { addr, tasks }
+    }
+
+    /// Closes the listener and every forwarded connection.
+    fn cut(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_and_the_account_service_stopping_under_a_running_service() {
+    let Some(mut world) = World::new().await else { return };
+    let (mut account, account_addr) = world.account().await;
+    let redis_target = world.redis_url.trim_start_matches("redis://").trim_end_matches('/').to_owned();
+    let redis = Cuttable::start(redis_target).await;
+    let listen = free_addr();
+    let via = format!("redis://{}", redis.addr);
+    let _payment = world.payment(account_addr, listen, &[("SECUREPAY_REDIS_URL", via.as_str())]).await;
+    let mut c = client(listen).await;
+
+    let k = key("order-cut");
+    let (first, replayed) = initiate(&mut c, pay("3.00", &k)).await.unwrap();
+    assert!(!replayed);
+    redis.cut();
+    let (again, replayed) = initiate(&mut c, pay("3.00", &k)).await.expect("served with Redis gone");
+    assert!(replayed);
+    assert_eq!(again, first, "PostgreSQL replays the same bytes");
+    let reused = initiate(&mut c, pay("4.00", &k)).await.unwrap_err();
+    assert_eq!(error_code(&reused), Some("idempotency_key_reused"));
+    let (_, replayed) = initiate(&mut c, pay("4.00", &key("order-cut-new"))).await.expect("new keys still work");
+    assert!(!replayed);
+    assert_eq!(world.count("SELECT count(*) FROM payments.transactions").await, 2);
+
+    let _ = account.child.kill();
+    account.exited().await;
+    let started = Instant::now();
+    let down = initiate(&mut c, pay("5.00", &key("order-no-account"))).await.unwrap_err();
+    assert_eq!((down.code(), error_code(&down)), (Code::Unavailable, Some("account_service_unavailable")));
+    assert!(started.elapsed() < Duration::from_secs(10), "failed within the client's bound");
+    assert_eq!(world.count("SELECT count(*) FROM payments.transactions").await, 2, "nothing written");
+    assert_eq!(
+        world.count("SELECT count(*) FROM payments.idempotency_keys WHERE state = 'IN_FLIGHT'").await,
+        0,
+        "claim released"
+    );
+}
