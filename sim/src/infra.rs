@@ -72,6 +72,11 @@ pub fn addr(node: Node) -> SocketAddr {
     SocketAddr::new(ip(node), port)
 }
 
+/// Where the gateway's HTTP edge listens (see [`crate::http`]).
+pub fn http_addr() -> SocketAddr {
+    SocketAddr::new(ip(Node::Gateway), crate::http::HTTP_PORT)
+}
+
 /// The workload a service node runs as.
 pub fn identity(node: Node) -> Option<ServiceIdentity> {
     match node {

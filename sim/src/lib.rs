@@ -24,6 +24,8 @@ compile_error!(
 
 pub mod clock;
 #[cfg(madsim)]
+pub mod http;
+#[cfg(madsim)]
 pub mod infra;
 pub mod ledger_node;
 pub mod plan;
