@@ -7,11 +7,17 @@
 //! builds in the normal workspace build (the node code is plain tonic then), so it never rots.
 //!
 //! - [`plan`]: the fault-plan format of `fault-plans/*.toml` and the seeded [`plan::Schedule`].
-//! - [`ledger_node`]: a ledger node's settlement RPC, backed by any `LedgerStore`.
-//! - [`spire`] (madsim only): a simulated SPIRE issuer, per-node `SvidSource`, and the gRPC
-//!   interceptors that carry an issuer-signed SVID token and turn it into `securepay_kit::PeerSvid`.
+//! - [`workload`]: the seeded client workload (accounts, payments, balance reads) as data.
+//! - [`clock`]: the skewable `Clock` of a service node.
+//! - [`spire`]: issuer-signed SVID tokens and the gRPC interceptors that carry them and turn them
+//!   into `securepay_kit::PeerSvid`; under madsim also the issuer node, each node's `SvidSource`
+//!   and the SVID invariant's server-side audit.
 //! - [`remote`] (madsim only): infrastructure nodes (database, broker, cache) serving the in-memory
 //!   twins over the simulated network, and the port clients service nodes use to reach them.
+//! - [`http`] (madsim only): the gateway's axum router served over the simulated network.
+//! - [`infra`] (madsim only): node addresses, the infrastructure of a run, the ports a service
+//!   node connects, and the injector that plays a fault schedule.
+//! - [`ledger_node`]: a ledger node's settlement RPC, backed by any `LedgerStore`.
 //! - [`run`] (madsim only): what every simulation test shares — seed, replay command, summary.
 //!
 //! Architecture invariant: nothing here is linked into a service binary, and nothing here opens real
