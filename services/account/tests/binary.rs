@@ -38,8 +38,6 @@ struct Service {
     _secrets: tempfile::TempDir,
     suffix: String,
     runs: usize,
-    pool: sqlx::PgPool,
-    password: String,
 }
 
 impl Service {
@@ -60,18 +58,7 @@ impl Service {
             ("SECUREPAY_SETTLE_BATCH_LEN".to_owned(), batch_len.to_string()),
             ("RUST_LOG".to_owned(), "info".to_owned()),
         ]);
-        let password = securepay_postgres::testing::role_passwords(&infra.db.admin_url).await.account_service.clone();
-        let pool = infra.db.pool.clone();
-        Service {
-            env,
-            admin,
-            log_dir: tempfile::tempdir().unwrap(),
-            _secrets: secrets,
-            suffix,
-            runs: 0,
-            pool,
-            password,
-        }
+        Service { env, admin, log_dir: tempfile::tempdir().unwrap(), _secrets: secrets, suffix, runs: 0 }
     }
 
     fn topic(&self, name: &str) -> String {
@@ -79,16 +66,6 @@ impl Service {
     }
 
     async fn spawn(&mut self) -> Child {
-        // Role passwords are cluster-wide and every test process (of any crate) sets its own at
-        // start; make sure `account_service` has the one in this service's password file.
-        let alter = format!("ALTER ROLE account_service PASSWORD '{}'", self.password);
-        // Concurrent ALTER ROLEs of one role may fail with "tuple concurrently updated": retry.
-        let mut attempts = 0;
-        while let Err(error) = sqlx::raw_sql(&alter).execute(&self.pool).await {
-            attempts += 1;
-            assert!(attempts < 20, "cannot set the account_service password: {error}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         self.runs += 1;
         let log = std::fs::File::create(self.log_dir.path().join(format!("run-{}.log", self.runs))).unwrap();
         Command::new(env!("CARGO_BIN_EXE_securepay-account"))

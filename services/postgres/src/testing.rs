@@ -93,11 +93,17 @@ impl TestDb {
     }
 }
 
-/// The passwords of the service roles for this test process, set once (they are cluster-wide).
+/// The passwords of the service roles on the test cluster. Role passwords are cluster-wide, so
+/// tests must not invent their own while other processes log in: they use the ones the runner set
+/// when it started the cluster (`$SECUREPAY_TEST_STATE_DIR/secrets/pg-role-<role>`). Only without
+/// a runner state dir (a cluster started some other way) are fresh ones set, once per process.
 pub async fn role_passwords(admin_url: &str) -> &'static RolePasswords {
     static PASSWORDS: tokio::sync::OnceCell<RolePasswords> = tokio::sync::OnceCell::const_new();
     PASSWORDS
         .get_or_init(|| async {
+            if let Some(passwords) = runner_passwords() {
+                return passwords;
+            }
             let fresh = || format!("test-{}", Uuid::new_v4().simple());
             let passwords =
                 RolePasswords { payment_service: fresh(), account_service: fresh(), notification_service: fresh() };
@@ -106,4 +112,14 @@ pub async fn role_passwords(admin_url: &str) -> &'static RolePasswords {
             passwords
         })
         .await
+}
+
+fn runner_passwords() -> Option<RolePasswords> {
+    let secrets = std::path::PathBuf::from(std::env::var(securepay_testkit::var::STATE_DIR).ok()?).join("secrets");
+    let read = |role: &str| std::fs::read_to_string(secrets.join(format!("pg-role-{role}"))).ok();
+    Some(RolePasswords {
+        payment_service: read("payment_service")?.trim_end().to_owned(),
+        account_service: read("account_service")?.trim_end().to_owned(),
+        notification_service: read("notification_service")?.trim_end().to_owned(),
+    })
 }
