@@ -14,16 +14,17 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rust_decimal::Decimal;
+use securepay_core::events::PaymentSettled;
 use securepay_core::identity::ServiceIdentity;
-use securepay_core::ids::{PaymentId, Subject};
-use securepay_core::payment::{PaymentStatus, Transition};
+use securepay_core::ids::{EventId, PaymentId, Subject};
+use securepay_core::payment::{FailureReason, Outcome, PaymentStatus, Transition};
 use securepay_core::topology::topic;
-use securepay_kafka::KafkaConsumer;
+use securepay_kafka::{KafkaConsumer, KafkaEventLog};
 use securepay_kit::caller::dev_insecure::{self, ClientInterceptor};
 use securepay_kit::status::error_code;
 use securepay_kit::with_subject;
 use securepay_payment::REPLAYED_METADATA;
-use securepay_ports::{EventConsumer, PaymentStore, PortError};
+use securepay_ports::{EventConsumer, EventLog, OutgoingRecord, PaymentStore, PortError};
 use securepay_postgres::PgPaymentStore;
 use securepay_postgres::testing::TestDb;
 use securepay_proto::payment::v1 as wire;
@@ -393,6 +394,34 @@ async fn fifty_concurrent_identical_requests_make_one_payment_and_one_event() {
     ] {
         assert!(metrics.contains(series), "/metrics lacks {series}:\n{metrics}");
     }
+
+    // A contradicting outcome on the bus: refused by the transition table, counted, skipped (the
+    // partition keeps flowing), and the payment stays COMPLETED.
+    let stored = store.get(pid).await.unwrap().unwrap();
+    let contradicting = PaymentSettled {
+        event_id: EventId::from_uuid(Uuid::new_v4()),
+        payment_id: pid,
+        from: stored.from,
+        to: stored.to,
+        amount: stored.amount,
+        outcome: Outcome::Failed(FailureReason::InsufficientFunds),
+        occurred_at: now,
+    };
+    let record = OutgoingRecord {
+        topic: format!("{}{}", topic::PAYMENT_FAILED, world.suffix),
+        key: id.clone(),
+        payload: securepay_proto::convert::encode_settled(&contradicting),
+        headers: vec![],
+    };
+    KafkaEventLog::new(&world.brokers).unwrap().publish(&[record]).await.unwrap();
+    let started = Instant::now();
+    while !world.admin_get("/metrics").await.1.contains("securepay_illegal_transitions_total 1") {
+        assert!(started.elapsed() < SETTLE_BOUND, "the contradicting outcome was never counted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (body, _) = initiate(&mut c, pay("1.00", &key("order-after"))).await.unwrap();
+    wait_for_status(&mut c, &payment_id(&body), wire::PaymentStatus::Completed).await;
+    assert_eq!(get(&mut c, &id, "alice").await.unwrap().status, wire::PaymentStatus::Completed as i32);
 }
 
 #[tokio::test(flavor = "multi_thread")]
