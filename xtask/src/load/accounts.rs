@@ -124,7 +124,8 @@ pub fn conservation(before: &Audit, after: &Audit) -> ConservationLine {
     }
 }
 
-/// One token per owner, minted by `gateway token --key <dev key> --sub <owner> --ttl <ttl>`.
+/// One token per owner, minted by `gateway token --key <dev key> --sub <owner> --ttl <ttl>`
+/// (a few processes at a time).
 pub fn mint_tokens(gateway_bin: &Path, dev_key: &Path, n: usize, ttl_seconds: u64) -> Result<Vec<String>> {
     if !gateway_bin.is_file() {
         bail!("{} is missing: run `cargo xtask up` first", gateway_bin.display());
@@ -132,25 +133,37 @@ pub fn mint_tokens(gateway_bin: &Path, dev_key: &Path, n: usize, ttl_seconds: u6
     if !dev_key.is_file() {
         bail!("{} is missing: run `cargo xtask up` first", dev_key.display());
     }
-    (0..n)
-        .map(|i| {
-            let out = Command::new(gateway_bin)
-                .arg("token")
-                .arg("--key")
-                .arg(dev_key)
-                .args(["--sub", &owner(i), "--ttl", &ttl_seconds.to_string()])
-                .output()
-                .with_context(|| format!("running {}", gateway_bin.display()))?;
-            if !out.status.success() {
-                bail!("minting a token for {} failed: {}", owner(i), String::from_utf8_lossy(&out.stderr).trim());
+    let mint = |i: usize| -> Result<String> {
+        let out = Command::new(gateway_bin)
+            .arg("token")
+            .arg("--key")
+            .arg(dev_key)
+            .args(["--sub", &owner(i), "--ttl", &ttl_seconds.to_string()])
+            .output()
+            .with_context(|| format!("running {}", gateway_bin.display()))?;
+        if !out.status.success() {
+            bail!("minting a token for {} failed: {}", owner(i), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let token = String::from_utf8(out.stdout).context("the token is not UTF-8")?.trim().to_string();
+        if token.split('.').count() != 3 {
+            bail!("the gateway's token command printed something that is not a JWT");
+        }
+        Ok(token)
+    };
+    const WORKERS: usize = 4;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|w| scope.spawn(move || (w..n).step_by(WORKERS).map(|i| mint(i).map(|t| (i, t))).collect::<Vec<_>>()))
+            .collect();
+        let mut tokens = vec![String::new(); n];
+        for worker in workers {
+            for minted in worker.join().map_err(|_| anyhow::anyhow!("a token worker panicked"))? {
+                let (i, token) = minted?;
+                tokens[i] = token;
             }
-            let token = String::from_utf8(out.stdout).context("the token is not UTF-8")?.trim().to_string();
-            if token.split('.').count() != 3 {
-                bail!("the gateway's token command printed something that is not a JWT");
-            }
-            Ok(token)
-        })
-        .collect()
+        }
+        Ok(tokens)
+    })
 }
 
 #[cfg(test)]

@@ -346,6 +346,16 @@ pub fn report(info: &RunInfo, machine: &Machine, s: &Stats, conservation: Option
             let _ = writeln!(w, "            {error:<40} {n:>12}");
         }
     }
+    let rate_limited =
+        s.post_errors.keys().any(|(e, _)| e.starts_with("429 ")) || s.poll_errors.keys().any(|e| e.starts_with("429 "));
+    if rate_limited {
+        let _ = writeln!(
+            w,
+            "            429: the gateway's limits refused calls (all calls come from one IP; polls count too): \
+             start it with higher SECUREPAY_RATE_LIMIT_IP_PER_S/_BURST (default 50/s, burst 100) \
+             and SECUREPAY_RATE_LIMIT_SUBJECT_PER_S/_BURST (10/s, 20) to measure beyond them"
+        );
+    }
     if s.unaffordable_completed() > 0 {
         let _ = writeln!(w, "VIOLATION   {} unaffordable payments COMPLETED", s.unaffordable_completed());
     }
@@ -462,6 +472,7 @@ mod tests {
             "granularity 200 ms",
             "429 rate_limited",
             "0 timeout",
+            "SECUREPAY_RATE_LIMIT_IP_PER_S",
             "→ holds",
         ] {
             assert!(r.contains(want), "report lacks {want:?}:\n{r}");
