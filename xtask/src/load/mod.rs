@@ -237,7 +237,7 @@ async fn pay(shared: Arc<Shared>, p: Planned, due: Duration, permit: tokio::sync
             view
         }
         Answer::Error(error) => {
-            shared.record(|s| s.rejected(answered, latency, error, intent));
+            shared.record(|s| s.rejected(answered, latency, answered - sent, error, intent));
             return;
         }
     };

@@ -97,9 +97,10 @@ pub struct Stats {
     pub poll_errors: BTreeMap<String, u64>,
     /// Terminal outcomes (`COMPLETED`, `FAILED insufficient_funds`, ...) by intent.
     pub outcomes: BTreeMap<(String, Intent), u64>,
-    /// From the payment's due time to the POST's answer (includes time waiting to be sent).
+    /// From the payment's due time to the POST's answer, whatever it was (includes time waiting
+    /// to be sent).
     pub post_latency: Latency,
-    /// From the POST being written to its answer (the server's share).
+    /// From the POST being sent to its answer, whatever it was (the server's share).
     pub post_service: Latency,
     /// From the 202 to the first poll that saw a terminal status (granularity: the poll interval).
     pub settle_observed: Latency,
@@ -140,9 +141,11 @@ impl Stats {
     }
 
     /// A POST answered with something else than 202 (`status` 0: no HTTP answer).
-    pub fn rejected(&mut self, at: Duration, latency: Duration, error: String, intent: Intent) {
+    /// A POST answered otherwise (or not at all) at `at`: latencies as for [`Stats::accepted`].
+    pub fn rejected(&mut self, at: Duration, latency: Duration, service: Duration, error: String, intent: Intent) {
         self.second(at).errors += 1;
         self.post_latency.record(latency);
+        self.post_service.record(service);
         *self.post_errors.entry((error, intent)).or_default() += 1;
     }
 
@@ -314,13 +317,14 @@ pub fn report(info: &RunInfo, machine: &Machine, s: &Stats, conservation: Option
         settle_window.as_secs_f64()
     );
     let _ = writeln!(w);
-    let _ = writeln!(w, "latency     POST, from due time    {}", s.post_latency.summary());
-    let _ = writeln!(w, "            POST, server share     {}", s.post_service.summary());
+    let _ = writeln!(w, "latency     POST, due → answer     {}", s.post_latency.summary());
+    let _ = writeln!(w, "            POST, sent → answer    {}", s.post_service.summary());
     let _ = writeln!(w, "            settlement, observed   {}", s.settle_observed.summary());
     let _ = writeln!(w, "            settlement, server     {}", s.settle_server.summary());
     let _ = writeln!(
         w,
-        "            (observed: 202 → first poll seeing COMPLETED/FAILED, granularity {} ms; server: updated_at − created_at)",
+        "            (POST: every answer, 202 or not; due: the open-loop send time. Settlement observed: 202 → first poll\n             \
+             seeing COMPLETED/FAILED, granularity {} ms; server: the payment's updated_at − created_at)",
         info.poll_interval.as_millis()
     );
     let _ = writeln!(w);
@@ -372,11 +376,32 @@ pub fn report(info: &RunInfo, machine: &Machine, s: &Stats, conservation: Option
         );
         let _ = writeln!(w);
     }
-    let _ = writeln!(w, "second  offered  accepted  settled  errors");
-    for (i, sec) in s.seconds.iter().enumerate() {
-        let _ = writeln!(w, "{i:>6}  {:>7}  {:>8}  {:>7}  {:>6}", sec.offered, sec.accepted, sec.settled, sec.errors);
-    }
+    write_timeline(w, &s.seconds);
     out
+}
+
+/// At most [`TIMELINE_ROWS`] rows: one per second, or per-second averages over equal spans.
+const TIMELINE_ROWS: usize = 60;
+
+fn write_timeline(w: &mut String, seconds: &[Second]) {
+    let span = seconds.len().div_ceil(TIMELINE_ROWS).max(1);
+    if span == 1 {
+        let _ = writeln!(w, "second  offered  accepted  settled  errors");
+    } else {
+        let _ = writeln!(w, "second  offered  accepted  settled  errors   (per-second averages over {span} s)");
+    }
+    for (row, chunk) in seconds.chunks(span).enumerate() {
+        let avg = |f: fn(&Second) -> u64| chunk.iter().map(f).sum::<u64>() as f64 / chunk.len() as f64;
+        let _ = writeln!(
+            w,
+            "{:>6}  {:>7.1}  {:>8.1}  {:>7.1}  {:>6.1}",
+            row * span,
+            avg(|s| s.offered),
+            avg(|s| s.accepted),
+            avg(|s| s.settled),
+            avg(|s| s.errors)
+        );
+    }
 }
 
 #[cfg(test)]
@@ -414,7 +439,7 @@ mod tests {
         s.offered(ms(1500), true);
         s.offered(ms(1600), false);
         s.accepted(ms(120), ms(20), ms(15), false);
-        s.rejected(ms(1700), ms(100), "422 insufficient_funds".into(), Intent::Unaffordable);
+        s.rejected(ms(1700), ms(100), ms(90), "422 insufficient_funds".into(), Intent::Unaffordable);
         s.settled(ms(2300), "COMPLETED".into(), Intent::Affordable, ms(2180), Some(ms(900)));
         assert_eq!(
             s.seconds,
@@ -425,7 +450,7 @@ mod tests {
             ]
         );
         assert_eq!((s.offered, s.not_sent, s.accepted, s.settled, s.errors()), (3, 1, 1, 1, 2));
-        assert_eq!(s.post_latency.count(), 2, "rejected POSTs have a latency too");
+        assert_eq!((s.post_latency.count(), s.post_service.count()), (2, 2), "rejected POSTs have latencies too");
         assert_eq!(s.last_settled_at, Some(ms(2300)));
         assert_eq!(s.unaffordable_completed(), 0);
         s.settled(ms(2400), "COMPLETED".into(), Intent::Unaffordable, ms(10), None);
@@ -441,7 +466,7 @@ mod tests {
             s.accepted(ms(i * 100 + 10), ms(10), ms(8), false);
             s.settled(ms(i * 100 + 500), "COMPLETED".into(), Intent::Affordable, ms(490), Some(ms(300)));
         }
-        s.rejected(ms(1900), ms(5), "429 rate_limited".into(), Intent::Affordable);
+        s.rejected(ms(1900), ms(5), ms(5), "429 rate_limited".into(), Intent::Affordable);
         s.poll_error("0 timeout".into());
         let info = RunInfo {
             target: "http://127.0.0.1:8080".into(),
@@ -467,7 +492,7 @@ mod tests {
             "offered 20  sent 20  accepted 20 (0 replayed)  errors 1  settled 20  unsettled 0",
             "offered 10.0/s  accepted 10.0/s",
             "settled 8.3/s (over 2.4 s",
-            "POST, from due time    p50 10.0 ms",
+            "POST, due → answer     p50 10.0 ms",
             "settlement, server     p50 300.0 ms",
             "granularity 200 ms",
             "429 rate_limited",
@@ -480,6 +505,20 @@ mod tests {
         assert!(!r.contains("VIOLATION"));
         let broken = ConservationLine { after: "199999.00".into(), ..c };
         assert!(report(&info, &machine, &s, Some(&broken)).contains("→ VIOLATED"));
+    }
+
+    #[test]
+    fn long_runs_get_a_timeline_of_averages_short_runs_one_row_per_second() {
+        let second = |n| Second { offered: n, accepted: n, settled: n, errors: 0 };
+        let mut w = String::new();
+        write_timeline(&mut w, &[second(1), second(3)]);
+        assert_eq!(w.lines().count(), 3, "{w}");
+        assert!(w.lines().nth(2).unwrap().starts_with("     1      3.0"), "{w}");
+        let mut w = String::new();
+        write_timeline(&mut w, &(0..3600).map(|i| second(i % 2 * 2)).collect::<Vec<_>>());
+        assert_eq!(w.lines().count(), 61, "a header and 60 rows");
+        assert!(w.contains("averages over 60 s"), "{w}");
+        assert!(w.lines().nth(2).unwrap().starts_with("    60      1.0"), "{w}");
     }
 
     #[test]
