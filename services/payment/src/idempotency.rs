@@ -89,6 +89,17 @@ pub struct Idempotency<T, F> {
     in_flight_wait: Duration,
 }
 
+impl<T, F> Clone for Idempotency<T, F> {
+    fn clone(&self) -> Self {
+        Idempotency {
+            truth: self.truth.clone(),
+            fast: self.fast.clone(),
+            clock: self.clock.clone(),
+            in_flight_wait: self.in_flight_wait,
+        }
+    }
+}
+
 const POLL_MIN: Duration = Duration::from_millis(10);
 const POLL_MAX: Duration = Duration::from_millis(200);
 

@@ -78,6 +78,20 @@ pub struct PaymentService<S, F, A> {
     config: ServiceConfig,
 }
 
+/// Clones share everything (the handler moves a clone into its own task).
+impl<S, F, A> Clone for PaymentService<S, F, A> {
+    fn clone(&self) -> Self {
+        PaymentService {
+            store: self.store.clone(),
+            idempotency: self.idempotency.clone(),
+            accounts: self.accounts.clone(),
+            clock: self.clock.clone(),
+            ids: self.ids.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
 impl<S, F, A> PaymentService<S, F, A>
 where
     S: PaymentStore + IdempotencyStore,
@@ -279,8 +293,16 @@ where
         let result = async {
             let caller = authorize(&request, method::INITIATE_PAYMENT, self.clock.now())?;
             let trace = request.metadata().get(TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            // In its own task: a caller that hangs up (a gateway timeout) does not cut a request
+            // between its idempotency claim and its commit; a retry then replays its response
+            // instead of waiting out the claim's lease.
+            let this = self.clone();
+            let message = request.into_inner();
             let initiated =
-                self.initiate(caller.subject, request.get_ref(), trace.as_deref()).await.map_err(Status::from)?;
+                tokio::task::spawn(async move { this.initiate(caller.subject, &message, trace.as_deref()).await })
+                    .await
+                    .map_err(|_| Status::from(ServiceError::Internal))?
+                    .map_err(Status::from)?;
             let mut response = Response::new(initiated.response);
             if initiated.replayed {
                 response.metadata_mut().insert(REPLAYED_METADATA, MetadataValue::from_static("true"));
