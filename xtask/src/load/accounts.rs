@@ -79,8 +79,10 @@ pub async fn seed(conn: &mut PgConnection, n: usize) -> Result<u64> {
     Ok(inserted)
 }
 
-/// Sums over the load accounts `0..n`: balances, opening balances, and how many accounts break
-/// `balance = opening + credits − debits` against the ledger.
+/// Sums over ALL load accounts (every id with the load prefix, whatever `--accounts` a run used):
+/// balances, opening balances, and how many accounts break `balance = opening + credits − debits`
+/// against the ledger. Load accounts only ever pay each other, so the balances must sum to the
+/// opening balances at every moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Audit {
     pub balance: Decimal,
@@ -88,8 +90,8 @@ pub struct Audit {
     pub ledger_mismatches: i64,
 }
 
-pub async fn audit(conn: &mut PgConnection, n: usize) -> Result<Audit> {
-    let ids: Vec<Uuid> = (0..n).map(account_id).collect();
+pub async fn audit(conn: &mut PgConnection) -> Result<Audit> {
+    let (first, last) = (Uuid::from_u128(ID_PREFIX), Uuid::from_u128(ID_PREFIX | 0xffff_ffff_ffff));
     let row = sqlx::query(
         "SELECT coalesce(sum(a.balance), 0) AS balance, coalesce(sum(a.opening_balance), 0) AS opening, \
                 count(*) FILTER (WHERE a.balance <> a.opening_balance + coalesce(l.credits, 0) - coalesce(l.debits, 0)) \
@@ -98,11 +100,12 @@ pub async fn audit(conn: &mut PgConnection, n: usize) -> Result<Audit> {
          LEFT JOIN (SELECT account_id, \
                            sum(amount) FILTER (WHERE direction = 'CREDIT') AS credits, \
                            sum(amount) FILTER (WHERE direction = 'DEBIT') AS debits \
-                    FROM accounts.ledger_entries WHERE account_id = ANY($1) GROUP BY account_id) l \
+                    FROM accounts.ledger_entries WHERE account_id BETWEEN $1 AND $2 GROUP BY account_id) l \
                 USING (account_id) \
-         WHERE a.account_id = ANY($1)",
+         WHERE a.account_id BETWEEN $1 AND $2",
     )
-    .bind(&ids)
+    .bind(first)
+    .bind(last)
     .fetch_one(&mut *conn)
     .await
     .context("auditing the load accounts")?;
@@ -113,9 +116,15 @@ pub async fn audit(conn: &mut PgConnection, n: usize) -> Result<Audit> {
     })
 }
 
+/// More than all load accounts hold together (in cents): no single one can afford it.
+pub fn unaffordable_minor(audit: &Audit) -> Result<i64> {
+    let cents = (audit.opening * Decimal::ONE_HUNDRED).trunc();
+    i64::try_from(cents).map(|c| c + 100).context("the load accounts' total does not fit in cents")
+}
+
 /// Before/after as the report prints it.
 pub fn conservation(before: &Audit, after: &Audit) -> ConservationLine {
-    let money = |d: Decimal| format!("{:.2}", d.normalize());
+    let money = |d: Decimal| format!("{d:.2}");
     ConservationLine {
         before: money(before.balance),
         after: money(after.balance),
@@ -200,9 +209,10 @@ mod tests {
         assert_eq!(seed(&mut conn, 5).await.unwrap(), 5);
         assert_eq!(seed(&mut conn, 5).await.unwrap(), 0, "existing accounts are reused");
         assert_eq!(seed(&mut conn, 7).await.unwrap(), 2);
-        let before = audit(&mut conn, 7).await.unwrap();
+        let before = audit(&mut conn).await.unwrap();
         let total = Decimal::new(7 * OPENING_BALANCE_MINOR, 2);
         assert_eq!(before, Audit { balance: total, opening: total, ledger_mismatches: 0 });
+        assert_eq!(unaffordable_minor(&before).unwrap(), 7 * OPENING_BALANCE_MINOR + 100);
 
         // A settlement as the account service writes it: money moves, the sum does not.
         let (payment, amount) = (Uuid::from_u128(0x5e771e), Decimal::new(1250, 2));
@@ -234,7 +244,7 @@ mod tests {
                 .unwrap();
         }
         tx.commit().await.unwrap();
-        let after = audit(&mut conn, 7).await.unwrap();
+        let after = audit(&mut conn).await.unwrap();
         assert_eq!(after, before, "a settled payment between load accounts keeps the sums");
         assert!(conservation(&before, &after).holds());
 
@@ -244,7 +254,7 @@ mod tests {
             .execute(&mut conn)
             .await
             .unwrap();
-        let broken = audit(&mut conn, 7).await.unwrap();
+        let broken = audit(&mut conn).await.unwrap();
         assert_eq!(broken.ledger_mismatches, 1);
         assert_eq!(broken.balance, total + Decimal::ONE);
         assert!(!conservation(&before, &broken).holds());

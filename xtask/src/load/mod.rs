@@ -3,13 +3,14 @@
 //!
 //! 1. Seeds the load accounts (LOAD-TEST DATA, see [`accounts`]) in PostgreSQL as the superuser
 //!    and mints one token per owner with the profile's dev key.
-//! 2. Audits the load accounts' balances (before).
+//! 2. Audits all load accounts' balances (before).
 //! 3. Runs the open-loop [`schedule`]: each due payment is POSTed with its payer's token and its
 //!    own Idempotency-Key, unless `--concurrency` POSTs are already in flight (then it is counted
 //!    as offered, not sent). A 202 is then polled with GET until COMPLETED/FAILED, at most until
 //!    the drain ends.
-//! 4. Audits again (after): the sum of the load accounts' balances must not move, and each
-//!    account's balance must equal opening + credits − debits of the ledger.
+//! 4. Audits again (after): the sum of all load accounts' balances must not move and must equal
+//!    their opening balances (they only pay each other), and each account's balance must equal
+//!    opening + credits − debits of the ledger.
 //! 5. Prints the report ([`stats::report`]); fails if conservation broke or an unaffordable
 //!    payment completed.
 //!
@@ -126,9 +127,13 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<ExitCode> {
         poll_interval: Duration::from_millis(args.poll_interval_ms),
         drain: Duration::from_secs(args.drain),
     };
-    let before = runtime.block_on(accounts::audit(&mut db, args.accounts))?;
-    let stats = runtime.block_on(drive(&info, tokens));
-    let after = runtime.block_on(accounts::audit(&mut db, args.accounts))?;
+    let before = runtime.block_on(accounts::audit(&mut db))?;
+    let unaffordable_minor = accounts::unaffordable_minor(&before)?;
+    if unaffordable_minor > MAX_AMOUNT_MINOR {
+        bail!("the load accounts hold more than the maximum amount together: no amount is unaffordable for all");
+    }
+    let stats = runtime.block_on(drive(&info, tokens, unaffordable_minor));
+    let after = runtime.block_on(accounts::audit(&mut db))?;
     let conservation = accounts::conservation(&before, &after);
     println!("{}", stats::report(&info, &Machine::detect(), &stats, Some(&conservation)));
     if !conservation.holds() {
@@ -160,10 +165,9 @@ impl Shared {
 }
 
 /// The open loop: offers every payment at its due time, then waits for the in-flight ones.
-async fn drive(info: &RunInfo, tokens: Vec<String>) -> Stats {
+/// `unaffordable_minor`: the amount of the deliberately unaffordable payments.
+async fn drive(info: &RunInfo, tokens: Vec<String>, unaffordable_minor: i64) -> Stats {
     let schedule = Schedule::new(info.rate, info.duration);
-    // More than all load accounts hold together: no single account can afford it.
-    let unaffordable_minor = i64::try_from(info.accounts).unwrap_or(i64::MAX) * accounts::OPENING_BALANCE_MINOR + 100;
     let mut planner = Planner::new(info.seed, info.accounts, AMOUNT_MINOR, info.unaffordable_share, unaffordable_minor);
     let start = Instant::now();
     let shared = Arc::new(Shared {
@@ -189,10 +193,10 @@ async fn drive(info: &RunInfo, tokens: Vec<String>) -> Stats {
             let due = schedule.due(i);
             match permits.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    shared.record(|s| s.offered(due, true));
+                    shared.record(|s| s.offered(due, true, Intent::of(planned.unaffordable)));
                     tasks.spawn(pay(shared.clone(), planned, due, permit));
                 }
-                Err(_) => shared.record(|s| s.offered(due, false)),
+                Err(_) => shared.record(|s| s.offered(due, false, Intent::of(planned.unaffordable))),
             }
         }
         next = due_now.max(next + 1);

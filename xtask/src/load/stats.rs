@@ -120,12 +120,12 @@ impl Stats {
     }
 
     /// Payment due at `due`: offered; `sent` false when the concurrency limit refused it.
-    pub fn offered(&mut self, due: Duration, sent: bool) {
+    pub fn offered(&mut self, due: Duration, sent: bool, intent: Intent) {
         self.offered += 1;
         self.second(due).offered += 1;
         if !sent {
             self.not_sent += 1;
-            let key = ("not sent (client concurrency limit)".to_string(), Intent::Affordable);
+            let key = ("not sent (client concurrency limit)".to_string(), intent);
             *self.post_errors.entry(key).or_default() += 1;
             self.second(due).errors += 1;
         }
@@ -245,6 +245,7 @@ pub struct ConservationLine {
 }
 
 impl ConservationLine {
+    /// The balances did not move in sum, equal the opening balances, and match the ledger.
     pub fn holds(&self) -> bool {
         self.before == self.after && self.after == self.opening && self.ledger_mismatches == 0
     }
@@ -367,7 +368,7 @@ pub fn report(info: &RunInfo, machine: &Machine, s: &Stats, conservation: Option
     if let Some(c) = conservation {
         let _ = writeln!(
             w,
-            "conservation  load accounts' balances: before {}  after {}  opening {}  ledger mismatches {}  → {}",
+            "conservation  all load accounts' balances: before {}  after {}  opening {}  ledger mismatches {}  → {}",
             c.before,
             c.after,
             c.opening,
@@ -435,9 +436,9 @@ mod tests {
     #[test]
     fn events_land_in_the_second_they_happened_and_in_the_totals() {
         let mut s = Stats::default();
-        s.offered(ms(100), true);
-        s.offered(ms(1500), true);
-        s.offered(ms(1600), false);
+        s.offered(ms(100), true, Intent::Affordable);
+        s.offered(ms(1500), true, Intent::Affordable);
+        s.offered(ms(1600), false, Intent::Unaffordable);
         s.accepted(ms(120), ms(20), ms(15), false);
         s.rejected(ms(1700), ms(100), ms(90), "422 insufficient_funds".into(), Intent::Unaffordable);
         s.settled(ms(2300), "COMPLETED".into(), Intent::Affordable, ms(2180), Some(ms(900)));
@@ -462,7 +463,7 @@ mod tests {
     fn the_report_names_machine_rates_latencies_errors_and_conservation() {
         let mut s = Stats::default();
         for i in 0..20 {
-            s.offered(ms(i * 100), true);
+            s.offered(ms(i * 100), true, Intent::Affordable);
             s.accepted(ms(i * 100 + 10), ms(10), ms(8), false);
             s.settled(ms(i * 100 + 500), "COMPLETED".into(), Intent::Affordable, ms(490), Some(ms(300)));
         }
