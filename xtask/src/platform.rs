@@ -30,11 +30,6 @@ impl Selection {
         Selection { only: Vec::new() }
     }
 
-    /// Every infrastructure component, no services (what the tests need).
-    pub fn infrastructure() -> Selection {
-        Selection { only: registry().iter().map(|c| c.name().to_string()).collect() }
-    }
-
     fn includes(&self, name: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|n| n == name)
     }

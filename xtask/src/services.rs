@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use securepay_core::identity::ServiceIdentity;
+use securepay_testkit::var;
 
 use crate::components::lifecycle::{StatusRow, wait_ports_closed};
 use crate::components::{ScrapeTarget, registry};
 use crate::ctx::{Ctx, Port};
 use crate::{net, process};
 
-/// How long `up` waits for the services' HTTP ports before reporting them as not listening yet.
-const SERVICE_LISTEN_WAIT: Duration = Duration::from_secs(5);
+/// How long `up` waits for every started service to answer `/ready` (dependencies reachable).
+const SERVICE_READY_WAIT: Duration = Duration::from_secs(60);
 
 pub struct Service {
     pub identity: ServiceIdentity,
@@ -87,6 +88,9 @@ impl Service {
             ("SECUREPAY_PROFILE".to_string(), ctx.profile.to_string()),
             ("SECUREPAY_LISTEN_ADDR".to_string(), format!("127.0.0.1:{}", ctx.port(self.main)?)),
             ("RUST_LOG".to_string(), std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())),
+            // DEVELOPMENT ONLY, until the services speak mTLS with their SPIRE SVIDs: plaintext gRPC
+            // where callers claim their SPIFFE ID (see securepay_kit::caller::dev_insecure).
+            ("SECUREPAY_DEV_INSECURE_PLAINTEXT".to_string(), "1".to_string()),
         ];
         if let Some(admin) = self.admin {
             env.push(("SECUREPAY_ADMIN_ADDR".into(), format!("127.0.0.1:{}", ctx.port(admin)?)));
@@ -97,6 +101,9 @@ impl Service {
         }
         for c in registry() {
             env.extend(c.service_env(ctx)?.into_iter().map(|(k, v)| (k.to_string(), v)));
+        }
+        if self.identity == ServiceIdentity::ApiGateway {
+            env.push(("SECUREPAY_JWKS_PATH".into(), jwks_path(ctx).display().to_string()));
         }
         Ok(env)
     }
@@ -114,11 +121,11 @@ pub fn build(ctx: &Ctx) -> Result<()> {
     })
 }
 
-/// Starts each service that is not running, then gives them together a few seconds to fail fast
-/// or to open their HTTP port. A service that does not listen yet (the shells of the first
-/// milestone) is reported as running without a listener, not as a failure.
+/// Starts each service that is not running, then waits until every started one answers `/ready`
+/// (its database, cache and broker reachable). A service that exits fails `up` with its log tail.
 pub fn up(ctx: &Ctx) -> Result<()> {
     build(ctx)?;
+    dev_keys(ctx)?;
     let mut started = Vec::new();
     for s in &SERVICES {
         let pid_file = ctx.pid_file(&s.pid_name());
@@ -142,11 +149,13 @@ pub fn up(ctx: &Ctx) -> Result<()> {
     if started.is_empty() {
         return Ok(());
     }
-    ctx.progress.step("services", "wait for HTTP listeners (5 s at most)", || {
-        process::wait_until(SERVICE_LISTEN_WAIT, || {
-            started.iter_mut().all(|(_, port, child)| net::port_open(*port) || !matches!(child.try_wait(), Ok(None)))
+    let wait = format!("wait until the services are ready ({} s at most)", SERVICE_READY_WAIT.as_secs());
+    ctx.progress.step("services", &wait, || {
+        let ready = |port: u16| service_ready(port);
+        process::wait_until(SERVICE_READY_WAIT, || {
+            started.iter_mut().all(|(_, port, child)| ready(*port) || !matches!(child.try_wait(), Ok(None)))
         });
-        for (s, _, child) in &mut started {
+        for (s, port, child) in &mut started {
             if let Some(status) = child.try_wait()? {
                 anyhow::bail!(
                     "{} exited at start ({status}):\n{}",
@@ -154,9 +163,65 @@ pub fn up(ctx: &Ctx) -> Result<()> {
                     crate::fsutil::tail(&ctx.log_file(s.name()), 20)
                 );
             }
+            if !ready(*port) {
+                let answer = net::http_get(*port, "/ready").map(|(code, body)| format!("{code} {body}"));
+                anyhow::bail!(
+                    "{} is not ready after {} s: {}\n{}",
+                    s.name(),
+                    SERVICE_READY_WAIT.as_secs(),
+                    answer.unwrap_or_else(|e| format!("{e:#}")),
+                    crate::fsutil::tail(&ctx.log_file(s.name()), 20)
+                );
+            }
         }
         Ok(())
     })
+}
+
+/// Where the end-to-end tests find the running services (`securepay_testkit::var`).
+pub fn test_env(ctx: &Ctx) -> Result<Vec<(String, String)>> {
+    let url = |port: Port| -> Result<String> { Ok(format!("http://127.0.0.1:{}", ctx.port(port)?)) };
+    let [gateway, payment, account, notification] = &SERVICES;
+    Ok(vec![
+        (var::GATEWAY_URL.into(), url(gateway.main)?),
+        (var::NOTIFICATION_URL.into(), url(notification.main)?),
+        (var::PAYMENT_ADMIN_URL.into(), url(payment.admin.expect("payment has an admin port"))?),
+        (var::ACCOUNT_ADMIN_URL.into(), url(account.admin.expect("account has an admin port"))?),
+        (var::JWT_DEV_KEY.into(), dev_key_path(ctx).display().to_string()),
+    ])
+}
+
+/// The development JWT signing key (ES256, PKCS#8) the gateway's `token` command mints with.
+pub fn dev_key_path(ctx: &Ctx) -> std::path::PathBuf {
+    ctx.secrets_dir().join("jwt-dev-key.pem")
+}
+
+/// The JWKS with the dev key's public half, which the gateway verifies tokens against.
+fn jwks_path(ctx: &Ctx) -> std::path::PathBuf {
+    ctx.secrets_dir().join("jwks.json")
+}
+
+/// Creates the development key pair once (`securepay-gateway dev-keys`); kept across restarts so
+/// minted tokens stay valid.
+fn dev_keys(ctx: &Ctx) -> Result<()> {
+    if dev_key_path(ctx).exists() && jwks_path(ctx).exists() {
+        return Ok(());
+    }
+    ctx.progress.step("api-gateway", "create the development JWT key pair", || {
+        let bin = ctx.root.join("target/debug").join(ServiceIdentity::ApiGateway.binary());
+        let mut cmd = Command::new(bin);
+        cmd.arg("dev-keys").arg("--dir").arg(ctx.secrets_dir());
+        process::run(&mut cmd).map(drop)
+    })
+}
+
+/// `/ready` answers 200 (a service without a readiness endpoint: `/health`).
+fn service_ready(port: u16) -> bool {
+    match net::http_get(port, "/ready") {
+        Ok((200, _)) => true,
+        Ok((404, _)) => net::http_ok(port, "/health").is_ok(),
+        _ => false,
+    }
 }
 
 pub fn down(ctx: &Ctx) -> Result<()> {

@@ -70,9 +70,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut stages = Vec::new();
     let started = Instant::now();
     timed(&mut stages, "build prerequisites", || build_prerequisites(&ctx).map_err(|e| format!("{e:#}")));
-    let platform_up = timed(&mut stages, "test platform up", || {
-        platform::up(&ctx, &Selection::infrastructure()).map_err(|e| format!("{e:#}"))
-    });
+    // Everything, the four services included: the end-to-end tests (xtask/tests/e2e.rs) drive the
+    // stack through the gateway; the other integration tests start what they need themselves.
+    let platform_up =
+        timed(&mut stages, "test platform up", || platform::up(&ctx, &Selection::all()).map_err(|e| format!("{e:#}")));
 
     let env = if platform_up { test_env(&ctx)? } else { Vec::new() };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -154,6 +155,7 @@ fn test_env(ctx: &Ctx) -> Result<Vec<(String, String)>> {
     for c in registry() {
         env.extend(c.test_env(ctx)?.into_iter().map(|(k, v)| (k.to_string(), v)));
     }
+    env.extend(crate::services::test_env(ctx)?);
     Ok(env)
 }
 
