@@ -108,16 +108,29 @@ fn print_first_payment(ctx: &Ctx) {
         println!("  {}  owner {:<6} {} {}", a.account_id, a.owner, a.opening_balance(), a.currency);
     }
     let (from, to) = (demo[0], demo[2]);
+    let key = crate::services::dev_key_path(ctx);
+    let notification = ctx.port(SERVICES[3].main).unwrap_or(8083);
+    let jaeger = ctx.port(crate::components::jaeger::QUERY_PORT).unwrap_or(16686);
+    let gw = format!("http://127.0.0.1:{gateway}");
     println!(
-        "\nFirst payment: the gateway (http://127.0.0.1:{gateway}) is still a service shell that logs and waits\n\
-         for a signal; it does not serve the public API yet. What exists now: PostgreSQL (migrated, seeded),\n\
-         Redis, Kafka (topics created), Prometheus (http://127.0.0.1:{prometheus}/targets).\n\
-         Once POST /api/v1/payments exists ({} pays {} 10.50 {}):\n\
-         \n  curl -sS -X POST http://127.0.0.1:{gateway}/api/v1/payments \\\n\
-         \x20   -H \"Authorization: Bearer $TOKEN\" -H 'Idempotency-Key: first-payment' \\\n\
-         \x20   -H 'Content-Type: application/json' \\\n\
-         \x20   -d '{{\"from_account\":\"{}\",\"to_account\":\"{}\",\"amount\":\"10.50\",\"currency\":\"{}\"}}'\n",
-        from.owner, to.owner, from.currency, from.account_id, to.account_id, from.currency,
+        "\nSend a payment ({} pays {} 10.50 {}):\n\
+         \n  TOKEN=$(target/debug/securepay-gateway token --key {} --sub {})\n\
+         \x20 curl -sS -X POST {gw}/api/v1/payments -H \"Authorization: Bearer $TOKEN\" \\\n\
+         \x20   -H \"Idempotency-Key: $(uuidgen)\" -H 'Content-Type: application/json' \\\n\
+         \x20   -d '{{\"from_account\":\"{}\",\"to_account\":\"{}\",\"amount\":\"10.50\",\"currency\":\"{}\"}}'\n\
+         \x20 curl -sS {gw}/api/v1/payments/<payment_id> -H \"Authorization: Bearer $TOKEN\"\n\
+         \x20 curl -sS {gw}/api/v1/accounts/{}/balance -H \"Authorization: Bearer $TOKEN\"\n\
+         \x20 curl -sS 'http://127.0.0.1:{notification}/api/v1/notifications?payment_id=<payment_id>'\n\
+         \x20 traces: http://127.0.0.1:{jaeger}/api/traces?service=api-gateway  metrics: http://127.0.0.1:{prometheus}\n",
+        from.owner,
+        to.owner,
+        from.currency,
+        key.display(),
+        from.owner,
+        from.account_id,
+        to.account_id,
+        from.currency,
+        from.account_id,
     );
 }
 
