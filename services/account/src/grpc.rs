@@ -7,8 +7,13 @@
 //!
 //! Balances served here are advisory: a stale cached balance may say "sufficient" for a payment
 //! that settlement then fails with `insufficient_funds` — settlement decides, from the store of
-//! record, inside its transaction. The transport (mTLS, or the dev-only plaintext interceptor) is
-//! not this module's business: it only reads the `PeerSvid` the transport left on the request.
+//! record, inside its transaction. The transport (mTLS: `securepay_identity::grpc::serve` in the
+//! binary) is not this module's business: it only reads the `PeerSvid` the transport left on the
+//! request.
+//!
+//! Tracing (SPEC §8): each handler runs in a server span (`account.check_balance`,
+//! `account.get_balance`) whose parent is the caller's trace context from the gRPC metadata; the
+//! cache read is a `cache.lookup` child span, the PostgreSQL fallback read a `db.balance_read` one.
 
 use std::sync::Arc;
 
@@ -17,6 +22,7 @@ use securepay_core::identity::method;
 use securepay_core::ids::AccountId;
 use securepay_core::money::{Amount, AmountPolicy, Currency, MoneyError, format_decimal};
 use securepay_kit::status::{status, unavailable};
+use securepay_kit::trace::{self, names};
 use securepay_ports::{AccountView, BalanceCache, CachedBalance, Clock, LedgerStore, PortError};
 use securepay_proto::account::v1::account_service_server::AccountService;
 use securepay_proto::account::v1::{Balance, CheckBalanceRequest, CheckBalanceResponse, GetBalanceRequest};
@@ -25,6 +31,9 @@ use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
 use crate::SERVICE;
+
+/// The span name of `GetBalance` (SPEC §8 names only the balance check; this one follows suit).
+pub const GET_BALANCE_SPAN: &str = "account.get_balance";
 
 /// How long a balance stays in the cache (seconds): bounds how stale a read can be if an
 /// invalidation after a settlement is lost.
@@ -58,14 +67,14 @@ impl<L: LedgerStore, C: BalanceCache> AccountGrpc<L, C> {
     /// is down, slow or holds an unreadable value is a miss, never an error. Returns the view and
     /// the time it was read from the store.
     async fn account(&self, id: AccountId) -> Result<Option<(AccountView, OffsetDateTime)>, Status> {
-        let cached = self.cache.get(id).instrument(tracing::debug_span!("cache.lookup")).await;
+        let cached = self.cache.get(id).instrument(tracing::info_span!(names::CACHE_LOOKUP)).await;
         match cached {
             Ok(Some(hit)) if hit.account.id == id => return Ok(Some((hit.account, hit.cached_at))),
             Ok(_) => {}
             Err(error) => tracing::debug!(%error, account_id = %id, "balance cache unusable; reading the store"),
         }
         let read_at = self.clock.now();
-        let stored = self.ledger.account(id).instrument(tracing::debug_span!("db.balance_read")).await;
+        let stored = self.ledger.account(id).instrument(tracing::info_span!(names::DB_BALANCE_READ)).await;
         let view = match stored {
             Ok(Some(view)) => view,
             Ok(None) => return Ok(None),
@@ -134,12 +143,24 @@ impl<L: LedgerStore, C: BalanceCache> AccountService for AccountGrpc<L, C> {
         &self,
         request: Request<CheckBalanceRequest>,
     ) -> Result<Response<CheckBalanceResponse>, Status> {
-        let span = tracing::info_span!("account.check_balance");
+        let span = tracing::info_span!(
+            names::ACCOUNT_CHECK_BALANCE,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = method::CHECK_BALANCE
+        );
+        trace::set_parent(&span, trace::extract_from_metadata(request.metadata()));
         counted(method::CHECK_BALANCE, self.check_balance_inner(request).instrument(span)).await.map(Response::new)
     }
 
     async fn get_balance(&self, request: Request<GetBalanceRequest>) -> Result<Response<Balance>, Status> {
-        let span = tracing::info_span!("account.get_balance");
+        let span = tracing::info_span!(
+            GET_BALANCE_SPAN,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = method::GET_BALANCE
+        );
+        trace::set_parent(&span, trace::extract_from_metadata(request.metadata()));
         counted(method::GET_BALANCE, self.get_balance_inner(request).instrument(span)).await.map(Response::new)
     }
 }

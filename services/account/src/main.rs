@@ -3,14 +3,23 @@
 //! the gRPC server (`account.v1`), the settlement consumer, the account outbox relay and the admin
 //! HTTP listener (`/health`, `/ready`, `/metrics`).
 //!
+//! gRPC is served over mTLS only (`securepay_identity::grpc::serve`) with this process's
+//! X.509-SVID `spiffe://securepay.dev/account-service` from the SPIRE agent: a client must present
+//! an SVID of the trust domain, and the handlers authorize each call by that verified peer. There
+//! is no plaintext mode. Without an SVID within 30 s the service does not start (one line naming
+//! the cause, exit status 1): it fails closed.
+//!
+//! Logs are JSON on stdout with trace ids; spans are exported over OTLP when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (`securepay_runtime::init_telemetry`).
+//!
 //! Configuration (environment):
 //! - `SECUREPAY_LISTEN_ADDR` (gRPC, default `127.0.0.1:50051`), `SECUREPAY_ADMIN_ADDR` (default
 //!   `127.0.0.1:9151`);
 //! - `SECUREPAY_PG_ADDR`, `SECUREPAY_PG_DATABASE`, `SECUREPAY_SECRETS_DIR` (role `account_service`);
 //! - `SECUREPAY_REDIS_URL`, `SECUREPAY_KAFKA_BROKERS`;
 //! - `SECUREPAY_SETTLE_BATCH_LEN` (events per settlement transaction, default 64, at most 256);
-//! - `SECUREPAY_DEV_INSECURE_PLAINTEXT=1`: DEVELOPMENT ONLY plaintext gRPC where callers claim their
-//!   SPIFFE ID. Without it the service refuses to start until the mTLS transport exists;
+//! - `SPIFFE_ENDPOINT_SOCKET` (required): the SPIRE agent's Workload API, `unix:///path/api.sock`;
+//! - `OTEL_EXPORTER_OTLP_ENDPOINT` (optional), `RUST_LOG` (default `info`);
 //! - `SECUREPAY_KAFKA_NAME_SUFFIX`: TESTS ONLY. Appended to every topic this process consumes or
 //!   publishes and to its consumer group, so a test can run the binary against a shared broker
 //!   without touching the production names. Unset in every deployment.
@@ -22,7 +31,14 @@ fn main() {}
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     securepay_runtime::exit_if_identity_subcommand().await;
-    securepay_runtime::init_tracing();
+    // Held until the service stopped, so the last spans are exported.
+    let _telemetry = match securepay_runtime::init_telemetry("account-service") {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("securepay-account: {error:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     match real::run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
@@ -41,9 +57,10 @@ mod real {
     use anyhow::{Context as _, anyhow, bail};
     use async_trait::async_trait;
     use securepay_account::{AccountGrpc, SettlementConfig, Settler, run_settlement};
+    use securepay_core::identity::ServiceIdentity;
     use securepay_core::topology::{consumer_group, topic};
+    use securepay_identity::x509::WorkloadIdentity;
     use securepay_kafka::{KafkaConsumer, KafkaEventLog};
-    use securepay_kit::caller::dev_insecure;
     use securepay_kit::relay::{RelayConfig, run_relay};
     use securepay_ports::{Clock, EventLog, Ids, OutgoingRecord, PortResult};
     use securepay_postgres::PgLedgerStore;
@@ -122,9 +139,6 @@ mod real {
 
     pub async fn run() -> anyhow::Result<()> {
         // Configuration first: every mistake is one line naming what to fix.
-        if !dev_insecure::enabled() {
-            bail!("mTLS transport not configured; set {}=1 for local development", dev_insecure::ENV);
-        }
         let listen = securepay_runtime::addr_from_env("SECUREPAY_LISTEN_ADDR", "127.0.0.1:50051")?;
         let admin = securepay_runtime::addr_from_env("SECUREPAY_ADMIN_ADDR", "127.0.0.1:9151")?;
         let pg_options = securepay_postgres::service_options_from_env("account_service")?;
@@ -134,11 +148,9 @@ mod real {
         let batch_len = batch_len()?;
 
         tracing::info!(service = SERVICE, version = env!("CARGO_PKG_VERSION"), %listen, %admin, batch_len, "starting");
-        tracing::warn!(
-            service = SERVICE,
-            "DEVELOPMENT ONLY: {}=1 — gRPC is PLAINTEXT and callers merely CLAIM their SPIFFE ID; never run this in production",
-            dev_insecure::ENV
-        );
+        // Fail closed: no SVID, no service (the error names the agent and the SPIFFE ID).
+        let identity = WorkloadIdentity::from_env(ServiceIdentity::AccountService).await?;
+        tracing::info!(service = SERVICE, spiffe_id = ServiceIdentity::AccountService.spiffe_id(), "SVID obtained");
         if !suffix.is_empty() {
             tracing::warn!(
                 service = SERVICE,
@@ -212,11 +224,13 @@ mod real {
             .await
             .map_err(|_| anyhow!("cannot listen on SECUREPAY_LISTEN_ADDR {listen}: is the port free?"))?;
         let service = AccountGrpc::new(Arc::clone(&ledger), Arc::clone(&cache), Arc::clone(&clock));
-        let grpc = tonic::transport::Server::builder()
-            .timeout(GRPC_REQUEST_TIMEOUT)
-            .add_service(AccountServiceServer::with_interceptor(service, dev_insecure::ServerInterceptor))
-            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc_listener), stopped());
-        tracing::info!(%listen, "gRPC account.v1 listening");
+        let grpc_stopped = stopped();
+        let grpc = async move {
+            let server = tonic::transport::Server::builder().timeout(GRPC_REQUEST_TIMEOUT);
+            let routes = tonic::service::Routes::new(AccountServiceServer::new(service));
+            securepay_identity::grpc::serve(server, routes, grpc_listener, &identity, grpc_stopped).await
+        };
+        tracing::info!(%listen, "gRPC account.v1 listening (mTLS)");
         let grpc_task = tokio::spawn(grpc);
 
         let relay_task = tokio::spawn(run_relay(

@@ -14,6 +14,12 @@
 //! 4. invalidate the cached balances of every account a new settlement touched (after the commit);
 //! 5. only then commit the offsets (per partition the highest offset of the round).
 //!
+//! Tracing (SPEC §8): every consumed record gets an `account.settle` consumer span whose parent is
+//! the trace context in the record's headers (the payment service's publish), so a payment's trace
+//! runs on into its settlement. The spans live until the round's store transaction committed and
+//! its dead letters are durable; the store calls of the round run in an `account.settle_batch`
+//! span of their own (one transaction covers events of many traces).
+//!
 //! A crash anywhere before 5 means the round is delivered again: settlement dedupes by event and
 //! payment id, so nothing moves twice; a dead letter may be published twice (at-least-once). A poll
 //! that fails makes the consumer rejoin its group, so records it may have fetched and dropped are
@@ -31,6 +37,7 @@ use securepay_core::ledger::{Settled, Transfer};
 use securepay_core::money::AmountPolicy;
 use securepay_core::payment::Outcome;
 use securepay_core::topology::topic;
+use securepay_kit::trace::{self, names};
 use securepay_ports::ledger::SETTLE_BATCH_LEN_MAX;
 use securepay_ports::{
     BalanceCache, Clock, ConsumedRecord, EventConsumer, EventLog, Ids, LedgerStore, OutgoingRecord, PortError,
@@ -44,6 +51,10 @@ use crate::metrics;
 pub const DLQ_REASON_HEADER: &str = "x-securepay-dlq-reason";
 /// Dead-letter header: where the record came from, `topic/partition/offset`.
 pub const DLQ_SOURCE_HEADER: &str = "x-securepay-dlq-source";
+/// The span around one store call settling a batch (a child of no single trace: the batch holds
+/// events of many).
+pub const SETTLE_BATCH_SPAN: &str = "account.settle_batch";
+
 /// Dead-letter reason when the store cannot read back the data an event needs (never retried).
 pub const REASON_STORE_CORRUPT: &str = "store_corrupt";
 
@@ -231,9 +242,17 @@ impl<L: LedgerStore, C: BalanceCache> Settler<L, C> {
         let mut requests = Vec::new();
         let mut sources = Vec::new();
         let mut dead: Vec<(&ConsumedRecord, &'static str)> = Vec::new();
+        // One consumer span per record, continuing the producer's trace; kept until the round's
+        // store transaction committed and its dead letters are published (end of this function).
+        let spans: BTreeMap<&TopicPartitionOffset, tracing::Span> =
+            records.iter().map(|record| (&record.position, settle_span(record))).collect();
         for record in records {
             match decode_initiated(&record.payload, self.config.amount_policy) {
                 Ok(event) => {
+                    if let Some(span) = spans.get(&record.position) {
+                        span.record("payment_id", tracing::field::display(event.payment_id));
+                        span.record("event_id", tracing::field::display(event.event_id));
+                    }
                     requests.push(SettlementRequest {
                         event_id: event.event_id,
                         transfer: Transfer {
@@ -257,9 +276,10 @@ impl<L: LedgerStore, C: BalanceCache> Settler<L, C> {
         let mut round = Round::default();
         let mut touched = BTreeSet::new();
         for ((request, record), verdict) in requests.iter().zip(&sources).zip(verdicts) {
+            let span = spans.get(&record.position).cloned().unwrap_or_else(tracing::Span::none);
             match verdict {
                 Ok(settled) => {
-                    log_settled(request, settled);
+                    span.in_scope(|| log_settled(request, settled));
                     metrics::settled(settled);
                     if matches!(settled, Settled::New(_)) {
                         touched.extend([request.transfer.from, request.transfer.to]);
@@ -269,11 +289,17 @@ impl<L: LedgerStore, C: BalanceCache> Settler<L, C> {
                 Err(reason) => dead.push((record, reason)),
             }
         }
+        for (record, reason) in &dead {
+            if let Some(span) = spans.get(&record.position) {
+                span.record("dead_letter", *reason);
+            }
+        }
 
         self.dead_letter(&dead, stop).await?;
         round.dead_lettered = dead.iter().map(|(record, reason)| (record.position.clone(), *reason)).collect();
         self.invalidate(touched).await;
         round.commit = highest_per_partition(records);
+        drop(spans);
         Ok(round)
     }
 
@@ -314,7 +340,7 @@ impl<L: LedgerStore, C: BalanceCache> Settler<L, C> {
     ) -> Result<PortResult<Vec<SettlementResult>>, Stopped> {
         let mut backoff = Backoff::new(&self.config);
         loop {
-            let span = tracing::info_span!("account.settle", events = batch.len());
+            let span = tracing::info_span!(SETTLE_BATCH_SPAN, events = batch.len());
             let result = tracing::Instrument::instrument(self.ledger.settle(batch, self.clock.now()), span).await;
             match result {
                 Err(PortError::Unavailable { component }) => {
@@ -388,6 +414,24 @@ impl<L: LedgerStore, C: BalanceCache> Settler<L, C> {
             }
         }
     }
+}
+
+/// The `account.settle` consumer span of one record, parented from its trace headers.
+fn settle_span(record: &ConsumedRecord) -> tracing::Span {
+    let p = &record.position;
+    let span = tracing::info_span!(
+        names::ACCOUNT_SETTLE,
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.destination.name = %p.topic,
+        messaging.kafka.partition = p.partition,
+        messaging.kafka.offset = p.offset,
+        payment_id = tracing::field::Empty,
+        event_id = tracing::field::Empty,
+        dead_letter = tracing::field::Empty,
+    );
+    trace::set_parent(&span, trace::context_from_headers(&record.headers));
+    span
 }
 
 fn refusal_reason(error: &PortError) -> &'static str {

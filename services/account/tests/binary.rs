@@ -1,10 +1,15 @@
-//! The real `securepay-account` binary against the real components: it refuses to start without a
-//! transport, serves `/health`, `/ready`, `/metrics`, settles what the payment service publishes,
-//! relays the outcome events to Kafka, dead-letters garbage — and when SIGKILLed in the middle of
-//! settling and restarted, loses nothing and duplicates nothing.
+//! The real `securepay-account` binary against the real components (PostgreSQL, Redis, Kafka and
+//! SPIRE): it refuses to start without an SVID, serves gRPC over mTLS only (a plaintext client is
+//! refused before any handler runs; an SVID-holding caller is served), serves `/health`, `/ready`,
+//! `/metrics`, settles what the payment service publishes, relays the outcome events to Kafka,
+//! dead-letters garbage — and when SIGKILLed in the middle of settling and restarted, loses nothing
+//! and duplicates nothing.
 //!
-//! Each test runs the binary with `SECUREPAY_KAFKA_NAME_SUFFIX` (TESTS ONLY) so its topics and
-//! consumer group are its own on the shared broker.
+//! The binary under test is registered with the test platform's SPIRE server by its path
+//! (`unix:path` selector) as `spiffe://securepay.dev/account-service`, and started with
+//! `SPIFFE_ENDPOINT_SOCKET` naming the test agent. Each test runs it with
+//! `SECUREPAY_KAFKA_NAME_SUFFIX` (TESTS ONLY) so its topics and consumer group are its own on the
+//! shared broker.
 #![cfg(not(madsim))]
 
 mod common;
@@ -15,12 +20,17 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::spire::Spire;
 use common::{Infra, Payment, consume, create_topics, dec, wait_until};
 use securepay_account::settlement::DLQ_REASON_HEADER;
+use securepay_core::identity::ServiceIdentity;
 use securepay_core::ids::AccountId;
+use securepay_core::ids::Subject;
 use securepay_core::topology::topic;
 use securepay_kafka::KafkaConsumer;
 use securepay_ports::{EventConsumer, EventLog, OutgoingRecord};
+use securepay_proto::account::v1::GetBalanceRequest;
+use securepay_proto::account::v1::account_service_client::AccountServiceClient;
 use uuid::Uuid;
 
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -34,6 +44,7 @@ fn free_port() -> u16 {
 struct Service {
     env: Vec<(String, String)>,
     admin: u16,
+    grpc: u16,
     log_dir: tempfile::TempDir,
     _secrets: tempfile::TempDir,
     suffix: String,
@@ -41,24 +52,25 @@ struct Service {
 }
 
 impl Service {
-    async fn new(infra: &Infra, batch_len: usize) -> Service {
+    async fn new(infra: &Infra, spire: &Spire, batch_len: usize) -> Service {
+        spire.register_account_binary();
         let suffix = format!(".test-{}", Uuid::new_v4().simple());
         let topics: Vec<String> = topic::ALL.iter().map(|t| format!("{t}{suffix}")).collect();
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         create_topics(&infra.brokers, &names).await;
         let (mut env, secrets) = infra.db.service_env("account_service").await;
-        let admin = free_port();
+        let (admin, grpc) = (free_port(), free_port());
         env.extend([
-            ("SECUREPAY_LISTEN_ADDR".to_owned(), format!("127.0.0.1:{}", free_port())),
+            ("SECUREPAY_LISTEN_ADDR".to_owned(), format!("127.0.0.1:{grpc}")),
             ("SECUREPAY_ADMIN_ADDR".to_owned(), format!("127.0.0.1:{admin}")),
             ("SECUREPAY_REDIS_URL".to_owned(), infra.redis_url.clone()),
             ("SECUREPAY_KAFKA_BROKERS".to_owned(), infra.brokers.clone()),
-            ("SECUREPAY_DEV_INSECURE_PLAINTEXT".to_owned(), "1".to_owned()),
+            ("SPIFFE_ENDPOINT_SOCKET".to_owned(), spire.endpoint.clone()),
             ("SECUREPAY_KAFKA_NAME_SUFFIX".to_owned(), suffix.clone()),
             ("SECUREPAY_SETTLE_BATCH_LEN".to_owned(), batch_len.to_string()),
             ("RUST_LOG".to_owned(), "info".to_owned()),
         ]);
-        Service { env, admin, log_dir: tempfile::tempdir().unwrap(), _secrets: secrets, suffix, runs: 0 }
+        Service { env, admin, grpc, log_dir: tempfile::tempdir().unwrap(), _secrets: secrets, suffix, runs: 0 }
     }
 
     fn topic(&self, name: &str) -> String {
@@ -131,26 +143,76 @@ async fn exit_success(child: &mut Child, logs: impl Fn() -> String) -> bool {
     }
 }
 
-#[test]
-fn it_refuses_to_start_without_a_transport() {
-    let output = Command::new(env!("CARGO_BIN_EXE_securepay-account"))
-        .env_clear()
-        .env("SECUREPAY_LISTEN_ADDR", "127.0.0.1:0")
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-    assert!(
-        text.contains("mTLS transport not configured; set SECUREPAY_DEV_INSECURE_PLAINTEXT=1 for local development"),
-        "{text}"
-    );
-    assert_eq!(text.lines().count(), 1, "one clear line: {text}");
+/// The SPIRE of the test platform and the other components; `None` (skip) when absent.
+async fn platform() -> Option<(Infra, Spire)> {
+    let spire = Spire::from_env()?;
+    Some((Infra::new().await?, spire))
+}
+
+/// Fail closed: without a Workload API there is no SVID, and without an SVID no service — one
+/// error line naming the cause, a failure exit status, and no gRPC listener.
+#[tokio::test]
+async fn it_refuses_to_start_without_an_svid() {
+    let Some((infra, spire)) = platform().await else { return };
+    let mut service = Service::new(&infra, &spire, 8).await;
+    service.env.retain(|(k, _)| k != "SPIFFE_ENDPOINT_SOCKET");
+    let mut child = service.spawn().await;
+    assert!(!exit_success(&mut child, || service.logs()).await, "it must not run without an SVID");
+    let logs = service.logs();
+    let errors: Vec<&str> = logs.lines().filter(|l| l.contains("\"level\":\"ERROR\"")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {logs}");
+    assert!(errors[0].contains("SPIFFE_ENDPOINT_SOCKET is not set"), "names the cause: {logs}");
+    assert!(TcpStream::connect(("127.0.0.1", service.grpc)).is_err(), "no gRPC listener was opened");
+}
+
+/// gRPC is mTLS only: a plaintext client is refused at the transport (no handler runs, so the
+/// RED series of the method stays at zero), while the gateway's SVID gets its answer.
+#[tokio::test]
+async fn grpc_is_mtls_only() {
+    let Some((infra, spire)) = platform().await else { return };
+    let alice = infra.open("alice", "EUR", "30.00").await;
+    let mut service = Service::new(&infra, &spire, 8).await;
+    let mut child = service.spawn().await;
+    service.wait_ready(&mut child).await;
+    let addr = format!("127.0.0.1:{}", service.grpc);
+    let request = || {
+        let mut request = tonic::Request::new(GetBalanceRequest { account_id: alice.to_string() });
+        request.set_timeout(Duration::from_secs(10));
+        securepay_kit::with_subject(&mut request, &Subject::parse("alice").unwrap());
+        request
+    };
+
+    let plaintext = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    let refused = AccountServiceClient::new(plaintext).get_balance(request()).await;
+    assert!(refused.is_err(), "a plaintext call must fail: {refused:?}");
+    let (_, metrics) = http_get(service.admin, "/metrics").unwrap();
+    let handled = metrics
+        .lines()
+        .filter(|l| l.starts_with("securepay_grpc_requests_total") && l.contains("GetBalance"))
+        .collect::<Vec<_>>();
+    assert!(!handled.is_empty() && handled.iter().all(|l| l.ends_with(" 0")), "no handler ran: {handled:?}");
+    wait_until(PATIENCE, "the refused handshake is counted", || async {
+        let (_, metrics) = http_get(service.admin, "/metrics").unwrap_or_default();
+        metrics.lines().any(|l| {
+            l.starts_with("securepay_auth_failures_total") && l.contains("tls_handshake_failed") && !l.ends_with(" 0")
+        })
+    })
+    .await;
+
+    let gateway = spire.identity_of_this_test(ServiceIdentity::ApiGateway).await;
+    let channel = securepay_identity::grpc::channel(&addr, ServiceIdentity::AccountService, &gateway).unwrap();
+    let balance = AccountServiceClient::new(channel).get_balance(request()).await;
+    let balance = balance.unwrap_or_else(|e| panic!("the gateway's SVID is served: {e:?}\n{}", service.logs()));
+    assert_eq!(balance.into_inner().balance, "30.00");
+
+    sigterm(&child);
+    assert!(exit_success(&mut child, || service.logs()).await, "clean exit:\n{}", service.logs());
 }
 
 #[tokio::test]
 async fn a_missing_setting_is_one_line_naming_it() {
-    let Some(infra) = Infra::new().await else { return };
-    let mut service = Service::new(&infra, 8).await;
+    let Some((infra, spire)) = platform().await else { return };
+    let mut service = Service::new(&infra, &spire, 8).await;
     service.env.retain(|(k, _)| k != "SECUREPAY_REDIS_URL");
     let mut child = service.spawn().await;
     assert!(!exit_success(&mut child, || service.logs()).await);
@@ -162,10 +224,10 @@ async fn a_missing_setting_is_one_line_naming_it() {
 /// the outcome is relayed to Kafka; /health, /ready and /metrics answer; SIGTERM stops it cleanly.
 #[tokio::test]
 async fn the_binary_settles_relays_dead_letters_and_reports() {
-    let Some(infra) = Infra::new().await else { return };
+    let Some((infra, spire)) = platform().await else { return };
     let alice = infra.open("alice", "EUR", "30.00").await;
     let bob = infra.open("bob", "EUR", "0.00").await;
-    let mut service = Service::new(&infra, 8).await;
+    let mut service = Service::new(&infra, &spire, 8).await;
     let mut child = service.spawn().await;
     service.wait_ready(&mut child).await;
     assert_eq!(http_get(service.admin, "/health").map(|(s, _)| s), Some(200));
@@ -216,8 +278,8 @@ async fn the_binary_settles_relays_dead_letters_and_reports() {
 /// `/health` says the process is alive; `/ready` answers 503 naming the dependency that is down.
 #[tokio::test]
 async fn ready_names_the_dependency_that_is_down() {
-    let Some(infra) = Infra::new().await else { return };
-    let mut service = Service::new(&infra, 8).await;
+    let Some((infra, spire)) = platform().await else { return };
+    let mut service = Service::new(&infra, &spire, 8).await;
     for (name, value) in &mut service.env {
         if name == "SECUREPAY_REDIS_URL" {
             *value = "redis://127.0.0.1:1".to_owned(); // nothing listens there
@@ -241,7 +303,7 @@ fn header(record: &securepay_ports::ConsumedRecord) -> Option<&str> {
 /// and duplicates nothing.
 #[tokio::test]
 async fn sigkill_mid_settlement_then_restart_loses_and_duplicates_nothing() {
-    let Some(infra) = Infra::new().await else { return };
+    let Some((infra, spire)) = platform().await else { return };
     let mut payers = Vec::new();
     for i in 0..20 {
         payers.push(infra.open(&format!("payer{i}"), "EUR", "60.00").await);
@@ -258,7 +320,7 @@ async fn sigkill_mid_settlement_then_restart_loses_and_duplicates_nothing() {
             Payment::new(payers[i % payers.len()], payees[(i / 3) % payees.len()], &amount, "EUR", "x")
         })
         .collect();
-    let mut service = Service::new(&infra, 4).await;
+    let mut service = Service::new(&infra, &spire, 4).await;
     let initiated = service.topic(topic::PAYMENT_INITIATED);
     let records: Vec<OutgoingRecord> = payments.iter().map(|p| p.record(&initiated)).collect();
     let log = infra.event_log();

@@ -1,6 +1,8 @@
 //! `account.v1` over a real gRPC connection: the library's `AccountGrpc` served in-process on
-//! 127.0.0.1 behind the dev-only plaintext interceptor (callers claim a SPIFFE ID), backed by a real
-//! PostgreSQL (fresh database) and Redis. Covers per-method peer authorization, per-owner object
+//! 127.0.0.1, backed by a real PostgreSQL (fresh database) and Redis. TEST-ONLY transport: the
+//! dev plaintext interceptors put the `PeerSvid` a test client claims on each request, so one test
+//! can act as every caller; the binary never serves this way (it serves mTLS only, see
+//! `tests/binary.rs`), and the handlers read the `PeerSvid` the same way under both. Covers per-method peer authorization, per-owner object
 //! authorization, input validation, cache-aside reads, and the stale-cache guarantee: a stale cached
 //! balance may make the advisory check say "sufficient", but settlement still fails the payment with
 //! `insufficient_funds` and never overdraws.
