@@ -1,6 +1,11 @@
 //! The two gateway calls a load run makes: `POST /api/v1/payments` and
 //! `GET /api/v1/payments/{id}`, over pooled HTTP/1.1 connections, each bounded by a timeout.
+//!
+//! Each load user is a client of its own: its own connection pool, and (unless the run asks for
+//! one source address) its own loopback source address `127.10.x.y`, so the gateway's per-IP
+//! limit sees many clients, as it would in production, instead of one client doing everything.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use http_body_util::{BodyExt as _, Full};
@@ -65,23 +70,43 @@ pub fn error_name(status: StatusCode, body: &[u8]) -> String {
     format!("{} {}", status.as_u16(), code.as_deref().unwrap_or("(no problem code)"))
 }
 
-#[derive(Clone)]
+/// The loopback source address of load user `user`: `127.10.<user / 250>.<user % 250 + 1>`.
+pub fn source_address(user: usize) -> IpAddr {
+    let (high, low) = (user / 250, user % 250 + 1);
+    IpAddr::V4(Ipv4Addr::new(127, 10, u8::try_from(high).unwrap_or(u8::MAX), u8::try_from(low).unwrap_or(u8::MAX)))
+}
+
 pub struct Gateway {
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// One client per load user.
+    clients: Vec<Client<HttpConnector, Full<Bytes>>>,
     base: String,
 }
 
 impl Gateway {
-    /// `base`: `http://127.0.0.1:8080`.
-    pub fn new(base: String) -> Gateway {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
-        Gateway { client, base }
+    /// `base`: `http://127.0.0.1:8080`; `users` clients, each from its own source address unless
+    /// `one_source` (then all from the system's choice, 127.0.0.1).
+    pub fn new(base: String, users: usize, one_source: bool) -> Gateway {
+        let clients = (0..users)
+            .map(|user| {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(Duration::from_secs(3)));
+                if !one_source {
+                    connector.set_local_address(Some(source_address(user)));
+                }
+                Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector)
+            })
+            .collect();
+        Gateway { clients, base }
     }
 
-    pub async fn create_payment(&self, token: &str, idempotency_key: &str, body: serde_json::Value) -> Answer {
+    pub async fn create_payment(
+        &self,
+        user: usize,
+        token: &str,
+        idempotency_key: &str,
+        body: serde_json::Value,
+    ) -> Answer {
         let request = Request::builder()
             .method(Method::POST)
             .uri(format!("{}/api/v1/payments", self.base))
@@ -89,24 +114,29 @@ impl Gateway {
             .header("content-type", "application/json")
             .header("idempotency-key", idempotency_key)
             .body(Full::new(Bytes::from(body.to_string())));
-        self.call(request, StatusCode::ACCEPTED).await
+        self.call(user, request, StatusCode::ACCEPTED).await
     }
 
-    pub async fn get_payment(&self, token: &str, payment_id: &str) -> Answer {
+    pub async fn get_payment(&self, user: usize, token: &str, payment_id: &str) -> Answer {
         let request = Request::builder()
             .method(Method::GET)
             .uri(format!("{}/api/v1/payments/{payment_id}", self.base))
             .header("authorization", format!("Bearer {token}"))
             .body(Full::new(Bytes::new()));
-        self.call(request, StatusCode::OK).await
+        self.call(user, request, StatusCode::OK).await
     }
 
-    async fn call(&self, request: Result<Request<Full<Bytes>>, hyper::http::Error>, success: StatusCode) -> Answer {
+    async fn call(
+        &self,
+        user: usize,
+        request: Result<Request<Full<Bytes>>, hyper::http::Error>,
+        success: StatusCode,
+    ) -> Answer {
         let Ok(request) = request else {
             return Answer::Error("0 invalid_request".into());
         };
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| transport_error(&e))?;
+            let response = self.clients[user].request(request).await.map_err(|e| transport_error(&e))?;
             let status = response.status();
             let replayed = response.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
             let body = response.into_body().collect().await.map_err(|_| "0 body_read_failed".to_string())?;
@@ -141,6 +171,16 @@ mod tests {
             created_at: created.into(),
             updated_at: updated.into(),
         }
+    }
+
+    #[test]
+    fn every_load_user_has_its_own_loopback_source_address() {
+        assert_eq!(source_address(0).to_string(), "127.10.0.1");
+        assert_eq!(source_address(249).to_string(), "127.10.0.250");
+        assert_eq!(source_address(250).to_string(), "127.10.1.1");
+        let all: std::collections::HashSet<_> = (0..1000).map(source_address).collect();
+        assert_eq!(all.len(), 1000);
+        assert!(all.iter().all(IpAddr::is_loopback));
     }
 
     #[test]

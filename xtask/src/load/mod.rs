@@ -71,6 +71,10 @@ pub struct Args {
     /// After the last payment is offered, wait at most this long for settlements, in seconds.
     #[arg(long, default_value_t = 30)]
     drain: u64,
+    /// Send everything from 127.0.0.1 (one client IP: the gateway's per-IP limit, 50/s by
+    /// default, then caps the run, polls included) instead of one loopback address per user.
+    #[arg(long)]
+    one_source_ip: bool,
 }
 
 impl Args {
@@ -126,16 +130,18 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<ExitCode> {
         seed: args.seed,
         poll_interval: Duration::from_millis(args.poll_interval_ms),
         drain: Duration::from_secs(args.drain),
+        one_source_ip: args.one_source_ip,
     };
     let before = runtime.block_on(accounts::audit(&mut db))?;
     let unaffordable_minor = accounts::unaffordable_minor(&before)?;
     if unaffordable_minor > MAX_AMOUNT_MINOR {
         bail!("the load accounts hold more than the maximum amount together: no amount is unaffordable for all");
     }
+    let machine = Machine::detect();
     let stats = runtime.block_on(drive(&info, tokens, unaffordable_minor));
     let after = runtime.block_on(accounts::audit(&mut db))?;
     let conservation = accounts::conservation(&before, &after);
-    println!("{}", stats::report(&info, &Machine::detect(), &stats, Some(&conservation)));
+    println!("{}", stats::report(&info, &machine, &stats, Some(&conservation)));
     if !conservation.holds() {
         bail!("conservation violated over the load accounts");
     }
@@ -171,7 +177,7 @@ async fn drive(info: &RunInfo, tokens: Vec<String>, unaffordable_minor: i64) -> 
     let mut planner = Planner::new(info.seed, info.accounts, AMOUNT_MINOR, info.unaffordable_share, unaffordable_minor);
     let start = Instant::now();
     let shared = Arc::new(Shared {
-        gateway: Gateway::new(info.target.clone()),
+        gateway: Gateway::new(info.target.clone(), info.accounts, info.one_source_ip),
         tokens,
         stats: Mutex::new(Stats::default()),
         start,
@@ -230,7 +236,7 @@ async fn pay(shared: Arc<Shared>, p: Planned, due: Duration, permit: tokio::sync
     });
     let key = format!("load-{}-{}", shared.run_id, p.index);
     let sent = shared.start.elapsed();
-    let answer = shared.gateway.create_payment(token, &key, body).await;
+    let answer = shared.gateway.create_payment(p.payer, token, &key, body).await;
     drop(permit);
     let answered = shared.start.elapsed();
     let latency = answered.saturating_sub(due);
@@ -258,7 +264,7 @@ async fn pay(shared: Arc<Shared>, p: Planned, due: Duration, permit: tokio::sync
             return;
         }
         tokio::time::sleep(shared.poll_interval).await;
-        match shared.gateway.get_payment(token, &current.payment_id).await {
+        match shared.gateway.get_payment(p.payer, token, &current.payment_id).await {
             Answer::Payment { view, .. } => current = view,
             Answer::Error(error) => shared.record(|s| s.poll_error(error)),
         }

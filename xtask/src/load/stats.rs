@@ -198,6 +198,8 @@ pub struct RunInfo {
     pub seed: u64,
     pub poll_interval: Duration,
     pub drain: Duration,
+    /// All calls from 127.0.0.1 instead of one loopback address per load user.
+    pub one_source_ip: bool,
 }
 
 /// The machine the numbers were measured on (the whole platform runs on it too).
@@ -207,6 +209,8 @@ pub struct Machine {
     pub cores: usize,
     pub memory_gib: f64,
     pub kernel: String,
+    /// `/proc/loadavg`'s 1/5/15-minute averages when the run started: other work on the machine.
+    pub load_average: String,
 }
 
 impl Machine {
@@ -217,6 +221,7 @@ impl Machine {
             cores: std::thread::available_parallelism().map_or(0, usize::from),
             memory_gib: mem_total_kib(&read("/proc/meminfo")).map_or(0.0, |kib| kib as f64 / 1024.0 / 1024.0),
             kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+            load_average: read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         }
     }
 }
@@ -275,16 +280,18 @@ pub fn report(info: &RunInfo, machine: &Machine, s: &Stats, conservation: Option
     let _ = writeln!(w, "== SecurePay load run ==");
     let _ = writeln!(
         w,
-        "machine     {} ({} cores), {:.1} GiB RAM, Linux {}; the platform runs on the same machine",
-        machine.cpu, machine.cores, machine.memory_gib, machine.kernel
+        "machine     {} ({} cores), {:.1} GiB RAM, Linux {}; the platform runs on the same machine; \
+         load average at start {}",
+        machine.cpu, machine.cores, machine.memory_gib, machine.kernel, machine.load_average
     );
     let _ = writeln!(
         w,
-        "run         {} payments/s for {} s against {}; {} accounts, concurrency {}, unaffordable share {}, seed {}",
+        "run         {} payments/s for {} s against {}; {} accounts ({}), concurrency {}, unaffordable share {}, seed {}",
         info.rate,
         info.duration.as_secs(),
         info.target,
         info.accounts,
+        if info.one_source_ip { "all from 127.0.0.1" } else { "each from its own 127.10.x.y" },
         info.concurrency,
         info.unaffordable_share,
         info.seed
@@ -356,9 +363,9 @@ pub fn report(info: &RunInfo, machine: &Machine, s: &Stats, conservation: Option
     if rate_limited {
         let _ = writeln!(
             w,
-            "            429: the gateway's limits refused calls (all calls come from one IP; polls count too): \
-             start it with higher SECUREPAY_RATE_LIMIT_IP_PER_S/_BURST (default 50/s, burst 100) \
-             and SECUREPAY_RATE_LIMIT_SUBJECT_PER_S/_BURST (10/s, 20) to measure beyond them"
+            "            429: the gateway's rate limits refused calls (polls count too): per client IP \
+             SECUREPAY_RATE_LIMIT_IP_PER_S/_BURST (default 50/s, 100), per user \
+             SECUREPAY_RATE_LIMIT_SUBJECT_PER_S/_BURST (10/s, 20); use more --accounts or raise them"
         );
     }
     if s.unaffordable_completed() > 0 {
@@ -479,8 +486,15 @@ mod tests {
             seed: 1,
             poll_interval: ms(200),
             drain: Duration::from_secs(30),
+            one_source_ip: false,
         };
-        let machine = Machine { cpu: "Test CPU".into(), cores: 2, memory_gib: 7.8, kernel: "6.1".into() };
+        let machine = Machine {
+            cpu: "Test CPU".into(),
+            cores: 2,
+            memory_gib: 7.8,
+            kernel: "6.1".into(),
+            load_average: "0.50 0.40 0.30".into(),
+        };
         let c = ConservationLine {
             before: "200000.00".into(),
             after: "200000.00".into(),
@@ -490,6 +504,7 @@ mod tests {
         let r = report(&info, &machine, &s, Some(&c));
         for want in [
             "Test CPU (2 cores), 7.8 GiB RAM",
+            "load average at start 0.50 0.40 0.30",
             "offered 20  sent 20  accepted 20 (0 replayed)  errors 1  settled 20  unsettled 0",
             "offered 10.0/s  accepted 10.0/s",
             "settled 8.3/s (over 2.4 s",
