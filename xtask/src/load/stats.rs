@@ -400,14 +400,13 @@ fn write_timeline(w: &mut String, seconds: &[Second]) {
     }
     for (row, chunk) in seconds.chunks(span).enumerate() {
         let avg = |f: fn(&Second) -> u64| chunk.iter().map(f).sum::<u64>() as f64 / chunk.len() as f64;
+        let [offered, accepted, settled, errors] =
+            [avg(|s| s.offered), avg(|s| s.accepted), avg(|s| s.settled), avg(|s| s.errors)];
+        let decimals = if span == 1 { 0 } else { 1 };
         let _ = writeln!(
             w,
-            "{:>6}  {:>7.1}  {:>8.1}  {:>7.1}  {:>6.1}",
-            row * span,
-            avg(|s| s.offered),
-            avg(|s| s.accepted),
-            avg(|s| s.settled),
-            avg(|s| s.errors)
+            "{:>6}  {offered:>7.decimals$}  {accepted:>8.decimals$}  {settled:>7.decimals$}  {errors:>6.decimals$}",
+            row * span
         );
     }
 }
@@ -529,7 +528,7 @@ mod tests {
         let mut w = String::new();
         write_timeline(&mut w, &[second(1), second(3)]);
         assert_eq!(w.lines().count(), 3, "{w}");
-        assert!(w.lines().nth(2).unwrap().starts_with("     1      3.0"), "{w}");
+        assert_eq!(w.lines().nth(2).unwrap(), "     1        3         3        3       0", "{w}");
         let mut w = String::new();
         write_timeline(&mut w, &(0..3600).map(|i| second(i % 2 * 2)).collect::<Vec<_>>());
         assert_eq!(w.lines().count(), 61, "a header and 60 rows");
