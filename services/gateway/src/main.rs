@@ -4,8 +4,12 @@
 //! signing key and JWKS; `token --key PEM --sub alice [--scope ..] [--ttl ..]` mints a development
 //! token; `openapi` prints the OpenAPI document; `identity` prints this process's SVID.
 //!
-//! Environment (serve): `SECUREPAY_DEV_INSECURE_PLAINTEXT=1` (required until mTLS lands),
-//! `SECUREPAY_LISTEN_ADDR` (default 127.0.0.1:8080), `SECUREPAY_PAYMENT_ADDR` and
+//! Serving calls the payment and account services over mTLS only, with the gateway's X.509-SVID
+//! (`spiffe://securepay.dev/api-gateway`) from the SPIRE agent; without one within 30 s the gateway
+//! does not start (one line on stderr, exit status 1): it fails closed.
+//!
+//! Environment (serve): `SPIFFE_ENDPOINT_SOCKET` (required: the SPIRE agent's Workload API,
+//! `unix:///path/api.sock`), `SECUREPAY_LISTEN_ADDR` (default 127.0.0.1:8080), `SECUREPAY_PAYMENT_ADDR` and
 //! `SECUREPAY_ACCOUNT_ADDR` (host:port, required), `SECUREPAY_JWKS_PATH` (required),
 //! `SECUREPAY_JWT_ISSUER` (default https://auth.securepay.dev), `SECUREPAY_JWT_AUDIENCE` (default
 //! securepay-api), `SECUREPAY_RATE_LIMIT_IP_PER_S`/`_IP_BURST` (50/100),
@@ -24,8 +28,10 @@ mod real {
     use std::time::Duration;
 
     use clap::{Parser, Subcommand};
+    use securepay_core::identity::ServiceIdentity;
     use securepay_gateway::config::{JwtConfig, ProcessConfig};
     use securepay_gateway::{AppState, Authenticator, Backends, GatewayConfig, api, devkeys};
+    use securepay_identity::x509::WorkloadIdentity;
 
     #[derive(Parser)]
     #[command(name = "securepay-gateway", about = "SecurePay public API gateway")]
@@ -87,21 +93,15 @@ mod real {
         // Held until serve returns, so the last spans are flushed after the requests drained. A
         // start-up error below is returned to `main`, which prints it as one line on stderr.
         let _telemetry = securepay_runtime::init_telemetry("api-gateway")?;
-        anyhow::ensure!(
-            securepay_kit::caller::dev_insecure::enabled(),
-            "refusing to start: only the development plaintext transport exists yet; set {}=1 (mTLS comes later)",
-            securepay_kit::caller::dev_insecure::ENV
-        );
         let config = ProcessConfig::from_env()?;
         let jwt: JwtConfig = config.gateway.jwt.clone();
         let auth = Authenticator::from_jwks_file(&config.jwks_path, jwt)?;
-        let backends = Backends::connect_dev_insecure(&config.payment_addr, &config.account_addr)?;
+        // Fail closed: no SVID, no gateway (the error names the agent and the SPIFFE ID).
+        let identity = WorkloadIdentity::from_env(ServiceIdentity::ApiGateway).await?;
+        tracing::info!(service = "gateway", spiffe_id = ServiceIdentity::ApiGateway.spiffe_id(), "SVID obtained");
+        let backends = Backends::connect(&config.payment_addr, &config.account_addr, &identity)?;
         let metrics = securepay_runtime::install_metrics()?;
         securepay_gateway::register_known_series();
-        tracing::warn!(
-            service = "gateway",
-            "DEVELOPMENT ONLY: plaintext gRPC to the services, identity claimed in metadata"
-        );
         let state = AppState::new(config.gateway.clone(), auth, backends, Some(metrics));
 
         let janitor_state = state.clone();

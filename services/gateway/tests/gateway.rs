@@ -1,7 +1,12 @@
 //! The gateway driven in-process (`tower::ServiceExt::oneshot`) in front of in-process tonic
 //! servers that implement payment.v1 and account.v1 and RECORD every call: "nothing written" below
 //! means "no backend call was made". The backends also check what the gateway sends them (the
-//! verified subject, the claimed workload identity).
+//! verified subject). Most tests reach the fakes over a test-only plaintext channel; one test runs
+//! them behind the real mTLS transport with SVIDs from the test platform's SPIRE and checks the
+//! gateway is served as `api-gateway` and refuses a server with the wrong identity.
+
+#[path = "support/spire.rs"]
+mod spire;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -57,7 +62,8 @@ impl Recorder {
         self.calls.lock().unwrap().push(Call {
             method,
             subject: md(securepay_kit::caller::SUBJECT_METADATA),
-            peer: md(securepay_kit::caller::dev_insecure::PEER_METADATA),
+            // The transport's verified peer (present only over mTLS).
+            peer: request.extensions().get::<securepay_kit::PeerSvid>().map(|p| p.0.spiffe_id.clone()),
             detail,
         });
         let delay = *self.delay.lock().unwrap();
@@ -180,7 +186,7 @@ async fn gateway_with(config: GatewayConfig) -> Gateway {
     let key = devkeys::load_key(&key_path).unwrap();
     let auth = Authenticator::from_jwks_file(&jwks_path, config.jwt.clone()).unwrap();
     let (addr, backend) = start_backend().await;
-    let backends = Backends::connect_dev_insecure(&addr.to_string(), &addr.to_string()).unwrap();
+    let backends = plaintext_backends(&addr.to_string());
     let jwt = config.jwt.clone();
     let app = securepay_gateway::router(AppState::new(config, auth, backends, None));
     Gateway { app, backend, key, jwt, _dir: dir }
@@ -318,7 +324,6 @@ async fn a_payment_is_accepted_with_location_and_the_subject_reaches_the_service
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].method, "InitiatePayment");
     assert_eq!(calls[0].subject.as_deref(), Some("alice"));
-    assert_eq!(calls[0].peer.as_deref(), Some(GATEWAY_ID));
     assert!(calls[0].detail.contains("amount: \"10.50\""), "canonical amount text: {}", calls[0].detail);
 }
 
@@ -416,12 +421,7 @@ async fn an_unreachable_backend_is_a_503_problem() {
     let auth = Authenticator::from_jwks_file(&jwks_path, config.jwt.clone()).unwrap();
     // A port nobody listens on: bind, note, drop.
     let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let app = securepay_gateway::router(AppState::new(
-        config.clone(),
-        auth,
-        Backends::connect_dev_insecure(&addr, &addr).unwrap(),
-        None,
-    ));
+    let app = securepay_gateway::router(AppState::new(config.clone(), auth, plaintext_backends(&addr), None));
     let key = devkeys::load_key(&key_path).unwrap();
     let token = devkeys::mint_token(&key, &config.jwt, "alice", "payments:read", 60).unwrap();
     let mut request = get(&balance_path(FROM), Some(&token));
@@ -743,7 +743,7 @@ async fn a_token_from_the_token_command_is_accepted() {
     assert!(principal.has_scope("payments:read") && !principal.has_scope("payments:write"));
 
     let (addr, backend) = start_backend().await;
-    let backends = Backends::connect_dev_insecure(&addr.to_string(), &addr.to_string()).unwrap();
+    let backends = plaintext_backends(&addr.to_string());
     let app = securepay_gateway::router(AppState::new(config, auth, backends, None));
     let mut request = get(&balance_path(FROM), Some(&token));
     request.extensions_mut().insert(ConnectInfo(SocketAddr::from(([192, 0, 2, 3], 1))));
@@ -751,15 +751,87 @@ async fn a_token_from_the_token_command_is_accepted() {
     assert_eq!(backend.calls.lock().unwrap()[0].subject.as_deref(), Some("alice"));
 }
 
+/// Fail closed: without a Workload API there is no SVID, and without an SVID no gateway — one
+/// line on stderr naming the cause, a failure exit status.
 #[test]
-fn the_binary_refuses_to_serve_without_the_dev_transport_flag() {
+fn the_binary_refuses_to_serve_without_an_svid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, jwks_path) = devkeys::ensure_dev_keys(dir.path()).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_securepay-gateway"))
-        .env_remove(securepay_kit::caller::dev_insecure::ENV)
+        .env_clear()
+        .env("SECUREPAY_LISTEN_ADDR", "127.0.0.1:0")
+        .env("SECUREPAY_PAYMENT_ADDR", "127.0.0.1:1")
+        .env("SECUREPAY_ACCOUNT_ADDR", "127.0.0.1:1")
+        .env("SECUREPAY_JWKS_PATH", &jwks_path)
+        .env("RUST_LOG", "off")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(securepay_kit::caller::dev_insecure::ENV), "one-line reason: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("SPIFFE_ENDPOINT_SOCKET is not set"), "names the cause: {stderr}");
+}
+
+/// The fakes behind the real mTLS transport, one per service identity (this test executable is
+/// registered with SPIRE as the gateway and as both services).
+async fn start_mtls_backend(identity: &securepay_identity::x509::WorkloadIdentity, recorder: Arc<Recorder>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let fake = Fake(recorder);
+    let routes = tonic::service::Routes::new(payment::payment_service_server::PaymentServiceServer::new(fake.clone()))
+        .add_service(account::account_service_server::AccountServiceServer::new(fake));
+    let identity = identity.clone();
+    tokio::spawn(async move {
+        let server = tonic::transport::Server::builder();
+        securepay_identity::grpc::serve(server, routes, listener, &identity, std::future::pending()).await.unwrap();
+    });
+    addr
+}
+
+/// `Backends::connect`: the gateway calls each service over mTLS with its own SVID (the services
+/// see the verified peer `api-gateway`), and refuses a server that is not the service it dialled.
+#[tokio::test]
+async fn the_gateway_calls_the_services_over_mtls_as_itself() {
+    use securepay_core::identity::ServiceIdentity;
+    let Some(spire) = spire::Spire::from_env() else { return };
+    let gateway_id = spire.identity_of_this_test(ServiceIdentity::ApiGateway).await;
+    let payment_id = spire.identity_of_this_test(ServiceIdentity::PaymentService).await;
+    let account_id = spire.identity_of_this_test(ServiceIdentity::AccountService).await;
+    let recorder = Arc::new(Recorder::default());
+    let payment_addr = start_mtls_backend(&payment_id, recorder.clone()).await;
+    let account_addr = start_mtls_backend(&account_id, recorder.clone()).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (key_path, jwks_path) = devkeys::ensure_dev_keys(dir.path()).unwrap();
+    let config = GatewayConfig::default();
+    let key = devkeys::load_key(&key_path).unwrap();
+    let token = devkeys::mint_token(&key, &config.jwt, "alice", "payments:read payments:write", 60).unwrap();
+    let app_with = |payment: &str, account: &str| {
+        let auth = Authenticator::from_jwks_file(&jwks_path, config.jwt.clone()).unwrap();
+        let backends = Backends::connect(payment, account, &gateway_id).unwrap();
+        securepay_gateway::router(AppState::new(config.clone(), auth, backends, None))
+    };
+    let send = |app: Router, mut request: Request<Body>| async move {
+        request.extensions_mut().insert(ConnectInfo(SocketAddr::from(([192, 0, 2, 7], 1))));
+        app.oneshot(request).await.unwrap().status()
+    };
+
+    let app = app_with(&payment_addr, &account_addr);
+    assert_eq!(send(app.clone(), get(&balance_path(FROM), Some(&token))).await, StatusCode::OK);
+    assert_eq!(send(app, post(Some(&token), payment_body().to_string())).await, StatusCode::ACCEPTED);
+    let calls = recorder.calls.lock().unwrap().clone();
+    let seen: Vec<(&str, Option<&str>)> = calls.iter().map(|c| (c.method, c.peer.as_deref())).collect();
+    assert_eq!(seen, [("GetBalance", Some(GATEWAY_ID)), ("InitiatePayment", Some(GATEWAY_ID))]);
+
+    // The account service's address given as the payment service's: its SVID is not the payment
+    // service's, so the gateway never sends it the call.
+    let crossed = app_with(&account_addr, &payment_addr);
+    assert_eq!(
+        send(crossed.clone(), post(Some(&token), payment_body().to_string())).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(send(crossed, get(&balance_path(FROM), Some(&token))).await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(recorder.calls.lock().unwrap().len(), 2, "no call reached a server with the wrong identity");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -839,7 +911,7 @@ async fn metrics_name_the_route_template_and_the_auth_failure_reason() {
     let config = GatewayConfig::default();
     let auth = Authenticator::from_jwks_file(&jwks_path, config.jwt.clone()).unwrap();
     let (addr, _backend) = start_backend().await;
-    let backends = Backends::connect_dev_insecure(&addr.to_string(), &addr.to_string()).unwrap();
+    let backends = plaintext_backends(&addr.to_string());
     let token =
         devkeys::mint_token(&devkeys::load_key(&key_path).unwrap(), &config.jwt, "alice", "payments:read", 60).unwrap();
     let app = securepay_gateway::router(AppState::new(config, auth, backends, Some(handle)));
@@ -869,4 +941,11 @@ async fn metrics_name_the_route_template_and_the_auth_failure_reason() {
     assert!(
         count(&format!(r#"securepay_http_request_duration_seconds_count{{service="gateway",route="{route}"}}"#)) >= 2
     );
+}
+
+/// TEST-ONLY transport: both clients over one lazily connecting plaintext channel to the
+/// in-process fakes at `addr` (the binary only ever uses `Backends::connect`, mTLS).
+fn plaintext_backends(addr: &str) -> Backends {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    Backends::from_channels(channel.clone(), channel)
 }

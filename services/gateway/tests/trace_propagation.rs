@@ -188,7 +188,7 @@ async fn gateway() -> Gateway {
     let key = devkeys::load_key(&key_path).unwrap();
     let token = devkeys::mint_token(&key, &config.jwt, "alice", "payments:read payments:write", 600).unwrap();
     let auth = Authenticator::from_jwks_file(&jwks_path, config.jwt.clone()).unwrap();
-    let backends = Backends::connect_dev_insecure(&addr, &addr).unwrap();
+    let backends = plaintext_backends(&addr);
     let app = securepay_gateway::router(AppState::new(config, auth, backends, None));
     Gateway { app, calls, token, _dir: dir }
 }
@@ -313,4 +313,11 @@ async fn a_refused_request_is_still_logged_inside_its_span_with_the_clients_trac
     let line = served_line(logs, &request_id);
     assert_eq!(line["trace_id"], trace_id, "{line}");
     assert_eq!(line["fields"]["status"], 401, "{line}");
+}
+
+/// TEST-ONLY transport: both clients over one lazily connecting plaintext channel to the
+/// in-process fakes at `addr` (the binary only ever uses `Backends::connect`, mTLS).
+fn plaintext_backends(addr: &str) -> Backends {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    Backends::from_channels(channel.clone(), channel)
 }
