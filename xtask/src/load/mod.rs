@@ -39,7 +39,6 @@ use schedule::{Planned, Planner, Schedule};
 use stats::{Intent, Machine, RunInfo, Stats};
 
 /// The gateway's development signing key in `secrets/`, created by `up` (`gateway dev-keys`).
-const DEV_KEY_FILE: &str = "jwt-dev-key.pem";
 /// Ordinary amounts: 1.00 to 20.00 EUR.
 const AMOUNT_MINOR: (i64, i64) = (100, 2_000);
 /// The gateway's default maximum amount (SPEC §3): an unaffordable amount must stay below it.
@@ -118,7 +117,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<ExitCode> {
     let gateway_bin = ctx.root.join("target/debug").join(ServiceIdentity::ApiGateway.binary());
     let ttl = args.duration + args.drain + 300;
     let tokens = ctx.progress.step("load", "mint one token per load user", || {
-        accounts::mint_tokens(&gateway_bin, &ctx.secrets_dir().join(DEV_KEY_FILE), args.accounts, ttl)
+        accounts::mint_tokens(&gateway_bin, &crate::services::dev_key_path(ctx), args.accounts, ttl)
     })?;
     let info = RunInfo {
         target: format!("http://127.0.0.1:{gateway_port}"),
