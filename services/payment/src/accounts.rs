@@ -7,7 +7,13 @@
 //! [`CircuitBreaker`] fails calls fast while the account service is down. Any way of not getting an
 //! answer ends as [`AccountError::Unavailable`] within about
 //! `attempts × deadline + Σ backoff`. The account service's own refusals (stable codes in
-//! `x-securepay-error-code`) come back typed.
+//! `x-securepay-error-code`) come back typed. Each attempt carries the current span's trace
+//! context in its metadata (`securepay_kit::trace`).
+//!
+//! The client takes a ready [`Channel`]: in production the mTLS channel of
+//! `securepay_identity::grpc::channel` (the transport proves who we are, so [`AccountClient::new`]
+//! adds nothing to the calls); the simulator and plaintext tests pass their own [`Interceptor`] to
+//! [`AccountClient::with_interceptor`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +22,7 @@ use async_trait::async_trait;
 use securepay_core::ids::Subject;
 use securepay_core::payment::PaymentRequest;
 use securepay_kit::status::error_code;
+use securepay_kit::trace;
 use securepay_kit::with_subject;
 use securepay_ports::Ids;
 use securepay_proto::account::v1::CheckBalanceRequest;
@@ -23,6 +30,7 @@ use securepay_proto::account::v1::account_service_client::AccountServiceClient;
 use tonic::Code;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Span;
 
 use crate::breaker::CircuitBreaker;
 
@@ -88,24 +96,47 @@ type InterceptedClient<I> = AccountServiceClient<tonic::service::interceptor::In
 #[cfg(madsim)]
 type InterceptedClient<I> = AccountServiceClient<Channel, I>;
 
-/// account.v1 over a lazily connected channel, with `I` putting this workload's identity on each
-/// call (`dev_insecure::ClientInterceptor` in development, the simulator's in madsim; mTLS later).
-pub struct AccountClient<I: Interceptor> {
+/// Adds nothing to a call: the mTLS channel itself identifies this workload.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoInterceptor;
+
+impl Interceptor for NoInterceptor {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        Ok(request)
+    }
+}
+
+/// A lazily connecting plaintext channel to `uri` (`http://host:port`) — for the simulator and
+/// tests only; production dials with `securepay_identity::grpc::channel`.
+pub fn plaintext_channel(uri: &str, connect_timeout: Duration) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(uri.to_owned())
+        .map_err(|_| format!("not a valid account service address: {uri}"))?
+        .connect_timeout(connect_timeout);
+    Ok(endpoint.connect_lazy())
+}
+
+/// account.v1 over a channel, with `I` adding to each call what the channel does not carry
+/// ([`NoInterceptor`] over mTLS; the simulator's own interceptor in madsim).
+pub struct AccountClient<I: Interceptor = NoInterceptor> {
     client: InterceptedClient<I>,
     config: AccountClientConfig,
     breaker: CircuitBreaker,
     ids: Arc<dyn Ids>,
 }
 
+impl AccountClient<NoInterceptor> {
+    /// A client over `channel` (the mTLS channel to the account service).
+    pub fn new(channel: Channel, config: AccountClientConfig, ids: Arc<dyn Ids>) -> Self {
+        Self::with_interceptor(channel, NoInterceptor, config, ids)
+    }
+}
+
 impl<I: Interceptor + Clone + Send + Sync + 'static> AccountClient<I> {
-    /// A client for the account service at `uri` (`http://host:port`). Connects on first use.
-    pub fn new(uri: &str, interceptor: I, config: AccountClientConfig, ids: Arc<dyn Ids>) -> Result<Self, String> {
-        let endpoint = Endpoint::from_shared(uri.to_owned())
-            .map_err(|_| format!("not a valid account service address: {uri}"))?
-            .connect_timeout(config.deadline);
-        let client = AccountServiceClient::with_interceptor(endpoint.connect_lazy(), interceptor);
+    /// A client over `channel` whose calls pass through `interceptor` first.
+    pub fn with_interceptor(channel: Channel, interceptor: I, config: AccountClientConfig, ids: Arc<dyn Ids>) -> Self {
+        let client = AccountServiceClient::with_interceptor(channel, interceptor);
         let breaker = CircuitBreaker::new(config.breaker_threshold, config.breaker_cool_down);
-        Ok(AccountClient { client, config, breaker, ids })
+        AccountClient { client, config, breaker, ids }
     }
 
     /// Full jitter: uniform in [0, min(max, base·2^retry)], from the `Ids` port.
@@ -136,6 +167,7 @@ impl<I: Interceptor + Clone + Send + Sync + 'static> Accounts for AccountClient<
             let mut call = tonic::Request::new(message.clone());
             call.set_timeout(self.config.deadline);
             with_subject(&mut call, subject);
+            trace::inject_into_metadata(&Span::current(), call.metadata_mut());
             let mut client = self.client.clone();
             let answer = match tokio::time::timeout(self.config.deadline, client.check_balance(call)).await {
                 Ok(answer) => answer,

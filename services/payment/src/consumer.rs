@@ -8,6 +8,7 @@
 //! so one bad record never blocks its partition; so is an undecodable record or one naming an
 //! unknown payment. While the store is unavailable the SAME record is retried with backoff and
 //! nothing is committed: offsets are committed only after every record before them is durable.
+//! Each record is handled in a `payment.outcome` span parented from the trace context in its headers.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,8 +17,10 @@ use std::time::Duration;
 use securepay_core::events::PaymentSettled;
 use securepay_core::money::AmountPolicy;
 use securepay_core::payment::{Applied, Payment};
+use securepay_kit::trace;
 use securepay_ports::{Clock, ConsumedRecord, EventConsumer, PaymentStore, PortError, TopicPartitionOffset};
 use securepay_proto::convert::decode_settled;
+use tracing::Instrument as _;
 
 use crate::metrics;
 
@@ -165,12 +168,18 @@ pub async fn run_outcome_consumer<S, C>(
         backoff = config.backoff_min;
         let mut done: Vec<TopicPartitionOffset> = Vec::with_capacity(records.len());
         for record in &records {
+            // Each outcome joins the trace of the payment it settles (the headers it was
+            // published with).
+            let span = tracing::info_span!("payment.outcome", otel.kind = "consumer", topic = %record.position.topic);
+            trace::set_parent(&span, trace::context_from_headers(&record.headers));
             let mut pause = config.backoff_min;
             loop {
-                match handle(store.as_ref(), clock.as_ref(), config.amount_policy, record).await {
+                let handled = handle(store.as_ref(), clock.as_ref(), config.amount_policy, record);
+                match handled.instrument(span.clone()).await {
                     Ok(_) => break,
                     Err(PortError::Unavailable { .. }) => {
                         tracing::warn!(
+                            parent: &span,
                             offset = record.position.offset,
                             "payment store unavailable; retrying the outcome"
                         );

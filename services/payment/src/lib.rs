@@ -9,7 +9,9 @@
 //!   [`breaker`]).
 //! - [`consumer`]: `payment.completed` / `payment.failed` → terminal state, idempotently.
 //! - [`validate`], [`wire`], [`error`]: wire → domain, domain → wire, refusals → status, each once.
-//! - [`trace`]: the W3C `traceparent` an outbox event carries; [`metrics`]: what is counted.
+//! - [`trace`]: the deterministic `traceparent` an outbox event carries when no OpenTelemetry layer
+//!   is installed (simulation); with one, events carry the real span context
+//!   (`securepay_kit::trace`). [`metrics`]: what is counted.
 //!
 //! The outbox relay is `securepay_kit::relay` (the same for both money services).
 
@@ -24,7 +26,9 @@ pub mod trace;
 pub mod validate;
 pub mod wire;
 
-pub use accounts::{AccountClient, AccountClientConfig, AccountError, Accounts, BalanceCheck};
+pub use accounts::{
+    AccountClient, AccountClientConfig, AccountError, Accounts, BalanceCheck, NoInterceptor, plaintext_channel,
+};
 pub use consumer::{ConsumerConfig, run_outcome_consumer};
 pub use error::ServiceError;
 pub use service::{PaymentService, REPLAYED_METADATA, ServiceConfig};

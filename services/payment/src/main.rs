@@ -3,6 +3,12 @@
 //! SIGINT/SIGTERM: the gRPC server (`payment.v1`), the outbox relay, the outcome consumer, the
 //! idempotency purge and the admin HTTP listener (`/health`, `/ready`, `/metrics`).
 //!
+//! gRPC is mTLS only, both ways (`securepay_identity::grpc`): the server requires a client SVID
+//! of the trust domain (handlers authorize per method), and the account service is dialled
+//! accepting only its exact SPIFFE ID. Without this process's SVID (`SPIFFE_ENDPOINT_SOCKET`,
+//! waited for at most 30 s) the service does not start: fail closed. Spans are exported when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (`securepay_runtime::init_telemetry`).
+//!
 //! Configuration (environment):
 //! - `SECUREPAY_LISTEN_ADDR` (gRPC, default `127.0.0.1:8081`), `SECUREPAY_ADMIN_ADDR` (default
 //!   `127.0.0.1:9181`);
@@ -10,8 +16,7 @@
 //! - `SECUREPAY_PG_ADDR`, `SECUREPAY_PG_DATABASE`, `SECUREPAY_SECRETS_DIR` (role `payment_service`);
 //! - `SECUREPAY_REDIS_URL`, `SECUREPAY_KAFKA_BROKERS`;
 //! - `SECUREPAY_AMOUNT_MAX` (largest amount of one payment, default `1000000`);
-//! - `SECUREPAY_DEV_INSECURE_PLAINTEXT=1`: DEVELOPMENT ONLY plaintext gRPC where callers claim their
-//!   SPIFFE ID. Without it the service refuses to start until the mTLS transport exists;
+//! - `SPIFFE_ENDPOINT_SOCKET` (the SPIRE agent's Workload API, `unix:///…/api.sock`);
 //! - `SECUREPAY_KAFKA_NAME_SUFFIX`: TESTS ONLY. Appended to every topic this process consumes or
 //!   publishes and to its consumer group (as the account service does), so a test can run both
 //!   binaries against a shared broker without touching the production names;
@@ -26,7 +31,14 @@ fn main() {}
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     securepay_runtime::exit_if_identity_subcommand().await;
-    securepay_runtime::init_tracing();
+    // Held until the service stopped, so the last spans are exported.
+    let _telemetry = match securepay_runtime::init_telemetry("payment-service") {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("securepay-payment: {error:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     match real::run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
@@ -46,8 +58,9 @@ mod real {
     use securepay_core::identity::ServiceIdentity;
     use securepay_core::money::{AmountPolicy, parse_decimal_text};
     use securepay_core::topology::{consumer_group, topic};
+    use securepay_identity::grpc;
+    use securepay_identity::x509::WorkloadIdentity;
     use securepay_kafka::{KafkaConsumer, KafkaEventLog};
-    use securepay_kit::caller::dev_insecure;
     use securepay_kit::relay::{RelayConfig, run_relay};
     use securepay_payment::{
         AccountClient, AccountClientConfig, ConsumerConfig, PaymentService, ServiceConfig, run_outcome_consumer,
@@ -74,6 +87,9 @@ mod real {
     const AMOUNT_MAX_ENV: &str = "SECUREPAY_AMOUNT_MAX";
     /// Largest request message accepted (a payment request is well under 1 KiB).
     const REQUEST_LEN_MAX: usize = 16 * 1024;
+    /// A gRPC call still running after this is cancelled (a duplicate waits at most 10 s for the
+    /// first request with its key; the account client gives up after about 3 s).
+    const GRPC_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
     /// The OS clock.
     struct SystemClock;
@@ -167,9 +183,6 @@ mod real {
 
     pub async fn run() -> anyhow::Result<()> {
         // Configuration first: every mistake is one line naming what to fix.
-        if !dev_insecure::enabled() {
-            bail!("mTLS transport not configured; set {}=1 for local development", dev_insecure::ENV);
-        }
         let listen = securepay_runtime::addr_from_env("SECUREPAY_LISTEN_ADDR", "127.0.0.1:8081")?;
         let admin = securepay_runtime::addr_from_env("SECUREPAY_ADMIN_ADDR", "127.0.0.1:9181")?;
         let account_addr = securepay_runtime::required_env("SECUREPAY_ACCOUNT_ADDR")?;
@@ -181,11 +194,6 @@ mod real {
         let amount_policy = amount_policy()?;
 
         tracing::info!(service = SERVICE, version = env!("CARGO_PKG_VERSION"), %listen, %admin, "starting");
-        tracing::warn!(
-            service = SERVICE,
-            "DEVELOPMENT ONLY: {}=1 — gRPC is PLAINTEXT and callers merely CLAIM their SPIFFE ID; never run this in production",
-            dev_insecure::ENV
-        );
         if !suffix.is_empty() {
             tracing::warn!(
                 service = SERVICE,
@@ -199,6 +207,10 @@ mod real {
                 "TESTS ONLY: {FAILPOINT_ENV}=crash_after_commit aborts after the next payment commit"
             );
         }
+
+        // No SVID, no service: the identity error is the one line saying why.
+        let identity = WorkloadIdentity::from_env(ServiceIdentity::PaymentService).await?;
+        tracing::info!(service = SERVICE, spiffe_id = ServiceIdentity::PaymentService.spiffe_id(), "SVID obtained");
 
         let metrics = securepay_runtime::install_metrics().context("cannot install the metrics recorder")?;
         securepay_payment::metrics::register_known_series();
@@ -218,15 +230,9 @@ mod real {
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let ids: Arc<dyn Ids> = Arc::new(RandomIds);
-        let accounts = Arc::new(
-            AccountClient::new(
-                &format!("http://{account_addr}"),
-                dev_insecure::ClientInterceptor(ServiceIdentity::PaymentService),
-                AccountClientConfig::default(),
-                ids.clone(),
-            )
-            .map_err(|_| anyhow!("SECUREPAY_ACCOUNT_ADDR must be host:port, not {account_addr:?}"))?,
-        );
+        let account_channel = grpc::channel(&account_addr, ServiceIdentity::AccountService, &identity)
+            .map_err(|error| anyhow!("SECUREPAY_ACCOUNT_ADDR: {error}"))?;
+        let accounts = Arc::new(AccountClient::new(account_channel, AccountClientConfig::default(), ids.clone()));
         let service = Arc::new(PaymentService::new(
             store.clone(),
             fast,
@@ -281,14 +287,15 @@ mod real {
         let grpc_listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|_| anyhow!("cannot listen on SECUREPAY_LISTEN_ADDR {listen}: is the port free?"))?;
-        let grpc = tonic::transport::Server::builder()
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                PaymentServiceServer::from_arc(service.clone()).max_decoding_message_size(REQUEST_LEN_MAX),
-                dev_insecure::ServerInterceptor,
-            ))
-            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc_listener), stopped());
-        tracing::info!(%listen, "gRPC payment.v1 listening");
-        let grpc_task = tokio::spawn(grpc);
+        let routes = tonic::service::Routes::new(
+            PaymentServiceServer::from_arc(service.clone()).max_decoding_message_size(REQUEST_LEN_MAX),
+        );
+        let grpc_task = {
+            let server = tonic::transport::Server::builder().timeout(GRPC_REQUEST_TIMEOUT);
+            let (identity, grpc_stopped) = (identity.clone(), stopped());
+            tokio::spawn(async move { grpc::serve(server, routes, grpc_listener, &identity, grpc_stopped).await })
+        };
+        tracing::info!(%listen, "gRPC payment.v1 listening (mTLS)");
 
         let relay_task = tokio::spawn(run_relay(
             store.clone() as Arc<dyn securepay_ports::Outbox>,

@@ -8,6 +8,10 @@
 //!
 //! The response body of a replay is byte-identical to the first one (`replayed` stays `false`
 //! inside it); a replay is signalled in the response metadata [`REPLAYED_METADATA`].
+//!
+//! Tracing (SPEC §8): InitiatePayment runs in a `payment.initiate` server span parented from the
+//! caller's gRPC metadata, GetPayment in a `payment.get` span; the outbox event carries the
+//! `payment.initiate` span's context, so the publish and the settlement join the same trace.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +24,7 @@ use securepay_core::money::AmountPolicy;
 use securepay_core::payment::{Payment, PaymentRequest};
 use securepay_kit::authorize;
 use securepay_kit::metrics as kit_metrics;
+use securepay_kit::trace::{self as kit_trace, names};
 use securepay_ports::{Clock, IdempotencyStore, Ids, PaymentStore, PortError};
 use securepay_proto::payment::v1 as wire;
 use securepay_proto::payment::v1::payment_service_server;
@@ -27,6 +32,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::accounts::{AccountError, Accounts, BalanceCheck};
 use crate::error::ServiceError;
@@ -193,7 +199,12 @@ where
         };
         let response = wire::InitiatePaymentResponse { payment: Some(crate::wire::payment(&payment)), replayed: false };
         let bytes = response.encode_to_vec();
-        let headers = vec![(TRACEPARENT.to_owned(), traceparent(trace, self.ids.as_ref()))];
+        // The current span's context (`payment.initiate`) when an OpenTelemetry layer is
+        // installed; without one (simulation) the deterministic traceparent from the `Ids` port.
+        let mut headers = kit_trace::headers_for_current_span();
+        if headers.is_empty() {
+            headers.push((TRACEPARENT.to_owned(), traceparent(trace, self.ids.as_ref())));
+        }
         let completion = claim.map(|claim| claim.completion(bytes.clone()));
         match self.store.insert_with_event(&payment, &event, &headers, completion.as_ref()).await {
             Ok(()) => {}
@@ -290,6 +301,8 @@ where
         request: Request<wire::InitiatePaymentRequest>,
     ) -> Result<Response<wire::InitiatePaymentResponse>, Status> {
         let started = Instant::now();
+        let span = tracing::info_span!(names::PAYMENT_INITIATE, otel.kind = "server");
+        kit_trace::set_parent(&span, kit_trace::extract_from_metadata(request.metadata()));
         let result = async {
             let caller = authorize(&request, method::INITIATE_PAYMENT, self.clock.now())?;
             let trace = request.metadata().get(TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -298,17 +311,18 @@ where
             // instead of waiting out the claim's lease.
             let this = self.clone();
             let message = request.into_inner();
-            let initiated =
-                tokio::task::spawn(async move { this.initiate(caller.subject, &message, trace.as_deref()).await })
-                    .await
-                    .map_err(|_| Status::from(ServiceError::Internal))?
-                    .map_err(Status::from)?;
+            let task = async move { this.initiate(caller.subject, &message, trace.as_deref()).await };
+            let initiated = tokio::task::spawn(task.instrument(span.clone()))
+                .await
+                .map_err(|_| Status::from(ServiceError::Internal))?
+                .map_err(Status::from)?;
             let mut response = Response::new(initiated.response);
             if initiated.replayed {
                 response.metadata_mut().insert(REPLAYED_METADATA, MetadataValue::from_static("true"));
             }
             Ok(response)
         }
+        .instrument(span.clone())
         .await;
         record("InitiatePayment", &result, started);
         result
@@ -316,11 +330,14 @@ where
 
     async fn get_payment(&self, request: Request<wire::GetPaymentRequest>) -> Result<Response<wire::Payment>, Status> {
         let started = Instant::now();
+        let span = tracing::info_span!("payment.get", otel.kind = "server");
+        kit_trace::set_parent(&span, kit_trace::extract_from_metadata(request.metadata()));
         let result = async {
             let caller = authorize(&request, method::GET_PAYMENT, self.clock.now())?;
             let payment = self.get(&caller.subject, &request.get_ref().payment_id).await.map_err(Status::from)?;
             Ok(Response::new(payment))
         }
+        .instrument(span)
         .await;
         record("GetPayment", &result, started);
         result

@@ -16,7 +16,7 @@ use securepay_core::payment::PaymentRequest;
 use securepay_kit::caller::dev_insecure::ClientInterceptor;
 use securepay_kit::status::status;
 use securepay_memory::SeededIds;
-use securepay_payment::{AccountClient, AccountClientConfig, AccountError, Accounts, BalanceCheck};
+use securepay_payment::{AccountClient, AccountClientConfig, AccountError, Accounts, BalanceCheck, plaintext_channel};
 use securepay_proto::account::v1 as wire;
 use securepay_proto::account::v1::account_service_server::{AccountService, AccountServiceServer};
 use tonic::{Code, Request, Response, Status};
@@ -89,13 +89,14 @@ fn config() -> AccountClientConfig {
 }
 
 fn client(addr: SocketAddr) -> AccountClient<ClientInterceptor> {
-    AccountClient::new(
-        &format!("http://{addr}"),
+    let config = config();
+    let channel = plaintext_channel(&format!("http://{addr}"), config.deadline).unwrap();
+    AccountClient::with_interceptor(
+        channel,
         ClientInterceptor(ServiceIdentity::PaymentService),
-        config(),
+        config,
         Arc::new(SeededIds),
     )
-    .unwrap()
 }
 
 fn request() -> PaymentRequest {

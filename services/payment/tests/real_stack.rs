@@ -2,6 +2,13 @@
 //! Redis, Kafka (topics renamed per test with `SECUREPAY_KAFKA_NAME_SUFFIX`) and the real
 //! account-service binary (`cargo build -p securepay-account` first; it must sit next to this
 //! crate's binary in the target directory). One test per "done when" bullet of the issue.
+//!
+//! The binaries speak gRPC over mTLS only: the test platform's real SPIRE issues their SVIDs
+//! (entries for the binaries at the paths run here are registered by the test), and the test
+//! itself calls the payment service as the API gateway (this test executable is registered as
+//! `spiffe://securepay.dev/api-gateway`).
+
+mod support;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,8 +26,10 @@ use securepay_core::identity::ServiceIdentity;
 use securepay_core::ids::{EventId, PaymentId, Subject};
 use securepay_core::payment::{FailureReason, Outcome, PaymentStatus, Transition};
 use securepay_core::topology::topic;
+use securepay_identity::grpc;
+use securepay_identity::x509::WorkloadIdentity;
 use securepay_kafka::{KafkaConsumer, KafkaEventLog};
-use securepay_kit::caller::dev_insecure::{self, ClientInterceptor};
+use securepay_kit::caller::dev_insecure::ClientInterceptor;
 use securepay_kit::status::error_code;
 use securepay_kit::with_subject;
 use securepay_payment::REPLAYED_METADATA;
@@ -31,8 +40,8 @@ use securepay_proto::payment::v1 as wire;
 use securepay_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use securepay_testkit::{component, var};
 use sqlx::postgres::PgPoolOptions;
+use support::Spire;
 use tonic::Code;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 
@@ -112,10 +121,26 @@ struct World {
     secrets: Vec<tempfile::TempDir>,
     /// The admin address of the service started last.
     admin: Option<SocketAddr>,
+    spire: Spire,
+    /// This test as the API gateway: the identity its gRPC clients present.
+    gateway: WorkloadIdentity,
 }
 
 impl World {
     async fn new() -> Option<World> {
+        let spire = Spire::from_env()?;
+        spire.ensure_registered(
+            std::path::Path::new(env!("CARGO_BIN_EXE_securepay-payment")),
+            ServiceIdentity::PaymentService,
+        );
+        let account = binary("securepay-account");
+        assert!(
+            account.exists(),
+            "{} is missing: build it first (cargo build -p securepay-account)",
+            account.display()
+        );
+        spire.ensure_registered(&account, ServiceIdentity::AccountService);
+        let gateway = spire.identity_of_this_test(ServiceIdentity::ApiGateway).await;
         let redis_url = component(var::REDIS_URL)?;
         let brokers = component(var::KAFKA_BROKERS)?;
         let db = TestDb::new().await?;
@@ -128,7 +153,7 @@ impl World {
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let created = admin.create_topics(&new, &options).await.expect("create topics");
         assert!(created.iter().all(Result::is_ok), "{created:?}");
-        Some(World { db, redis_url, brokers, suffix, secrets: Vec::new(), admin: None })
+        Some(World { db, redis_url, brokers, suffix, secrets: Vec::new(), admin: None, spire, gateway })
     }
 
     async fn env(&mut self, role: &str, listen: SocketAddr, redis_url: &str) -> Vec<(String, String)> {
@@ -137,7 +162,7 @@ impl World {
         let (mut env, secrets) = self.db.service_env(role).await;
         self.secrets.push(secrets);
         env.extend([
-            (dev_insecure::ENV.to_owned(), "1".to_owned()),
+            ("SPIFFE_ENDPOINT_SOCKET".to_owned(), self.spire.endpoint.clone()),
             ("SECUREPAY_LISTEN_ADDR".to_owned(), listen.to_string()),
             ("SECUREPAY_ADMIN_ADDR".to_owned(), admin.to_string()),
             ("SECUREPAY_REDIS_URL".to_owned(), redis_url.to_owned()),
@@ -218,11 +243,14 @@ impl World {
     }
 }
 
-type Client = PaymentServiceClient<InterceptedService<Channel, ClientInterceptor>>;
+type Client = PaymentServiceClient<Channel>;
 
-async fn client(addr: SocketAddr) -> Client {
-    let channel = Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
-    PaymentServiceClient::with_interceptor(channel, ClientInterceptor(ServiceIdentity::ApiGateway))
+impl World {
+    /// A payment.v1 client over mTLS as the API gateway, accepting only the payment service.
+    fn client(&self, addr: SocketAddr) -> Client {
+        let channel = grpc::channel(&addr.to_string(), ServiceIdentity::PaymentService, &self.gateway).unwrap();
+        PaymentServiceClient::new(channel)
+    }
 }
 
 fn as_subject<T>(message: T, subject: &str) -> tonic::Request<T> {
@@ -316,7 +344,7 @@ async fn fifty_concurrent_identical_requests_make_one_payment_and_one_event() {
     let (_account, account_addr) = world.account().await;
     let listen = free_addr();
     let _payment = world.payment(account_addr, listen, &[]).await;
-    let client = client(listen).await;
+    let client = world.client(listen);
 
     let k = key("order-50");
     let tasks: Vec<_> = (0..50)
@@ -430,7 +458,7 @@ async fn a_crash_between_commit_and_publish_still_publishes_and_settles_once() {
     let (_account, account_addr) = world.account().await;
     let listen = free_addr();
     let mut crashing = world.payment(account_addr, listen, &[("SECUREPAY_FAILPOINT", "crash_after_commit")]).await;
-    let mut c = client(listen).await;
+    let mut c = world.client(listen);
     let k = key("order-crash");
     let lost = initiate(&mut c, pay("25.00", &k)).await;
     assert!(lost.is_err(), "the process died before answering");
@@ -441,7 +469,7 @@ async fn a_crash_between_commit_and_publish_still_publishes_and_settles_once() {
 
     let listen = free_addr();
     let _payment = world.payment(account_addr, listen, &[]).await;
-    let mut c = client(listen).await;
+    let mut c = world.client(listen);
     let (body, replayed) = initiate(&mut c, pay("25.00", &k)).await.expect("the retry is answered");
     assert!(replayed, "the committed first response is replayed, nothing executes twice");
     let id = payment_id(&body);
@@ -459,7 +487,7 @@ async fn with_redis_unreachable_postgresql_keeps_idempotency() {
     let listen = free_addr();
     let closed = format!("redis://{}", free_addr());
     let _payment = world.payment(account_addr, listen, &[("SECUREPAY_REDIS_URL", closed.as_str())]).await;
-    let client = client(listen).await;
+    let client = world.client(listen);
     let k = key("order-noredis");
     let tasks: Vec<_> = (0..10)
         .map(|_| {
@@ -485,7 +513,7 @@ async fn with_the_account_service_down_requests_fail_fast_and_nothing_is_written
     let Some(mut world) = World::new().await else { return };
     let listen = free_addr();
     let _payment = world.payment(free_addr(), listen, &[]).await;
-    let mut c = client(listen).await;
+    let mut c = world.client(listen);
 
     let started = Instant::now();
     let down = initiate(&mut c, pay("5.00", &key("order-down"))).await.unwrap_err();
@@ -529,7 +557,7 @@ async fn two_instances_with_two_relays_settle_every_payment_exactly_once() {
     let (a, b) = (free_addr(), free_addr());
     let _first = world.payment(account_addr, a, &[]).await;
     let _second = world.payment(account_addr, b, &[]).await;
-    let clients = [client(a).await, client(b).await];
+    let clients = [world.client(a), world.client(b)];
     let mut ids = Vec::new();
     for n in 0..10 {
         let mut c = clients[n % 2].clone();
@@ -592,7 +620,7 @@ async fn redis_and_the_account_service_stopping_under_a_running_service() {
     let listen = free_addr();
     let via = format!("redis://{}", redis.addr);
     let _payment = world.payment(account_addr, listen, &[("SECUREPAY_REDIS_URL", via.as_str())]).await;
-    let mut c = client(listen).await;
+    let mut c = world.client(listen);
 
     let k = key("order-cut");
     let (first, replayed) = initiate(&mut c, pay("3.00", &k)).await.unwrap();
@@ -619,4 +647,36 @@ async fn redis_and_the_account_service_stopping_under_a_running_service() {
         0,
         "claim released"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plaintext_grpc_is_refused_and_only_mtls_is_served() {
+    let Some(mut world) = World::new().await else { return };
+    let listen = free_addr();
+    let _payment = world.payment(free_addr(), listen, &[]).await;
+
+    // A plaintext caller, even one claiming the gateway's identity the old development way, never
+    // reaches a handler: the listener completes only mTLS handshakes.
+    let channel = Endpoint::from_shared(format!("http://{listen}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    let mut plain = PaymentServiceClient::with_interceptor(channel, ClientInterceptor(ServiceIdentity::ApiGateway));
+    let unknown = Uuid::new_v4().to_string();
+    let mut request = as_subject(wire::GetPaymentRequest { payment_id: unknown.clone() }, "alice");
+    request.set_timeout(Duration::from_secs(10));
+    let refused = plain.get_payment(request).await.expect_err("plaintext must not be served");
+    assert_eq!(error_code(&refused), None, "no handler answered a plaintext call: {refused:?}");
+    assert_ne!(refused.code(), Code::NotFound, "{refused:?}");
+    let mut request = as_subject(pay("1.00", &key("order-plain")), "alice");
+    request.set_timeout(Duration::from_secs(10));
+    let refused = plain.initiate_payment(request).await.expect_err("plaintext must not be served");
+    assert_eq!(error_code(&refused), None, "{refused:?}");
+    assert_eq!(world.count("SELECT count(*) FROM payments.transactions").await, 0, "nothing written");
+    assert_eq!(world.count("SELECT count(*) FROM payments.idempotency_keys").await, 0, "nothing claimed");
+
+    // The same listener serves the gateway over mTLS: the handler answers (not found).
+    let mut c = world.client(listen);
+    let missing = get(&mut c, &unknown, "alice").await.unwrap_err();
+    assert_eq!((missing.code(), error_code(&missing)), (Code::NotFound, Some("payment_not_found")));
 }
