@@ -17,6 +17,8 @@
 //! - [`http`] (madsim only): the gateway's axum router served over the simulated network.
 //! - [`infra`] (madsim only): node addresses, the infrastructure of a run, the ports a service
 //!   node connects, and the injector that plays a fault schedule.
+//! - [`cluster`] (madsim only): the production service libraries on their nodes, the gateway's
+//!   backend role, and the workload's clients.
 //! - [`ledger_node`]: a ledger node's settlement RPC, backed by any `LedgerStore`.
 //! - [`run`] (madsim only): what every simulation test shares — seed, replay command, summary.
 //!
@@ -29,6 +31,8 @@ compile_error!(
 );
 
 pub mod clock;
+#[cfg(madsim)]
+pub mod cluster;
 #[cfg(madsim)]
 pub mod http;
 #[cfg(madsim)]

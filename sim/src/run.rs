@@ -67,3 +67,11 @@ impl Checker {
         self.checks
     }
 }
+
+/// Seconds of REAL time since boot, for throughput lines (`None` where `/proc/uptime` is missing).
+/// Inside the simulation `Instant` and `SystemTime` are simulated, and unsafe code is forbidden, so
+/// the kernel's counter is read as a file (10 ms resolution; touches no simulated randomness).
+pub fn wall_seconds() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
