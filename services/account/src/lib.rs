@@ -14,6 +14,11 @@
 //!
 //! The outbox relay is `securepay_kit::relay::run_relay` over the ledger store's outbox.
 //!
+//! Transport and tracing: the binary serves [`grpc`] over mTLS only
+//! (`securepay_identity::grpc::serve`, which puts the verified peer on each request) and installs
+//! OpenTelemetry (`securepay_runtime::init_telemetry`); the handlers and the consumer continue the
+//! caller's trace from gRPC metadata and Kafka headers (`securepay_kit::trace`).
+//!
 //! Architecture invariant: written against the ports only (core, ports, proto, kit, tokio/tonic as
 //! madsim drop-ins), so the simulator runs this exact code; the binary (`main.rs`) wires the real
 //! adapters. The cache never decides a debit: only `LedgerStore::settle` does.
