@@ -311,11 +311,16 @@ async fn wait_for_status(client: &mut Client, id: &str, status: wire::PaymentSta
 /// Records keyed `payment_id` on `payment.initiated` (this test's name): waits for the first, then
 /// keeps reading for `linger` to catch any duplicate.
 async fn initiated_on_kafka(world: &World, payment_id: &str, linger: Duration) -> usize {
+    initiated_records(world, payment_id, linger).await.len()
+}
+
+/// The headers of every `payment.initiated` record keyed `payment_id` (see [`initiated_on_kafka`]).
+async fn initiated_records(world: &World, payment_id: &str, linger: Duration) -> Vec<Vec<(String, String)>> {
     let group = format!("observer-{}", Uuid::new_v4().simple());
     let name = format!("{}{}", topic::PAYMENT_INITIATED, world.suffix);
     let mut consumer = KafkaConsumer::new(&world.brokers, &group, &[name.as_str()]).unwrap();
     let started = Instant::now();
-    let mut seen = 0;
+    let mut seen = Vec::new();
     let mut first_at = None;
     loop {
         for record in consumer.poll(100, Duration::from_millis(500)).await.unwrap() {
@@ -326,7 +331,7 @@ async fn initiated_on_kafka(world: &World, payment_id: &str, linger: Duration) -
                     "W3C trace context in the headers: {:?}",
                     record.headers
                 );
-                seen += 1;
+                seen.push(record.headers.clone());
                 first_at.get_or_insert_with(Instant::now);
             }
         }
@@ -679,4 +684,55 @@ async fn plaintext_grpc_is_refused_and_only_mtls_is_served() {
     let mut c = world.client(listen);
     let missing = get(&mut c, &unknown, "alice").await.unwrap_err();
     assert_eq!((missing.code(), error_code(&missing)), (Code::NotFound, Some("payment_not_found")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_callers_trace_continues_into_the_outbox_event() {
+    let Some(mut world) = World::new().await else { return };
+    let (_account, account_addr) = world.account().await;
+    let listen = free_addr();
+    // `RUST_LOG` filters spans as well as logs in `securepay_runtime::init_telemetry`: at `warn`
+    // (the other tests' level) the info-level `payment.initiate` span would not exist.
+    let _payment = world.payment(account_addr, listen, &[("RUST_LOG", "info")]).await;
+    let mut c = world.client(listen);
+
+    let (trace_id, caller_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let mut request = as_subject(pay("2.00", &key("order-traced")), "alice");
+    request.metadata_mut().insert("traceparent", format!("00-{trace_id}-{caller_span}-01").parse().unwrap());
+    let id = payment_id(&c.initiate_payment(request).await.unwrap().into_inner().encode_to_vec());
+    let records = initiated_records(&world, &id, Duration::from_millis(500)).await;
+    let traceparent = records[0].iter().find(|(k, _)| k == "traceparent").map(|(_, v)| v.clone()).unwrap();
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts[1], trace_id, "the event continues the caller's trace: {traceparent}");
+    assert_ne!(parts[2], caller_span, "under a span of this service, not the caller's: {traceparent}");
+
+    // The caller's sampling decision is honoured, which only the OpenTelemetry span context does
+    // (the service's fallback header always says sampled): the event carries the real span.
+    let unsampled = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let mut request = as_subject(pay("2.00", &key("order-unsampled")), "alice");
+    request.metadata_mut().insert("traceparent", format!("00-{unsampled}-{caller_span}-00").parse().unwrap());
+    let id = payment_id(&c.initiate_payment(request).await.unwrap().into_inner().encode_to_vec());
+    let records = initiated_records(&world, &id, Duration::from_millis(500)).await;
+    let traceparent = records[0].iter().find(|(k, _)| k == "traceparent").map(|(_, v)| v.clone()).unwrap();
+    assert!(
+        traceparent.starts_with(&format!("00-{unsampled}-")) && traceparent.ends_with("-00"),
+        "the caller's unsampled trace continues unsampled: {traceparent}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_an_svid_the_binary_refuses_to_start() {
+    let Some(mut world) = World::new().await else { return };
+    let mut env = world.env("payment_service", free_addr(), &world.redis_url.clone()).await;
+    env.retain(|(k, _)| k != "SPIFFE_ENDPOINT_SOCKET");
+    env.push(("SECUREPAY_ACCOUNT_ADDR".to_owned(), free_addr().to_string()));
+    let out = Command::new(env!("CARGO_BIN_EXE_securepay-payment"))
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .expect("the binary runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "started without an SVID:\n{text}");
+    assert!(text.contains("SPIFFE_ENDPOINT_SOCKET"), "the refusal names what to set:\n{text}");
 }
