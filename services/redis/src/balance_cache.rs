@@ -1,4 +1,5 @@
-//! `RedisBalanceCache`: cache-aside balances (SPEC §6.3) under `securepay:balance:<account id>`.
+//! `RedisBalanceCache`: cache-aside balances (SPEC §6.3) under `securepay:balance:<account id>`, or
+//! `securepay:<namespace>:balance:<account id>` when several platforms (databases) share one Redis.
 
 use async_trait::async_trait;
 use redis::AsyncCommands as _;
@@ -11,10 +12,13 @@ use crate::connection::Redis;
 /// Most accounts one `invalidate` call deletes (a settlement touches two).
 const INVALIDATE_LEN_MAX: usize = 1024;
 
-/// The Redis key of an account's cached balance.
+/// The Redis key of an account's cached balance (no namespace).
 pub fn balance_key(id: AccountId) -> String {
     format!("securepay:balance:{id}")
 }
+
+/// Most bytes of a namespace: `[a-z0-9_]`, like a PostgreSQL database name.
+pub const NAMESPACE_LEN_MAX: usize = 63;
 
 /// Advisory only: the account service never decides a debit from it. Every method fails as
 /// `Unavailable` when Redis is down or slow; a value that does not read back is `Corrupt`, which a
@@ -22,18 +26,36 @@ pub fn balance_key(id: AccountId) -> String {
 #[derive(Debug, Clone)]
 pub struct RedisBalanceCache {
     redis: Redis,
+    namespace: Option<String>,
 }
 
 impl RedisBalanceCache {
     pub fn new(redis: Redis) -> RedisBalanceCache {
-        RedisBalanceCache { redis }
+        RedisBalanceCache { redis, namespace: None }
+    }
+
+    /// Keys under `securepay:<namespace>:balance:`, so balances of the same account ids in two
+    /// databases (a second platform, a test database) never read each other's entries. The
+    /// account service uses its database name. `None` if `namespace` is not `[a-z0-9_]{1,63}`.
+    pub fn namespaced(redis: Redis, namespace: &str) -> Option<RedisBalanceCache> {
+        let valid = !namespace.is_empty()
+            && namespace.len() <= NAMESPACE_LEN_MAX
+            && namespace.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        valid.then(|| RedisBalanceCache { redis, namespace: Some(namespace.to_owned()) })
+    }
+
+    fn key(&self, id: AccountId) -> String {
+        match &self.namespace {
+            Some(namespace) => format!("securepay:{namespace}:balance:{id}"),
+            None => balance_key(id),
+        }
     }
 }
 
 #[async_trait]
 impl BalanceCache for RedisBalanceCache {
     async fn get(&self, id: AccountId) -> PortResult<Option<CachedBalance>> {
-        let key = balance_key(id);
+        let key = self.key(id);
         let value: Option<Vec<u8>> = self.redis.call("balance_get", |mut c| async move { c.get(key).await }).await?;
         value.map(|bytes| decode_balance(id, &bytes)).transpose()
     }
@@ -44,7 +66,7 @@ impl BalanceCache for RedisBalanceCache {
             // by the twin.
             return Err(PortError::Refused { rule: "cache_ttl_positive" });
         }
-        let key = balance_key(balance.account.id);
+        let key = self.key(balance.account.id);
         let value = encode_balance(balance);
         self.redis.call("balance_put", |mut c| async move { c.set_ex(key, value, u64::from(ttl_s)).await }).await
     }
@@ -56,7 +78,7 @@ impl BalanceCache for RedisBalanceCache {
         if ids.is_empty() {
             return Ok(());
         }
-        let keys: Vec<String> = ids.iter().copied().map(balance_key).collect();
+        let keys: Vec<String> = ids.iter().map(|id| self.key(*id)).collect();
         self.redis.call("balance_invalidate", |mut c| async move { c.del::<_, ()>(keys).await }).await
     }
 }

@@ -193,3 +193,26 @@ async fn an_unreachable_redis_is_unavailable() {
     let cache = RedisBalanceCache::new(Redis::connect(&format!("redis://{address}"), CALL_TIMEOUT_DEFAULT).unwrap());
     assert_eq!(cache.get(account()).await, Err(PortError::Unavailable { component: "redis" }));
 }
+
+/// Two platforms (databases) sharing one Redis: the same account id in two namespaces is two
+/// entries, and invalidating one leaves the other (a test database's demo accounts must never
+/// answer for the running platform's).
+#[tokio::test]
+async fn namespaces_keep_the_same_account_apart() {
+    let Some(url) = component(var::REDIS_URL) else { return };
+    let redis = || Redis::connect(&url, CALL_TIMEOUT_DEFAULT).unwrap();
+    let suffix = Uuid::new_v4().simple().to_string();
+    let a = RedisBalanceCache::namespaced(redis(), &format!("a_{suffix}")).unwrap();
+    let b = RedisBalanceCache::namespaced(redis(), &format!("b_{suffix}")).unwrap();
+    let id = account();
+    a.put(&cached(id, "1.00"), 60).await.unwrap();
+    b.put(&cached(id, "2.00"), 60).await.unwrap();
+    assert_eq!(a.get(id).await.unwrap().unwrap().account.balance.to_string(), "1.00");
+    assert_eq!(b.get(id).await.unwrap().unwrap().account.balance.to_string(), "2.00");
+    a.invalidate(&[id]).await.unwrap();
+    assert_eq!(a.get(id).await.unwrap(), None);
+    assert!(b.get(id).await.unwrap().is_some(), "another namespace's entry survives");
+    for bad in ["", "A", "a-b", "a:b", &"x".repeat(64)] {
+        assert!(RedisBalanceCache::namespaced(redis(), bad).is_none(), "{bad:?}");
+    }
+}
