@@ -17,7 +17,8 @@
 //!   the user. The gateway library's HTTP edge (JWT, rate limit, problem+json) is not in the loop yet.
 //! - [`run_client`] plays one client's operations of a [`Workload`] from its own node outside the
 //!   platform (never faulted): each payment re-sent with the same idempotency key until it gets a
-//!   definitive answer or the client's deadline passes, concurrent copies sent at once, and a
+//!   definitive answer or the client's deadline passes (nothing new is started after it),
+//!   concurrent copies sent at once, and a
 //!   conflicting replay (same key, other amount) after an accepted one. What it saw is recorded in
 //!   [`Observed`] for the invariant checks.
 
@@ -267,6 +268,8 @@ pub struct Observed {
     pub sent: u64,
     /// Requests that never got a definitive answer before the client's deadline.
     pub gave_up: u64,
+    /// Operations not started because their client's deadline had passed.
+    pub not_sent: u64,
     /// Balance reads answered; balances read that were negative (must stay empty).
     pub balance_reads: u64,
     pub negative_balances_read: Vec<String>,
@@ -280,15 +283,21 @@ fn observe(observed: &SharedObserved, f: impl FnOnce(&mut Observed)) {
 }
 
 /// Starts client `index` on its own node: it plays `ops`, pausing a random time up to `pace`
-/// before each, and re-sends until `deadline`. Returns when it is done.
+/// before each, re-sends until `deadline` and starts nothing after it. Returns when it is done.
 pub async fn run_client(index: usize, ops: Vec<Op>, pace: Duration, deadline: Instant, observed: SharedObserved) {
     let node = Handle::current().create_node().name(format!("client-{index}")).ip(client_ip(index)).build();
     let task = node.spawn(async move {
         let gateway: RemoteClient<Gateway> =
             RemoteClient::connect(gateway_addr(), "gateway").await.with_timeout(CLIENT_TIMEOUT);
-        for op in ops {
+        let total = ops.len();
+        for (done, op) in ops.into_iter().enumerate() {
             let pause = pace.mul_f64(thread_rng().gen_range(0.0..1.0));
             sleep(pause).await;
+            if Instant::now() >= deadline {
+                // A client that fell behind (long retries) stops: nothing new after its deadline.
+                observe(&observed, |o| o.not_sent += (total - done) as u64);
+                break;
+            }
             match op {
                 Op::Pay(pay) => pay_op(&gateway, pay, deadline, &observed).await,
                 Op::ReadBalance { subject, account } => {

@@ -100,11 +100,12 @@ async fn run_seed(plan: &Plan, trust_expired_svid: bool) -> Outcome {
         payments: infra.database.payments.snapshot().payments().count(),
         checks: check.checks(),
         observed: format!(
-            "sent={} accepted_keys={} refused={:?} gave_up={} balance_reads={}",
+            "sent={} accepted_keys={} refused={:?} gave_up={} not_sent={} balance_reads={}",
             observed.sent,
             observed.accepted.len(),
             observed.refused,
             observed.gave_up,
+            observed.not_sent,
             observed.balance_reads
         ),
         sim_seconds: started.elapsed().as_secs_f64(),
