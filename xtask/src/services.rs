@@ -88,9 +88,6 @@ impl Service {
             ("SECUREPAY_PROFILE".to_string(), ctx.profile.to_string()),
             ("SECUREPAY_LISTEN_ADDR".to_string(), format!("127.0.0.1:{}", ctx.port(self.main)?)),
             ("RUST_LOG".to_string(), std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())),
-            // DEVELOPMENT ONLY, until the services speak mTLS with their SPIRE SVIDs: plaintext gRPC
-            // where callers claim their SPIFFE ID (see securepay_kit::caller::dev_insecure).
-            ("SECUREPAY_DEV_INSECURE_PLAINTEXT".to_string(), "1".to_string()),
         ];
         if let Some(admin) = self.admin {
             env.push(("SECUREPAY_ADMIN_ADDR".into(), format!("127.0.0.1:{}", ctx.port(admin)?)));

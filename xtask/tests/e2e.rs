@@ -26,6 +26,9 @@ const CAROL_EUR: &str = "ca201000-0000-4000-8000-000000000001";
 /// How long a payment may take to reach its terminal state on the test platform.
 const SETTLE_WAIT: Duration = Duration::from_secs(60);
 
+/// The account service's balance-cache TTL (`securepay_account::grpc::CACHE_TTL_S`).
+const BALANCE_CACHE_TTL: Duration = Duration::from_secs(5);
+
 /// The eight spans of SPEC §8, one trace per request.
 const SPANS: [&str; 8] = [
     "gateway.request",
@@ -187,6 +190,10 @@ async fn the_payment_flow_end_to_end() {
 async fn a_payment_settles_with_one_notification_per_event_and_one_trace(stack: &Stack) {
     let (alice, bob) = (stack.token("alice"), stack.token("bob"));
     let (alice_before, bob_before) = (stack.balance(&alice, ALICE_EUR).await, stack.balance(&bob, BOB_EUR).await);
+    // Those reads cached both balances (cache-aside, 5 s TTL). Let the entries expire so the
+    // payment's balance check misses the cache and reads PostgreSQL: the trace then shows every
+    // step of the flow, `db.balance_read` included.
+    tokio::time::sleep(BALANCE_CACHE_TTL + Duration::from_millis(500)).await;
 
     let trace_id = Uuid::new_v4().simple().to_string();
     let traceparent = format!("00-{trace_id}-{}-01", &Uuid::new_v4().simple().to_string()[..16]);
