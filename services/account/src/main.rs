@@ -168,7 +168,12 @@ mod real {
         })?);
         let redis = Redis::connect(&redis_url, CALL_TIMEOUT_DEFAULT)
             .map_err(|_| anyhow!("SECUREPAY_REDIS_URL is not a usable Redis URL (redis://host:port)"))?;
-        let cache = Arc::new(RedisBalanceCache::new(redis.clone()));
+        // Balances are cached per database, so platforms sharing a Redis never answer for each other.
+        let database = std::env::var("SECUREPAY_PG_DATABASE").unwrap_or_default();
+        let cache = Arc::new(
+            RedisBalanceCache::namespaced(redis.clone(), &database)
+                .ok_or_else(|| anyhow!("SECUREPAY_PG_DATABASE must be a plain database name ([a-z0-9_])"))?,
+        );
         let kafka = KafkaEventLog::new(&brokers)
             .map_err(|_| anyhow!("SECUREPAY_KAFKA_BROKERS is not a usable bootstrap list (host:port,...)"))?;
         let events: Arc<dyn EventLog> = if suffix.is_empty() {

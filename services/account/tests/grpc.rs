@@ -21,7 +21,7 @@ use securepay_core::ids::{AccountId, Subject};
 use securepay_core::money::Currency;
 use securepay_core::payment::{FailureReason, Outcome};
 use securepay_kafka::KafkaConsumer;
-use securepay_kit::caller::dev_insecure::{ClientInterceptor, ServerInterceptor};
+use securepay_kit::caller::claimed::{ClientInterceptor, ServerInterceptor};
 use securepay_kit::status::error_code;
 use securepay_memory::{SeededIds, SimClock};
 use securepay_ports::{AccountView, BalanceCache, CachedBalance, EventLog, LedgerStore};

@@ -2,7 +2,7 @@
 //!
 //! The transport authenticates the peer and leaves its SVID on the request as a [`PeerSvid`]
 //! extension: the production mTLS acceptor from the verified client certificate, the simulator's
-//! interceptor from the simulated issuer, or — in development only — [`dev_insecure`]. Handlers
+//! interceptor from the simulated issuer, or — in in-process tests only — `claimed`. Handlers
 //! then call [`authorize`] with their method path; nothing else decides whether a call is served.
 
 use securepay_core::identity::ServiceIdentity;
@@ -70,11 +70,12 @@ pub fn with_subject<T>(request: &mut Request<T>, subject: &Subject) {
     request.metadata_mut().insert(SUBJECT_METADATA, value);
 }
 
-/// DEVELOPMENT ONLY: plaintext gRPC where the caller *claims* its SPIFFE ID in a metadata entry.
-/// Nothing is authenticated — anyone who can reach the port can claim any identity. Enabled only
-/// when [`ENV`](dev_insecure::ENV) is exactly `1`, and the services log a warning at start-up. The
-/// zero-trust transport (mTLS with SPIRE SVIDs) replaces it.
-pub mod dev_insecure {
+/// TESTS ONLY (feature `test-support`): plaintext gRPC where the caller *claims* its SPIFFE ID in
+/// a metadata entry, for in-process tests of handlers and clients. Nothing is authenticated, so no
+/// binary can use it: services serve and dial only through the mTLS transport of
+/// `securepay-identity`, and nothing switches this on at run time.
+#[cfg(any(test, feature = "test-support"))]
+pub mod claimed {
     use securepay_core::identity::ServiceIdentity;
     use securepay_ports::Svid;
     use time::OffsetDateTime;
@@ -84,14 +85,8 @@ pub mod dev_insecure {
 
     use super::PeerSvid;
 
-    /// The switch: `SECUREPAY_DEV_INSECURE_PLAINTEXT=1`.
-    pub const ENV: &str = "SECUREPAY_DEV_INSECURE_PLAINTEXT";
-    /// Metadata entry in which a dev-mode caller claims its SPIFFE ID.
-    pub const PEER_METADATA: &str = "x-securepay-dev-insecure-peer";
-
-    pub fn enabled() -> bool {
-        std::env::var(ENV).as_deref() == Ok("1")
-    }
+    /// Metadata entry in which a test caller claims its SPIFFE ID.
+    pub const PEER_METADATA: &str = "x-securepay-test-claimed-peer";
 
     /// Server side: turns the claimed SPIFFE ID into a [`PeerSvid`] (valid for a year), so that
     /// `authorize` applies the same per-method allow-list as with real SVIDs.
@@ -185,10 +180,10 @@ mod tests {
     }
 
     #[test]
-    fn the_dev_interceptors_carry_a_claimed_identity_through_the_same_allow_list() {
-        let mut r = dev_insecure::ClientInterceptor(ServiceIdentity::PaymentService).call(Request::new(())).unwrap();
+    fn claimed_identities_go_through_the_same_allow_list() {
+        let mut r = claimed::ClientInterceptor(ServiceIdentity::PaymentService).call(Request::new(())).unwrap();
         with_subject(&mut r, &Subject::parse("bob").unwrap());
-        let r = dev_insecure::ServerInterceptor.call(r).unwrap();
+        let r = claimed::ServerInterceptor.call(r).unwrap();
         let at = OffsetDateTime::now_utc();
         assert_eq!(authorize(&r, method::CHECK_BALANCE, at).unwrap().service, ServiceIdentity::PaymentService);
         assert_eq!(authorize(&r, method::GET_BALANCE, at).unwrap_err().code(), Code::PermissionDenied);

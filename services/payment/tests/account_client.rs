@@ -13,7 +13,7 @@ use securepay_core::identity::ServiceIdentity;
 use securepay_core::ids::{AccountId, Subject};
 use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::PaymentRequest;
-use securepay_kit::caller::dev_insecure::ClientInterceptor;
+use securepay_kit::caller::claimed::ClientInterceptor;
 use securepay_kit::status::status;
 use securepay_memory::SeededIds;
 use securepay_payment::{AccountClient, AccountClientConfig, AccountError, Accounts, BalanceCheck, plaintext_channel};

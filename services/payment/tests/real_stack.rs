@@ -29,7 +29,7 @@ use securepay_core::topology::topic;
 use securepay_identity::grpc;
 use securepay_identity::x509::WorkloadIdentity;
 use securepay_kafka::{KafkaConsumer, KafkaEventLog};
-use securepay_kit::caller::dev_insecure::ClientInterceptor;
+use securepay_kit::caller::claimed::ClientInterceptor;
 use securepay_kit::status::error_code;
 use securepay_kit::with_subject;
 use securepay_payment::REPLAYED_METADATA;

@@ -66,7 +66,10 @@ impl Infra {
     }
 
     pub fn cache(&self) -> Arc<RedisBalanceCache> {
-        Arc::new(RedisBalanceCache::new(Redis::connect(&self.redis_url, CALL_TIMEOUT_DEFAULT).unwrap()))
+        // Namespaced by the test database (as the binary does): demo account ids seeded into test
+        // databases must never answer for the running platform's.
+        let redis = Redis::connect(&self.redis_url, CALL_TIMEOUT_DEFAULT).unwrap();
+        Arc::new(RedisBalanceCache::namespaced(redis, &self.db.name).expect("test database names are plain"))
     }
 
     pub fn event_log(&self) -> Arc<KafkaEventLog> {
