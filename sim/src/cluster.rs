@@ -170,7 +170,7 @@ async fn notification_node(ports: ServicePorts) {
         .await;
 }
 
-/// The gateway's backend role (see the module docs): answers [`GatewayCall`]s from the gateway node.
+/// The gateway's backend role (see the module docs): answers the clients' calls from the gateway node.
 async fn gateway_node(ports: ServicePorts) {
     let gateway = Gateway {
         payments: PaymentServiceClient::with_interceptor(ports.channel(Node::Payment), ports.client_interceptor()),
