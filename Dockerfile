@@ -39,7 +39,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 # A fixed, unprivileged uid: the service needs no root, and owns no file in the image.
 RUN groupadd --system --gid 10001 securepay \
-    && useradd --system --uid 10001 --gid securepay --no-create-home --shell /usr/sbin/nologin securepay
+    && useradd --system --uid 10001 --gid securepay --no-create-home --shell /usr/sbin/nologin securepay \
+    && install -d -o 10001 -g 10001 -m 0750 /keys
+# /keys: where compose's gateway-dev-keys writes the development JWT key and JWKS. A fresh named volume
+# mounted there takes this directory's owner, so the service uid can write (and later read) it.
 COPY --from=builder "/out/${SERVICE}" "/usr/local/bin/${SERVICE}"
 # A stable entrypoint path whatever the service, so ENTRYPOINT needs no build-arg expansion.
 RUN ln -s "/usr/local/bin/${SERVICE}" /usr/local/bin/securepay-service

@@ -21,7 +21,12 @@ const SECUREPAY_SERVICES: [(&str, ServiceIdentity); 4] = [
     ("notification", ServiceIdentity::NotificationService),
 ];
 /// Containers that do their job and exit 0; everything else must keep running and be healthy.
-const ONE_SHOTS: [&str; 2] = ["kafka-init", "spire-init"];
+const ONE_SHOTS: [&str; 4] = ["kafka-init", "spire-init", "db-setup", "gateway-dev-keys"];
+/// compose service → the PostgreSQL login role it runs as (one per schema of `topology::SCHEMAS`).
+const DB_ROLES: [(&str, &str); 3] =
+    [("payment", "payment_service"), ("account", "account_service"), ("notification", "notification_service")];
+/// Where every container finds its password files (`SECUREPAY_SECRETS_DIR`).
+const SECRETS_DIR: &str = "/run/secrets";
 /// SPEC §2 and the seed's port table: compose service → port published on the host.
 const PUBLISHED_PORTS: [(&str, u16); 10] = [
     ("gateway", 8080),
@@ -152,11 +157,62 @@ fn port_of(address: &str) -> u16 {
     address.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("`{address}` is not host:port"))
 }
 
-/// The user of a `postgres://user:password@host:port/db` URL.
-fn url_user(url: &str) -> &str {
-    let rest = url.strip_prefix("postgres://").unwrap_or_else(|| panic!("`{url}` is not a postgres:// URL"));
-    let credentials = rest.split_once('@').unwrap_or_else(|| panic!("`{url}` has no user")).0;
-    credentials.split(':').next().unwrap_or(credentials)
+/// A file compose copies into a container (`configs:` or `secrets:` of a service, long or short form).
+#[derive(Debug)]
+struct FileMount {
+    source: String,
+    target: String,
+    uid: Option<String>,
+    mode: Option<u64>,
+}
+
+fn file_mounts(service: &Value) -> Vec<FileMount> {
+    let mut mounts = Vec::new();
+    for (key, default_dir) in [("configs", ""), ("secrets", SECRETS_DIR)] {
+        for item in service[key].as_sequence().into_iter().flatten() {
+            let (source, target, uid, mode) = match item {
+                Value::String(source) => (source.clone(), None, None, None),
+                Value::Mapping(_) => (
+                    item["source"].as_str().expect("a mount has a source").to_string(),
+                    item["target"].as_str().map(str::to_string),
+                    item["uid"].as_str().map(str::to_string),
+                    file_mode(&item["mode"]),
+                ),
+                other => panic!("bad {key} entry {other:?}"),
+            };
+            let target = target.unwrap_or_else(|| format!("{default_dir}/{source}"));
+            mounts.push(FileMount { source, target, uid, mode });
+        }
+    }
+    mounts
+}
+
+/// A mount's `mode`. Compose reads YAML 1.1 integers, so `0400` is octal (and our YAML parser hands it
+/// over as the string "0400"); `0o400` and `256` mean the same.
+fn file_mode(mode: &Value) -> Option<u64> {
+    match mode {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) if s.starts_with('0') && s.len() > 1 => {
+            u64::from_str_radix(s.trim_start_matches("0o").trim_start_matches('0'), 8).ok()
+        }
+        _ => None,
+    }
+}
+
+/// The uid of the Dockerfile's `USER uid:gid`: who the service images run as.
+fn image_uid() -> String {
+    let dockerfile = read("Dockerfile");
+    let user = dockerfile.lines().find_map(|line| line.strip_prefix("USER ")).expect("the Dockerfile sets a USER");
+    user.split(':').next().unwrap_or(user).trim().to_string()
+}
+
+/// The command of a one-shot as one text (compose list or string form).
+fn command_text(service: &Value) -> String {
+    match &service["command"] {
+        Value::Sequence(argv) => argv.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "),
+        Value::String(command) => command.clone(),
+        _ => String::new(),
+    }
 }
 
 /// The SPIFFE ID's path: `api-gateway` for `spiffe://securepay.dev/api-gateway`.
@@ -290,14 +346,15 @@ fn securepay_services_start_after_their_infrastructure_and_callees() {
             .map(|m| m.keys().filter_map(|k| k.as_str().map(str::to_string)).collect())
             .unwrap_or_default()
     };
-    let required: [(&str, &[&str]); 7] = [
-        ("gateway", &["spire-agent", "jaeger", "payment", "account"]),
-        ("payment", &["postgres", "redis", "kafka-init", "spire-agent", "jaeger", "account"]),
-        ("account", &["postgres", "redis", "kafka-init", "spire-agent", "jaeger"]),
-        ("notification", &["postgres", "kafka-init", "spire-agent", "jaeger"]),
+    let required: [(&str, &[&str]); 8] = [
+        ("gateway", &["gateway-dev-keys", "spire-agent", "jaeger", "payment", "account"]),
+        ("payment", &["postgres", "db-setup", "redis", "kafka-init", "spire-agent", "jaeger", "account"]),
+        ("account", &["postgres", "db-setup", "redis", "kafka-init", "spire-agent", "jaeger"]),
+        ("notification", &["postgres", "db-setup", "kafka-init", "spire-agent", "jaeger"]),
         ("spire-agent", &["spire-server", "spire-init"]),
         ("spire-init", &["spire-server"]),
         ("kafka-init", &["kafka"]),
+        ("db-setup", &["postgres"]),
     ];
     for (name, needs) in required {
         let have = deps(name);
@@ -425,36 +482,208 @@ fn kafka_init_creates_exactly_the_topics_of_the_topology() {
 }
 
 #[test]
-fn database_roles_and_schemas_match_the_topology() {
+fn each_database_service_finds_postgres_and_reads_only_its_own_role_password_file() {
     let compose = compose();
     let services = services(&compose);
-    let mut used: BTreeSet<(String, String)> = BTreeSet::new();
-    for (name, body) in &services {
+    let roles: BTreeSet<&str> = DB_ROLES.iter().map(|(_, role)| *role).collect();
+    assert_eq!(roles, topology::SCHEMAS.iter().map(|(_, role)| *role).collect(), "one service per schema role");
+    let database =
+        environment(service(&services, "postgres")).get("POSTGRES_DB").cloned().expect("postgres: POSTGRES_DB");
+    let uid = image_uid();
+    for (name, role) in DB_ROLES {
+        let body = service(&services, name);
         let env = environment(body);
-        let Some(url) = env.get("SECUREPAY_DATABASE_URL") else {
-            continue;
-        };
-        let schema =
-            env.get("SECUREPAY_DATABASE_SCHEMA").unwrap_or_else(|| panic!("{name}: SECUREPAY_DATABASE_SCHEMA"));
-        assert!(used.insert((schema.clone(), url_user(url).to_string())), "{name} shares a database role");
+        assert_eq!(
+            env.get("SECUREPAY_PG_ADDR").map(String::as_str),
+            Some("postgres:5432"),
+            "{name}: SECUREPAY_PG_ADDR"
+        );
+        assert_eq!(env.get("SECUREPAY_PG_DATABASE"), Some(&database), "{name}: SECUREPAY_PG_DATABASE");
+        assert_eq!(
+            env.get("SECUREPAY_SECRETS_DIR").map(String::as_str),
+            Some(SECRETS_DIR),
+            "{name}: SECUREPAY_SECRETS_DIR"
+        );
+        let passwords: Vec<FileMount> =
+            file_mounts(body).into_iter().filter(|m| m.source.starts_with("pg-role-")).collect();
+        assert_eq!(passwords.len(), 1, "{name} must get exactly one role password, gets {passwords:?}");
+        let mount = &passwords[0];
+        assert_eq!(mount.source, format!("pg-role-{role}"), "{name} must get the password of {role} only");
+        // securepay_postgres::service_options_from_env reads $SECUREPAY_SECRETS_DIR/pg-role-<role>.
+        assert_eq!(mount.target, format!("{SECRETS_DIR}/pg-role-{role}"), "{name}: password file path");
+        assert_eq!(mount.uid.as_deref(), Some(uid.as_str()), "{name}: the service's uid must own its password file");
+        assert_eq!(mount.mode, Some(0o400), "{name}: the password file must be mode 0400");
+        // The password's dev-only default must pass securepay_postgres's bounds; the variable overrides it.
+        let source = compose["configs"][mount.source.as_str()]["content"]
+            .as_str()
+            .or_else(|| compose["secrets"][mount.source.as_str()]["environment"].as_str())
+            .unwrap_or_else(|| panic!("{} is not defined at the top level", mount.source));
+        if let Some((_, default)) =
+            source.strip_prefix("${").and_then(|s| s.strip_suffix('}')).and_then(|s| s.split_once(":-"))
+        {
+            assert!(
+                (securepay_postgres::PASSWORD_LEN_MIN..=securepay_postgres::PASSWORD_LEN_MAX).contains(&default.len()),
+                "{}: the default password must be {} to {} characters",
+                mount.source,
+                securepay_postgres::PASSWORD_LEN_MIN,
+                securepay_postgres::PASSWORD_LEN_MAX
+            );
+        }
     }
-    let expected: BTreeSet<(String, String)> =
-        topology::SCHEMAS.iter().map(|(schema, role)| (schema.to_string(), role.to_string())).collect();
-    assert_eq!(used, expected, "(schema, role) of the services' SECUREPAY_DATABASE_URL");
+    for (name, body) in &services {
+        if DB_ROLES.iter().any(|(n, _)| n == name) || name == "db-setup" {
+            continue;
+        }
+        let leaked: Vec<_> = file_mounts(body).into_iter().filter(|m| m.source.starts_with("pg-role-")).collect();
+        assert!(leaked.is_empty(), "{name} must not get a database password: {leaked:?}");
+        assert!(!environment(body).contains_key("SECUREPAY_PG_ADDR"), "{name} has no database");
+    }
+}
 
-    let roles_sql = compose["configs"]["postgres-service-roles"]["content"]
-        .as_str()
-        .expect("configs.postgres-service-roles.content");
-    let created: BTreeSet<&str> = roles_sql
-        .lines()
-        .filter_map(|line| line.trim().strip_prefix("CREATE ROLE "))
-        .filter_map(|rest| rest.split_whitespace().next())
-        .collect();
+#[test]
+fn no_service_has_a_plaintext_switch_a_database_url_or_migrates() {
+    let compose = compose();
+    let services = services(&compose);
+    for (name, body) in &services {
+        for key in environment(body).keys() {
+            assert!(
+                !matches!(
+                    key.as_str(),
+                    "SECUREPAY_DATABASE_URL" | "SECUREPAY_DATABASE_SCHEMA" | "SECUREPAY_MIGRATION_DATABASE_URL"
+                ),
+                "{name}: {key} is gone (SECUREPAY_PG_ADDR/_DATABASE/SECRETS_DIR replace it; db-setup migrates)"
+            );
+        }
+    }
+    for (name, _) in SECUREPAY_SERVICES {
+        for (key, value) in environment(service(&services, name)) {
+            for word in ["PLAINTEXT", "INSECURE"] {
+                assert!(
+                    !key.contains(word) && !value.to_uppercase().contains(word),
+                    "{name}: {key}={value} — the services speak mTLS only, there is no plaintext switch"
+                );
+            }
+        }
+    }
+    assert!(compose["configs"]["postgres-service-roles"].is_null(), "db-setup sets the role passwords now");
+}
+
+#[test]
+fn db_setup_migrates_in_order_sets_every_role_password_and_seeds_the_demo_accounts_idempotently() {
+    let services = services(&compose());
+    let body = service(&services, "db-setup");
+    assert_eq!(body["image"].as_str(), Some("postgres:16"), "db-setup runs psql from the official image");
+    let volumes: Vec<&str> =
+        body["volumes"].as_sequence().map(|v| v.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    assert!(volumes.contains(&"./migrations:/migrations:ro"), "db-setup must mount ./migrations read-only");
+    let sql_files = std::fs::read_dir(root().join("migrations"))
+        .expect("migrations/")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|f| f.ends_with(".sql"))
+        .count();
+    assert!(sql_files > 0, "migrations/ has no .sql file");
+
+    let env = environment(body);
+    let postgres_env = environment(service(&services, "postgres"));
+    assert_eq!(env.get("PGHOST").map(String::as_str), Some("postgres"), "db-setup: PGHOST");
+    assert_eq!(env.get("PGDATABASE"), postgres_env.get("POSTGRES_DB"), "db-setup: PGDATABASE");
+    assert_eq!(env.get("PGUSER"), postgres_env.get("POSTGRES_USER"), "db-setup: PGUSER is the superuser");
+    assert_eq!(env.get("PGPASSWORD"), postgres_env.get("POSTGRES_PASSWORD"), "db-setup: the superuser's password");
+
+    let script = command_text(body);
+    for needle in [
+        "ON_ERROR_STOP=1",
+        // Bash sorts the glob by name (LC_ALL=C): the order sqlx applies them in.
+        "LC_ALL=C",
+        "/migrations/*.sql",
+        "--single-transaction",
+        // Idempotent across `up`s: applied files are recorded and skipped.
+        "public.securepay_compose_migrations",
+        "ALTER ROLE %I PASSWORD %L",
+        "ON CONFLICT (account_id) DO NOTHING",
+    ] {
+        assert!(script.contains(needle), "db-setup's script lacks `{needle}`");
+    }
+    let mounts = file_mounts(body);
+    for (_, role) in topology::SCHEMAS {
+        assert!(script.contains(role), "db-setup does not set the password of {role}");
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.source == format!("pg-role-{role}") && m.target == format!("{SECRETS_DIR}/pg-role-{role}")),
+            "db-setup must read {SECRETS_DIR}/pg-role-{role}: {mounts:?}"
+        );
+    }
+    for account in securepay_postgres::DEMO_ACCOUNTS {
+        let balance = account.opening_balance();
+        let row =
+            format!("('{}', '{}', '{}', {balance}, {balance})", account.account_id, account.owner, account.currency);
+        assert!(script.contains(&row), "db-setup does not seed {row} (securepay_postgres::DEMO_ACCOUNTS)");
+    }
     assert_eq!(
-        created,
-        topology::SCHEMAS.iter().map(|(_, role)| *role).collect::<BTreeSet<_>>(),
-        "roles given a password"
+        script.matches("-4000-8000-").count(),
+        securepay_postgres::DEMO_ACCOUNTS.len(),
+        "db-setup seeds exactly DEMO_ACCOUNTS"
     );
+}
+
+#[test]
+fn the_gateway_verifies_tokens_with_the_jwks_of_the_dev_keys_one_shot() {
+    let services = services(&compose());
+    let keys = service(&services, "gateway-dev-keys");
+    let gateway = service(&services, "gateway");
+    assert_eq!(
+        build_arg_service(keys),
+        Some(ServiceIdentity::ApiGateway.binary()),
+        "gateway-dev-keys runs the gateway's own binary"
+    );
+    assert_eq!(keys["image"], gateway["image"], "gateway-dev-keys and the gateway share one image");
+    assert!(labels(keys).is_empty(), "gateway-dev-keys must carry no workload label (it needs no SVID)");
+    let argv: Vec<&str> = keys["command"].as_sequence().expect("command").iter().filter_map(Value::as_str).collect();
+    let ["dev-keys", "--dir", dir] = argv[..] else {
+        panic!("gateway-dev-keys must run `dev-keys --dir DIR`, runs {argv:?}");
+    };
+    let keys_volume = keys["volumes"]
+        .as_sequence()
+        .expect("gateway-dev-keys volumes")
+        .iter()
+        .filter_map(Value::as_str)
+        .find_map(|v| v.strip_suffix(&format!(":{dir}")))
+        .expect("gateway-dev-keys writes DIR in a named volume");
+    let gateway_volumes = format!("{:?}", gateway["volumes"]);
+    assert!(
+        gateway_volumes.contains(&format!("{keys_volume}:{dir}:ro")),
+        "the gateway must mount {keys_volume} at {dir} read-only"
+    );
+    assert_eq!(
+        environment(gateway).get("SECUREPAY_JWKS_PATH"),
+        Some(&format!("{dir}/jwks.json")),
+        "gateway: SECUREPAY_JWKS_PATH"
+    );
+    assert!(
+        read("compose.yaml").contains(&format!(
+            "docker compose exec gateway securepay-gateway token --key {dir}/jwt-dev-key.pem --sub alice"
+        )),
+        "compose.yaml must say how to mint a token"
+    );
+    assert!(
+        read("Dockerfile").contains(&format!("install -d -o {uid} -g {uid} -m 0750 {dir}", uid = image_uid())),
+        "the image's {dir} must belong to the service uid, so the fresh volume is writable"
+    );
+}
+
+#[test]
+fn only_the_four_services_carry_a_workload_label() {
+    let services = services(&compose());
+    for (name, body) in &services {
+        if SECUREPAY_SERVICES.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        assert!(
+            !labels(body).contains_key("dev.securepay.workload"),
+            "{name} carries a workload label: it would be handed a service's SVID"
+        );
+    }
 }
 
 #[test]
