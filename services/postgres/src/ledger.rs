@@ -45,6 +45,19 @@ pub const STATEMENT_TIMEOUT_MS: u64 = 5_000;
 
 const COMPONENT: &str = "postgresql";
 
+/// The pool every store connects with: at most `connections_max` connections with `options` (the
+/// service's role), a [`STATEMENT_TIMEOUT_MS`] statement timeout on each and an
+/// [`ACQUIRE_TIMEOUT_MS`] bound on waiting for one, so a stuck database surfaces as an error.
+pub(crate) async fn service_pool(options: PgConnectOptions, connections_max: u32) -> Result<PgPool, sqlx::Error> {
+    assert!(connections_max > 0, "a pool needs at least one connection");
+    let options = options.options([("statement_timeout", STATEMENT_TIMEOUT_MS.to_string())]);
+    PgPoolOptions::new()
+        .max_connections(connections_max)
+        .acquire_timeout(std::time::Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+        .connect_with(options)
+        .await
+}
+
 /// The account service's store of record in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PgLedgerStore {
@@ -60,14 +73,7 @@ impl PgLedgerStore {
     /// A pool of at most `connections_max` connections with `options` (role `account_service`),
     /// each with a [`STATEMENT_TIMEOUT_MS`] statement timeout.
     pub async fn connect(options: PgConnectOptions, connections_max: u32) -> PortResult<PgLedgerStore> {
-        assert!(connections_max > 0, "a pool needs at least one connection");
-        let options = options.options([("statement_timeout", STATEMENT_TIMEOUT_MS.to_string())]);
-        let pool = PgPoolOptions::new()
-            .max_connections(connections_max)
-            .acquire_timeout(std::time::Duration::from_millis(ACQUIRE_TIMEOUT_MS))
-            .connect_with(options)
-            .await
-            .map_err(port_error)?;
+        let pool = service_pool(options, connections_max).await.map_err(port_error)?;
         Ok(PgLedgerStore { pool })
     }
 

@@ -27,13 +27,11 @@ use securepay_core::payment::FailureReason;
 use securepay_ports::notifications::{LIST_LEN_MAX, truncate_to_micros};
 use securepay_ports::{Notification, NotificationKind, NotificationStore, PortError, PortResult, Recorded};
 use sqlx::Row;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgRow};
 use sqlx::types::Json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
-
-use crate::ledger::{ACQUIRE_TIMEOUT_MS, STATEMENT_TIMEOUT_MS};
 
 const COMPONENT: &str = "postgresql";
 
@@ -54,14 +52,7 @@ impl PgNotificationStore {
     /// A pool of at most `connections_max` connections with `options` (role
     /// `notification_service`), each with a [`STATEMENT_TIMEOUT_MS`] statement timeout.
     pub async fn connect(options: PgConnectOptions, connections_max: u32) -> PortResult<PgNotificationStore> {
-        assert!(connections_max > 0, "a pool needs at least one connection");
-        let options = options.options([("statement_timeout", STATEMENT_TIMEOUT_MS.to_string())]);
-        let pool = PgPoolOptions::new()
-            .max_connections(connections_max)
-            .acquire_timeout(std::time::Duration::from_millis(ACQUIRE_TIMEOUT_MS))
-            .connect_with(options)
-            .await
-            .map_err(port_error)?;
+        let pool = crate::ledger::service_pool(options, connections_max).await.map_err(port_error)?;
         Ok(PgNotificationStore { pool })
     }
 

@@ -42,12 +42,12 @@ use securepay_ports::{
     IdempotencyCompletion, IdempotencyStore, Outbox, OutboxEvent, PaymentStore, PortError, PortResult,
 };
 use sqlx::Row;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgRow};
 use sqlx::types::Json;
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
-use crate::ledger::{ACQUIRE_TIMEOUT_MS, OUTBOX_BATCH_LEN_MAX, STATEMENT_TIMEOUT_MS};
+use crate::ledger::OUTBOX_BATCH_LEN_MAX;
 
 /// Attempts of one write transaction before a deadlock/serialization failure is `Unavailable`.
 pub const WRITE_ATTEMPTS_MAX: u32 = 8;
@@ -69,14 +69,7 @@ impl PgPaymentStore {
     /// A pool of at most `connections_max` connections with `options` (role `payment_service`),
     /// each with a [`STATEMENT_TIMEOUT_MS`] statement timeout.
     pub async fn connect(options: PgConnectOptions, connections_max: u32) -> PortResult<PgPaymentStore> {
-        assert!(connections_max > 0, "a pool needs at least one connection");
-        let options = options.options([("statement_timeout", STATEMENT_TIMEOUT_MS.to_string())]);
-        let pool = PgPoolOptions::new()
-            .max_connections(connections_max)
-            .acquire_timeout(std::time::Duration::from_millis(ACQUIRE_TIMEOUT_MS))
-            .connect_with(options)
-            .await
-            .map_err(port_error)?;
+        let pool = crate::ledger::service_pool(options, connections_max).await.map_err(port_error)?;
         Ok(PgPaymentStore { pool })
     }
 
