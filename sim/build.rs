@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto");
+    let root =
+        PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("proto");
     // `cfg(madsim)` is set by the `cargo sim` alias, not by Cargo: declare it.
     println!("cargo::rustc-check-cfg=cfg(madsim)");
     let proto = root.join("ledger_node.proto");
