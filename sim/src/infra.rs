@@ -30,6 +30,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::clock::SkewedClock;
 use crate::plan::{Action, Event, Fault, Node, Plan, Schedule};
+use crate::planted::PlantedBug;
 use crate::remote::{
     BROKER_PORT, Broker, BrokerFaults, CACHE_PORT, Cache, DATABASE_PORT, Database, RemoteBalanceCache, RemoteClient,
     RemoteConsumer, RemoteEventLog, RemoteIdempotencyStore, RemoteLedgerStore, RemoteNotificationStore,
@@ -102,9 +103,10 @@ pub struct Infra {
     pub clocks: BTreeMap<Node, SkewedClock>,
     /// The groups a `rebalance` without a named group hits: the platform's, plus any a test adds.
     pub groups: Vec<String>,
-    /// PLANTED BUG switch (off by default): service nodes started after setting it get a server
-    /// interceptor that trusts expired SVIDs (see [`ServerInterceptor::trust_expired_svid`]).
-    pub trust_expired_svid: bool,
+    /// The PLANTED BUG of this run (`None` by default); set it before starting the service nodes.
+    /// [`PlantedBug::TrustExpiredSvid`]: their server interceptors trust expired SVIDs (see
+    /// [`ServerInterceptor::trust_expired_svid`]).
+    pub planted: Option<PlantedBug>,
     /// What every [`ServicePorts::audited`] server saw: the SVID invariant's evidence.
     pub svid_audit: Arc<SvidAudit>,
     nodes: BTreeMap<Node, NodeHandle>,
@@ -169,7 +171,7 @@ impl Infra {
             issuer_key,
             clocks,
             groups: GROUPS.iter().map(|g| (*g).to_owned()).collect(),
-            trust_expired_svid: false,
+            planted: None,
             svid_audit: SvidAudit::new(),
             nodes,
         }
@@ -187,7 +189,7 @@ impl Infra {
         let clock = self.clock(node);
         let security = NodeSecurity {
             bundle: self.issuer_key.clone(),
-            trust_expired_svid: self.trust_expired_svid,
+            trust_expired_svid: self.planted == Some(PlantedBug::TrustExpiredSvid),
             audit: Arc::clone(&self.svid_audit),
         };
         let handle = Handle::current()
@@ -240,7 +242,7 @@ pub struct ServicePorts {
 pub struct NodeSecurity {
     /// The issuer's trust bundle.
     pub bundle: IssuerKey,
-    /// The planted bug (see [`Infra::trust_expired_svid`]).
+    /// [`PlantedBug::TrustExpiredSvid`] planted (see [`Infra::planted`]).
     pub trust_expired_svid: bool,
     pub audit: Arc<SvidAudit>,
 }

@@ -20,6 +20,9 @@
 //! - [`cluster`] (madsim only): the production service libraries on their nodes, the gateway's
 //!   backend role, and the workload's clients.
 //! - [`ledger_node`]: a ledger node's settlement RPC, backed by any `LedgerStore`.
+//! - [`planted`]: the known bugs a test can plant to prove the invariants catch them.
+//! - [`platform`] (madsim only): one seed of the whole platform under a plan with the SPEC §6
+//!   checks, and the sweep over (plan, seed) pairs with its report.
 //! - [`run`] (madsim only): what every simulation test shares — seed, replay command, summary.
 //!
 //! Architecture invariant: nothing here is linked into a service binary, and nothing here opens real
@@ -39,6 +42,9 @@ pub mod http;
 pub mod infra;
 pub mod ledger_node;
 pub mod plan;
+pub mod planted;
+#[cfg(madsim)]
+pub mod platform;
 #[cfg(madsim)]
 pub mod remote;
 #[cfg(madsim)]

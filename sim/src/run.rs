@@ -32,7 +32,8 @@ pub fn print_replay_command_on_panic(test: &'static str) {
     });
 }
 
-const REPLAY_PREFIX: &str = "replay with: ";
+/// What precedes the replay command in a failure message.
+pub const REPLAY_PREFIX: &str = "replay with: ";
 
 /// Writes one line to stderr past the test harness's output capture, so a passing seed's summary
 /// is seen too (libtest captures `print!`/`eprint!`, not writes to the stream).
@@ -44,13 +45,21 @@ pub fn print_line(line: &str) {
 /// Checks invariants; the first broken one fails the run with the command that replays it.
 #[derive(Debug)]
 pub struct Checker {
+    /// The replay command, when not the current seed of a `#[madsim::test]` target.
+    replay: Option<String>,
     test: &'static str,
     checks: u64,
 }
 
 impl Checker {
+    /// For a `#[madsim::test]` in target `test`: failures replay the current seed of it.
     pub fn new(test: &'static str) -> Checker {
-        Checker { test, checks: 0 }
+        Checker { replay: None, test, checks: 0 }
+    }
+
+    /// Failures print `replay` as the command that replays them.
+    pub fn with_replay(replay: String) -> Checker {
+        Checker { replay: Some(replay), test: "", checks: 0 }
     }
 
     /// Fails the run with `what` (built only on failure) unless `holds`.
@@ -58,7 +67,8 @@ impl Checker {
     pub fn check<D: Display>(&mut self, holds: bool, what: impl FnOnce() -> D) {
         self.checks += 1;
         if !holds {
-            panic!("invariant broken: {}\n{REPLAY_PREFIX}{}", what(), replay_command(self.test));
+            let replay = self.replay.clone().unwrap_or_else(|| replay_command(self.test));
+            panic!("invariant broken: {}\n{REPLAY_PREFIX}{replay}", what());
         }
     }
 
