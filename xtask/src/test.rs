@@ -109,21 +109,43 @@ pub fn run(args: Args) -> Result<ExitCode> {
     } else {
         let first_seed: u64 = env_or("MADSIM_TEST_SEED", 1)?;
         let seed_count: u64 = env_or("MADSIM_TEST_NUM", 20)?;
-        let mut sweep = sim_command(&cargo);
-        sweep.env("MADSIM_TEST_SEED", first_seed.to_string()).env("MADSIM_TEST_NUM", seed_count.to_string());
-        runner.stage(&mut stages, "simulation", vec![sweep]);
+        let seeds_per_plan: u64 = env_or("SECUREPAY_SIM_SEEDS_PER_PLAN", 50)?;
+        let determinism_seeds: u64 = env_or("SECUREPAY_SIM_DETERMINISM_SEEDS", 2)?;
+        // Every simulation test but the platform sweep, over the seed range; then the sweep: every
+        // fault plan over its own seed range, with the per-plan report.
+        let mut others = sim_command(&cargo);
+        others.env("MADSIM_TEST_SEED", first_seed.to_string()).env("MADSIM_TEST_NUM", seed_count.to_string()).args([
+            "--",
+            "--skip",
+            PLATFORM_SWEEP,
+        ]);
+        let mut platform = sim_command(&cargo);
+        platform
+            .args(["--test", "platform", PLATFORM_SWEEP])
+            .env("MADSIM_TEST_SEED", "1")
+            .env("MADSIM_TEST_NUM", seeds_per_plan.to_string());
+        runner.stage(&mut stages, "simulation", vec![others, platform]);
         // madsim's determinism check runs only the first seed of MADSIM_TEST_NUM (0.2.34), so
-        // each seed gets its own run: every seed of the sweep is replayed twice and compared.
-        let replays = (first_seed..first_seed + seed_count)
+        // each seed of the other tests gets its own run, replayed twice and compared; the platform
+        // sweep checks its first seeds of EVERY plan the same way, in one run.
+        let mut replays: Vec<Command> = (first_seed..first_seed + seed_count)
             .map(|seed| {
                 let mut cmd = sim_command(&cargo);
                 cmd.args(["--quiet"])
                     .env("MADSIM_TEST_SEED", seed.to_string())
                     .env("MADSIM_TEST_NUM", "1")
-                    .env("MADSIM_TEST_CHECK_DETERMINISM", "1");
+                    .env("MADSIM_TEST_CHECK_DETERMINISM", "1")
+                    .args(["--", "--skip", PLATFORM_SWEEP]);
                 cmd
             })
             .collect();
+        let mut platform = sim_command(&cargo);
+        platform
+            .args(["--quiet", "--test", "platform", PLATFORM_SWEEP])
+            .env("MADSIM_TEST_SEED", "1")
+            .env("MADSIM_TEST_NUM", determinism_seeds.to_string())
+            .env("MADSIM_TEST_CHECK_DETERMINISM", "1");
+        replays.push(platform);
         runner.stage(&mut stages, "simulation determinism", replays);
     }
 
@@ -192,6 +214,10 @@ impl StageRunner<'_> {
         });
     }
 }
+
+/// The platform sweep's test (`sim/tests/platform.rs`): it reads its seeds per plan from
+/// `MADSIM_TEST_NUM`, so the other simulation tests run without it and it runs on its own.
+const PLATFORM_SWEEP: &str = "every_plan_keeps_the_invariants";
 
 /// `cargo sim`, spelled out: `--cfg madsim` in its own target dir, without the caller's RUSTFLAGS
 /// (which would silently replace the cfg).
