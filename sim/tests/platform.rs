@@ -18,7 +18,7 @@
 
 use securepay_sim::plan::{Plan, plan_names};
 use securepay_sim::planted::PlantedBug;
-use securepay_sim::platform::{Sweep, report, summary, sweep};
+use securepay_sim::platform::{Sweep, report, run_one, summary, sweep};
 use securepay_sim::run::print_line;
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -69,4 +69,22 @@ fn every_plan_keeps_the_invariants() {
     print_line(&report(&runs));
     let failures: Vec<String> = runs.iter().filter(|r| r.result.is_err()).map(summary).collect();
     assert!(failures.is_empty(), "{} of {} seeds failed:\n{}", failures.len(), runs.len(), failures.join("\n"));
+}
+
+/// The replay command does what it says: the same (plan, seed, planted bug) fails again, with the
+/// same message (which names that command).
+#[test]
+fn a_failing_seed_replays_the_same_failure() {
+    if std::env::var_os("MADSIM_TEST_CHECK_DETERMINISM").is_some() {
+        return; // not a seeded sweep: the determinism replays would only repeat it
+    }
+    let plan = Plan::named("svid-expiry").unwrap_or_else(|e| panic!("{e}"));
+    let first = run_one(&plan, 1, Some(PlantedBug::TrustExpiredSvid), false);
+    let again = run_one(&plan, 1, Some(PlantedBug::TrustExpiredSvid), false);
+    let Err(message) = &first.result else { panic!("seed 1 of svid-expiry did not catch trust_expired_svid") };
+    assert!(
+        message.contains("SECUREPAY_SIM_PLANT=trust_expired_svid SECUREPAY_SIM_PLANS=svid-expiry MADSIM_TEST_SEED=1"),
+        "the failure names its replay command: {message}"
+    );
+    assert_eq!(again.result.as_ref().err(), Some(message), "the replay fails the same way");
 }
