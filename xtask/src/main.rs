@@ -4,6 +4,7 @@
 //! - `main.rs`     — the command line;
 //! - `platform.rs` — `up`, `down`, `status`, `logs` over all components and services;
 //! - `test.rs`     — `cargo xtask test`: test platform up, clippy, tests, simulation, tear-down;
+//!   `cargo xtask sim`: the whole-platform simulation sweep with its controls as flags;
 //! - `load/`       — `cargo xtask load`: the load generator against a running platform;
 //! - `components/` — one file per infrastructure process (PostgreSQL, Redis, Kafka, Prometheus,
 //!   ...); see `components/mod.rs` for how to add one;
@@ -83,6 +84,9 @@ enum Command {
     Load(load::Args),
     /// Run everything CI runs: test platform up, clippy, tests, simulation; always tears down.
     Test(test::Args),
+    /// Run the whole-platform simulation: fault plans x seeds, with the per-plan report
+    /// (`cargo sim --test platform` with the flags turned into its environment).
+    Sim(test::SimArgs),
 }
 
 fn main() -> ExitCode {
@@ -97,8 +101,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    if let Command::Test(args) = cli.command {
-        return test::run(args);
+    match cli.command {
+        Command::Test(args) => return test::run(args),
+        Command::Sim(args) => return test::sim(&args),
+        _ => {}
     }
     let ctx = Ctx::new(cli.profile)?;
     match cli.command {
@@ -107,7 +113,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status => platform::print_status(&ctx),
         Command::Logs { component, tail } => platform::logs(&ctx, &component, tail)?,
         Command::Load(args) => return load::run(&ctx, args),
-        Command::Test(_) => unreachable!("handled above"),
+        Command::Test(_) | Command::Sim(_) => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,7 @@
 //! 4. always tears the test platform down (also after a failure, Ctrl-C or SIGTERM), prints one
 //!    summary line per stage and exits non-zero if any stage failed.
 
+use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -37,6 +38,55 @@ pub struct Args {
     /// Extra arguments for `cargo test` (with `-p`/`--package`, `--workspace` is dropped).
     #[arg(last = true)]
     cargo_test_args: Vec<String>,
+}
+
+/// `cargo xtask sim`: the controls of the platform sweep (`sim/tests/platform.rs`).
+#[derive(clap::Args)]
+pub struct SimArgs {
+    /// Only these fault plans (comma-separated names from `fault-plans/`); default: every plan.
+    #[arg(long, value_delimiter = ',')]
+    plan: Vec<String>,
+    /// The first seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Seeds per plan (`--seed`, `--seed + 1`, ...).
+    #[arg(long, default_value_t = 5)]
+    seeds: u64,
+    /// Plant a known bug: trust_expired_svid, skip_settlement_dedupe,
+    /// commit_offset_before_db_commit or cache_decided_debit.
+    #[arg(long)]
+    plant: Option<String>,
+    /// Run every (plan, seed) twice and fail if the two runs differ.
+    #[arg(long)]
+    check_determinism: bool,
+    /// One summary line per seed.
+    #[arg(long)]
+    verbose: bool,
+}
+
+/// Runs the platform sweep as `args` say; its exit status is the sweep's.
+pub fn sim(args: &SimArgs) -> Result<ExitCode> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask lives in the workspace")?;
+    let mut cmd = sim_command(&cargo);
+    cmd.current_dir(root)
+        .args(["--test", "platform", PLATFORM_SWEEP])
+        .env("MADSIM_TEST_SEED", args.seed.to_string())
+        .env("MADSIM_TEST_NUM", args.seeds.to_string());
+    if !args.plan.is_empty() {
+        cmd.env("SECUREPAY_SIM_PLANS", args.plan.join(","));
+    }
+    if let Some(bug) = &args.plant {
+        cmd.env("SECUREPAY_SIM_PLANT", bug);
+    }
+    if args.check_determinism {
+        cmd.env("MADSIM_TEST_CHECK_DETERMINISM", "1");
+    }
+    if args.verbose {
+        cmd.env("SECUREPAY_SIM_VERBOSE", "1");
+    }
+    let status = cmd.status().context("running cargo test for the simulator")?;
+    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 enum Outcome {
