@@ -1,5 +1,5 @@
 //! The whole platform on the simulated infrastructure (issue 7): the production service libraries
-//! on their service nodes, the gateway's backend role, and the workload's clients.
+//! on their service nodes, the gateway's HTTP edge on its node, and the workload's clients.
 //!
 //! Promises:
 //! - [`start`] runs, on the nodes of [`Infra`], the code production runs: the payment node serves
@@ -10,23 +10,25 @@
 //!   node's simulated SVID. Stores, cache and broker are the remote twins of [`crate::remote`].
 //! - a node killed and restarted rebuilds its service from the durable stores: everything that lived
 //!   in the node (in-flight requests, consumer membership, the breaker, the SVID) is lost.
-//! - the gateway node is, for now, only the gateway's *backend role*: a small RPC endpoint
-//!   ([`GATEWAY_PORT`]) whose operations call the payment and account services over gRPC from the
-//!   gateway node, as `spiffe://…/api-gateway` with the end user in `x-securepay-subject`
-//!   (`securepay_kit::with_subject`) — the way the real gateway calls them after it authenticated
-//!   the user. The gateway library's HTTP edge (JWT, rate limit, problem+json) is not in the loop yet.
+//! - the gateway node runs the production gateway: `securepay_gateway::router` (JWT against the
+//!   [`DevIssuer`]'s JWKS, per-IP and per-subject rate limits, strict JSON, problem+json, the one
+//!   gRPC → HTTP mapping) served over the simulated network at [`http_addr`] ([`crate::http`]),
+//!   its backends the payment and account nodes over gRPC with the gateway node's SVID.
 //! - [`run_client`] plays one client's operations of a [`Workload`] from its own node outside the
-//!   platform (never faulted): each payment re-sent with the same idempotency key until it gets a
-//!   definitive answer or the client's deadline passes (nothing new is started after it),
-//!   concurrent copies sent at once, and a
-//!   conflicting replay (same key, other amount) after an accepted one. What it saw is recorded in
-//!   [`Observed`] for the invariant checks.
+//!   platform (never faulted) as HTTP requests to the gateway with a bearer token per subject: each
+//!   payment re-sent with the same idempotency key until it gets a definitive answer or the
+//!   client's deadline passes (nothing new is started after it; a 429 waits its `Retry-After`),
+//!   concurrent copies sent at once, and a conflicting replay (same key, other amount) after an
+//!   accepted one; in between, a few [`crate::edge::Hostile`] probes, each of which must get its
+//!   documented 4xx. What it saw is recorded in [`Observed`] for the invariant checks.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::http::{Request, StatusCode};
 use madsim::rand::{Rng, thread_rng};
 use madsim::runtime::{Handle, NodeHandle};
 use rust_decimal::Decimal;
@@ -34,39 +36,30 @@ use securepay_account::{AccountGrpc, SettlementConfig, Settler, run_settlement};
 use securepay_core::idempotency::IdempotencyKey;
 use securepay_core::ids::Subject;
 use securepay_core::topology::{consumer_group, topic};
+use securepay_gateway::backends::CallInterceptor;
+use securepay_gateway::{AppState, Backends};
 use securepay_kit::relay::{RelayConfig, run_relay};
-use securepay_kit::status::error_code;
-use securepay_kit::with_subject;
 use securepay_memory::SeededIds;
 use securepay_payment::{AccountClient, AccountClientConfig, ConsumerConfig, PaymentService, ServiceConfig};
 use securepay_ports::{EventLog, Ids, Outbox};
-use securepay_proto::account::v1::GetBalanceRequest;
-use securepay_proto::account::v1::account_service_client::AccountServiceClient;
 use securepay_proto::account::v1::account_service_server::AccountServiceServer;
-use securepay_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use securepay_proto::payment::v1::payment_service_server::PaymentServiceServer;
-use securepay_proto::payment::v1::{InitiatePaymentRequest, Money};
 use tokio::time::{Instant, sleep};
-use tonic::transport::{Channel, Server};
-use tonic::{Code, Request};
+use tonic::transport::Server;
 
-use crate::infra::{Infra, ServicePorts, addr, ip};
+use crate::edge::{self, DevIssuer, Hostile, PaymentAnswer, Probe};
+use crate::http::{RemoteHttp, serve_router};
+use crate::infra::{Infra, ServicePorts, addr, http_addr};
 use crate::plan::Node;
-use crate::remote::{RemoteClient, ServerFaults, serve};
-use crate::spire::ClientInterceptor;
+use crate::remote::ServerFaults;
 use crate::workload::{Op, Pay, Workload};
 
-/// The port of the gateway node's backend-role endpoint (see the module docs).
-pub const GATEWAY_PORT: u16 = 7000;
-/// What the gateway gives one backend call (its request budget is 10 s; backends get a little less).
-pub const BACKEND_TIMEOUT: Duration = Duration::from_secs(9);
-/// What a client waits for one answer from the gateway before it retries.
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// What a client waits for one answer from the gateway before it retries: a little more than the
+/// gateway's own request budget, so its 504 arrives.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(11);
 
-/// The gateway backend role's endpoint.
-pub fn gateway_addr() -> SocketAddr {
-    SocketAddr::new(ip(Node::Gateway), GATEWAY_PORT)
-}
+/// Hostile probes each client sends (kinds drawn from [`Hostile::ALL`] per client and seed).
+pub const HOSTILE_PER_CLIENT: usize = 3;
 
 /// The address of workload client `index` (10.3.0.x: outside the platform, never faulted).
 pub fn client_ip(index: usize) -> IpAddr {
@@ -146,7 +139,7 @@ async fn account_node(ports: ServicePorts) {
         dlq: events,
         ids: Arc::new(SeededIds),
         clock: Arc::clone(&ports.clock),
-        config: SettlementConfig::production(),
+        config: crate::planted::plant_settlement(SettlementConfig::production(), ports.planted),
     };
     let consumer_ports = ports.clone();
     madsim::task::spawn(async move {
@@ -170,89 +163,13 @@ async fn notification_node(ports: ServicePorts) {
         .await;
 }
 
-/// The gateway's backend role (see the module docs): answers the clients' calls from the gateway node.
+/// The gateway: the production router at [`http_addr`], calling payment and account as the
+/// gateway node (its SVID on every call).
 async fn gateway_node(ports: ServicePorts) {
-    let gateway = Gateway {
-        payments: PaymentServiceClient::with_interceptor(ports.channel(Node::Payment), ports.client_interceptor()),
-        accounts: AccountServiceClient::with_interceptor(ports.channel(Node::Account), ports.client_interceptor()),
-    };
-    serve(gateway_addr(), gateway, ServerFaults::new()).await;
-}
-
-/// How a backend call ended, as the gateway reports it to a client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub code: Code,
-    /// The stable error code (`x-securepay-error-code`), if the service sent one.
-    pub error_code: Option<String>,
-}
-
-impl Refusal {
-    fn of(status: &tonic::Status) -> Refusal {
-        Refusal { code: status.code(), error_code: error_code(status).map(str::to_owned) }
-    }
-
-    fn timeout() -> Refusal {
-        Refusal { code: Code::DeadlineExceeded, error_code: Some("gateway_timeout".into()) }
-    }
-
-    /// Whether a client should send the same request again: the platform did not decide (a
-    /// dependency down, a timeout, the same key still in flight, or the gateway's own SVID refused
-    /// while it cannot renew it).
-    pub fn retryable(&self) -> bool {
-        matches!(
-            self.code,
-            Code::Unavailable
-                | Code::DeadlineExceeded
-                | Code::Aborted
-                | Code::Cancelled
-                | Code::Internal
-                | Code::Unknown
-                | Code::Unauthenticated
-        )
-    }
-
-    /// A short label for the summary: the stable code, else the gRPC code.
-    pub fn label(&self) -> String {
-        self.error_code.clone().unwrap_or_else(|| format!("{:?}", self.code))
-    }
-}
-
-/// The gateway node's gRPC clients (each call runs on the gateway node, with its SVID).
-#[derive(Clone)]
-pub struct Gateway {
-    payments: PaymentServiceClient<Channel, ClientInterceptor>,
-    accounts: AccountServiceClient<Channel, ClientInterceptor>,
-}
-
-impl Gateway {
-    /// `POST /payments` as the gateway forwards it: the accepted payment's id.
-    async fn initiate(&self, subject: Subject, message: InitiatePaymentRequest) -> Result<String, Refusal> {
-        let mut request = Request::new(message);
-        with_subject(&mut request, &subject);
-        let mut client = self.payments.clone();
-        match tokio::time::timeout(BACKEND_TIMEOUT, client.initiate_payment(request)).await {
-            Err(_) => Err(Refusal::timeout()),
-            Ok(Err(status)) => Err(Refusal::of(&status)),
-            Ok(Ok(response)) => response
-                .into_inner()
-                .payment
-                .map(|p| p.payment_id)
-                .ok_or(Refusal { code: Code::Internal, error_code: None }),
-        }
-    }
-
-    /// `GET /accounts/{id}/balance` as the gateway forwards it: the balance as a decimal string.
-    async fn balance(&self, subject: Subject, account_id: String) -> Result<String, Refusal> {
-        let mut request = Request::new(GetBalanceRequest { account_id });
-        with_subject(&mut request, &subject);
-        let mut client = self.accounts.clone();
-        match tokio::time::timeout(BACKEND_TIMEOUT, client.get_balance(request)).await {
-            Err(_) => Err(Refusal::timeout()),
-            Ok(Err(status)) => Err(Refusal::of(&status)),
-            Ok(Ok(response)) => Ok(response.into_inner().balance),
-        }
-    }
+    let interceptor = CallInterceptor::new(ports.client_interceptor());
+    let backends = Backends::new(ports.channel(Node::Payment), ports.channel(Node::Account), interceptor);
+    let state = AppState::new(edge::gateway_config(), DevIssuer::new().authenticator(), backends, None);
+    serve_router(http_addr(), securepay_gateway::router(state), ServerFaults::new()).await;
 }
 
 /// What the clients saw: the evidence the idempotency checks use.
@@ -262,9 +179,9 @@ pub struct Observed {
     pub accepted: BTreeMap<(Subject, IdempotencyKey), BTreeSet<String>>,
     /// Conflicting replays (same key, other amount) that were accepted: must stay empty.
     pub conflicting_accepted: Vec<(Subject, IdempotencyKey, String)>,
-    /// Definitive refusals by label.
+    /// Definitive refusals by problem code.
     pub refused: BTreeMap<String, u64>,
-    /// Requests sent (every copy and retry).
+    /// Requests sent (every copy and retry; hostile probes not included).
     pub sent: u64,
     /// Requests that never got a definitive answer before the client's deadline.
     pub gave_up: u64,
@@ -273,6 +190,12 @@ pub struct Observed {
     /// Balance reads answered; balances read that were negative (must stay empty).
     pub balance_reads: u64,
     pub negative_balances_read: Vec<String>,
+    /// Answers `429 rate_limited` (each retried after its `Retry-After`).
+    pub throttled: u64,
+    /// Hostile probes answered (with the expected refusal or not).
+    pub hostile_answered: u64,
+    /// Hostile probes answered with anything but their documented refusal: must stay empty.
+    pub hostile_unexpected: Vec<String>,
 }
 
 /// The shared record of every client.
@@ -282,14 +205,61 @@ fn observe(observed: &SharedObserved, f: impl FnOnce(&mut Observed)) {
     f(&mut observed.lock().unwrap_or_else(|p| p.into_inner()));
 }
 
+/// One workload client: its HTTP client on its node, its tokens, its record.
+#[derive(Clone)]
+struct Client {
+    index: usize,
+    http: RemoteHttp,
+    issuer: DevIssuer,
+    tokens: Arc<Mutex<BTreeMap<Subject, String>>>,
+    requests: Arc<AtomicU64>,
+    observed: SharedObserved,
+}
+
+impl Client {
+    /// The bearer token of `subject` (minted once per client, on the simulated clock).
+    fn token(&self, subject: &Subject) -> String {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens.entry(subject.clone()).or_insert_with(|| self.issuer.token(subject)).clone()
+    }
+
+    /// A fresh request id (`X-Request-Id`).
+    fn request_id(&self) -> String {
+        format!("c{}-{}", self.index, self.requests.fetch_add(1, Ordering::SeqCst))
+    }
+}
+
 /// Starts client `index` on its own node: it plays `ops`, pausing a random time up to `pace`
-/// before each, re-sends until `deadline` and starts nothing after it. Returns when it is done.
+/// before each, re-sends until `deadline` and starts nothing after it; the hostile probes go out
+/// before randomly chosen operations. Returns when it is done.
 pub async fn run_client(index: usize, ops: Vec<Op>, pace: Duration, deadline: Instant, observed: SharedObserved) {
     let node = Handle::current().create_node().name(format!("client-{index}")).ip(client_ip(index)).build();
     let task = node.spawn(async move {
-        let gateway: RemoteClient<Gateway> =
-            RemoteClient::connect(gateway_addr(), "gateway").await.with_timeout(CLIENT_TIMEOUT);
+        let http = RemoteHttp::connect(http_addr(), CLIENT_TIMEOUT).await;
+        let client = Client {
+            index,
+            http,
+            issuer: DevIssuer::new(),
+            tokens: Arc::default(),
+            requests: Arc::default(),
+            observed: Arc::clone(&observed),
+        };
         let total = ops.len();
+        // A few hostile probes (a seeded choice of kinds), each before a random operation, carrying
+        // the client's first payment under keys no workload payment uses.
+        let mut probes: Vec<(usize, Probe)> = Vec::new();
+        if let Some(pay) = ops.iter().find_map(|op| match op {
+            Op::Pay(pay) => Some(pay.clone()),
+            Op::ReadBalance { .. } => None,
+        }) {
+            let mut kinds = Hostile::ALL.to_vec();
+            for n in 0..HOSTILE_PER_CLIENT.min(kinds.len()) {
+                let kind = kinds.swap_remove(thread_rng().gen_range(0..kinds.len()));
+                let key = format!("hostile-c{index}-{n}");
+                let probe = kind.probe(&client.issuer, &client.token(&pay.subject), &pay, &key, &client.request_id());
+                probes.push((thread_rng().gen_range(0..total), probe));
+            }
+        }
         for (done, op) in ops.into_iter().enumerate() {
             let pause = pace.mul_f64(thread_rng().gen_range(0.0..1.0));
             sleep(pause).await;
@@ -298,12 +268,20 @@ pub async fn run_client(index: usize, ops: Vec<Op>, pace: Duration, deadline: In
                 observe(&observed, |o| o.not_sent += (total - done) as u64);
                 break;
             }
+            let (now, later): (Vec<_>, Vec<_>) = probes.into_iter().partition(|(at, _)| *at == done);
+            probes = later;
+            for (_, probe) in now {
+                send_probe(&client, probe, deadline).await;
+            }
             match op {
-                Op::Pay(pay) => pay_op(&gateway, pay, deadline, &observed).await,
+                Op::Pay(pay) => pay_op(&client, pay, deadline).await,
                 Op::ReadBalance { subject, account } => {
-                    let account = account.to_string();
-                    let answer = gateway.call(move |gw: Gateway| async move { gw.balance(subject, account).await });
-                    if let Ok(Ok(balance)) = answer.await {
+                    let request = edge::get_balance(&client.request_id(), &client.token(&subject), account);
+                    let answer = client.http.send(request).await;
+                    if let Ok(response) = answer.as_ref()
+                        && response.status == StatusCode::OK
+                    {
+                        let balance = edge::body_field(response, "balance").unwrap_or_default();
                         observe(&observed, |o| {
                             o.balance_reads += 1;
                             if balance.parse::<Decimal>().map_or(true, |b| b < Decimal::ZERO) {
@@ -318,77 +296,100 @@ pub async fn run_client(index: usize, ops: Vec<Op>, pace: Duration, deadline: In
     task.await.expect("a client node is never killed");
 }
 
-fn wire_request(pay: &Pay, amount: Decimal) -> InitiatePaymentRequest {
-    InitiatePaymentRequest {
-        payment_id: String::new(),
-        from_account: pay.from.to_string(),
-        to_account: pay.to.to_string(),
-        amount: Some(Money { amount: amount.to_string(), currency: pay.amount.currency().code().to_owned() }),
-        idempotency_key: pay.key.as_str().to_owned(),
+/// Sends one hostile probe until the gateway answers (no reply and 429 are retried until
+/// `deadline`); an answer other than the probe's documented refusal is recorded.
+async fn send_probe(client: &Client, probe: Probe, deadline: Instant) {
+    loop {
+        match client.http.send(edge::copy_request(&probe.request)).await {
+            Ok(response) if response.status == StatusCode::TOO_MANY_REQUESTS => {
+                observe(&client.observed, |o| o.throttled += 1);
+            }
+            Ok(response) => {
+                let code = edge::problem_code(&response);
+                let expected = response.status == probe.status && code.as_deref() == Some(probe.code);
+                observe(&client.observed, |o| {
+                    o.hostile_answered += 1;
+                    if !expected {
+                        o.hostile_unexpected.push(format!(
+                            "client {} probe {}: {} {code:?}, expected {} {}",
+                            client.index, probe.name, response.status, probe.status, probe.code
+                        ));
+                    }
+                });
+                return;
+            }
+            Err(_) => {}
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+        sleep(Duration::from_millis(thread_rng().gen_range(200..1000))).await;
     }
 }
 
 /// One payment: its concurrent copies at once, each re-sent until answered; then the conflicting
 /// replay if the payment was accepted and the workload asks for one.
-async fn pay_op(gateway: &RemoteClient<Gateway>, pay: Pay, deadline: Instant, observed: &SharedObserved) {
-    let request = wire_request(&pay, pay.amount.value());
+async fn pay_op(client: &Client, pay: Pay, deadline: Instant) {
+    let body = edge::payment_body(&pay, &pay.amount.value().to_string());
     let copies: Vec<_> = (0..pay.concurrent_copies)
         .map(|_| {
-            let (gateway, subject, request) = (gateway.clone(), pay.subject.clone(), request.clone());
-            let observed = Arc::clone(observed);
-            madsim::task::spawn(
-                async move { send_until_answered(&gateway, subject, request, deadline, &observed).await },
-            )
+            let (client, pay, body) = (client.clone(), pay.clone(), body.clone());
+            madsim::task::spawn(async move { send_until_answered(&client, &pay, body, deadline).await })
         })
         .collect();
     let mut accepted = false;
     for copy in copies {
-        if let Some(Ok(payment_id)) = copy.await.expect("a client task does not panic") {
+        if let Some(PaymentAnswer::Accepted(payment_id)) = copy.await.expect("a client task does not panic") {
             accepted = true;
-            observe(observed, |o| {
+            observe(&client.observed, |o| {
                 o.accepted.entry((pay.subject.clone(), pay.key.clone())).or_default().insert(payment_id);
             });
         }
     }
     if accepted && pay.replay_conflicting {
         let other = pay.amount.value() + Decimal::new(1, pay.amount.currency().minor_units());
-        let request = wire_request(&pay, other);
-        if let Some(Ok(payment_id)) =
-            send_until_answered(gateway, pay.subject.clone(), request, deadline, observed).await
-        {
-            observe(observed, |o| o.conflicting_accepted.push((pay.subject.clone(), pay.key.clone(), payment_id)));
+        let body = edge::payment_body(&pay, &other.to_string());
+        if let Some(PaymentAnswer::Accepted(payment_id)) = send_until_answered(client, &pay, body, deadline).await {
+            observe(&client.observed, |o| {
+                o.conflicting_accepted.push((pay.subject.clone(), pay.key.clone(), payment_id));
+            });
         }
     }
 }
 
-/// Sends `request` until the platform decides (accepted or a definitive refusal) or `deadline`
-/// passes (`None`).
-async fn send_until_answered(
-    gateway: &RemoteClient<Gateway>,
-    subject: Subject,
-    request: InitiatePaymentRequest,
-    deadline: Instant,
-    observed: &SharedObserved,
-) -> Option<Result<String, Refusal>> {
+/// Sends `pay`'s key with `body` until the platform decides (accepted or a definitive refusal) or
+/// `deadline` passes (`None`).
+async fn send_until_answered(client: &Client, pay: &Pay, body: Vec<u8>, deadline: Instant) -> Option<PaymentAnswer> {
     let mut pause = Duration::from_millis(100);
     loop {
-        let (subject, message) = (subject.clone(), request.clone());
-        observe(observed, |o| o.sent += 1);
-        let answer = gateway.call(move |gw: Gateway| async move { gw.initiate(subject, message).await }).await;
+        let request: Request<Vec<u8>> = edge::create_payment(
+            &client.request_id(),
+            Some(&client.token(&pay.subject)),
+            pay.key.as_str(),
+            body.clone(),
+        );
+        observe(&client.observed, |o| o.sent += 1);
+        let answer = edge::read_payment(&client.http.send(request).await);
+        let mut wait = pause.mul_f64(thread_rng().gen_range(0.5..1.0));
         match answer {
-            Ok(Ok(id)) => return Some(Ok(id)),
-            Ok(Err(refusal)) if !refusal.retryable() => {
-                observe(observed, |o| *o.refused.entry(refusal.label()).or_default() += 1);
-                return Some(Err(refusal));
+            PaymentAnswer::Accepted(_) => return Some(answer),
+            PaymentAnswer::Refused(ref label) => {
+                observe(&client.observed, |o| *o.refused.entry(label.clone()).or_default() += 1);
+                return Some(answer);
             }
             // The gateway unreachable, or the platform did not decide: the same request again.
-            Ok(Err(_)) | Err(_) => {}
+            PaymentAnswer::Retry { throttled, after } => {
+                if throttled {
+                    observe(&client.observed, |o| o.throttled += 1);
+                }
+                wait = wait.max(after.unwrap_or_default());
+            }
         }
         if Instant::now() >= deadline {
-            observe(observed, |o| o.gave_up += 1);
+            observe(&client.observed, |o| o.gave_up += 1);
             return None;
         }
-        sleep(pause.mul_f64(thread_rng().gen_range(0.5..1.0))).await;
+        sleep(wait).await;
         pause = (pause * 2).min(Duration::from_secs(1));
     }
 }

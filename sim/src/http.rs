@@ -4,9 +4,12 @@
 //! madsim has no HTTP server (`axum::serve` needs real IO), so a request travels as a value on the
 //! same datagram RPC as the infrastructure (`crate::remote`) and runs on the gateway node through
 //! `tower::ServiceExt::oneshot` — the router, its middleware and its handlers exactly as in
-//! production. Partitions and kills of the gateway node hit it like any other node; a request
-//! without a reply within the bound is `Unavailable` (the client cannot tell whether it was
-//! served: that is what idempotency keys are for).
+//! production. As `into_make_service_with_connect_info` does in production, every request carries
+//! the peer's address as axum's `ConnectInfo<SocketAddr>` extension (the address the simulated
+//! network delivered it from), so the per-IP rate limit sees each client. Partitions and kills of
+//! the gateway node hit it like any other node; a request without a reply within the bound is
+//! `Unavailable` (the client cannot tell whether it was served: that is what idempotency keys are
+//! for).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +17,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Request, StatusCode};
 use securepay_ports::PortResult;
 use tower::ServiceExt;
@@ -40,19 +44,22 @@ pub async fn serve_router(addr: SocketAddr, router: Router, faults: Arc<ServerFa
 
 /// A client of a served router, bound on the calling node.
 #[derive(Debug, Clone)]
-pub struct RemoteHttp(RemoteClient<Router>);
+pub struct RemoteHttp(RemoteClient<Router>, Duration);
 
 impl RemoteHttp {
     /// A client on the current node for the router at `addr`; each request is bounded by `timeout`.
     pub async fn connect(addr: SocketAddr, timeout: Duration) -> RemoteHttp {
-        RemoteHttp(RemoteClient::connect(addr, "gateway").await.with_timeout(timeout))
+        RemoteHttp(RemoteClient::connect(addr, "gateway").await, timeout)
     }
 
     /// Sends `request`; `Unavailable` when no reply came within the bound.
     pub async fn send(&self, request: Request<Vec<u8>>) -> PortResult<HttpResponse> {
+        let bound = self.1;
         self.0
-            .call(move |router: Router| async move {
-                let response = router.oneshot(request.map(Body::from)).await.unwrap_or_else(|never| match never {});
+            .call_with(bound, move |router: Router, peer: SocketAddr| async move {
+                let mut request = request.map(Body::from);
+                request.extensions_mut().insert(ConnectInfo(peer));
+                let response = router.oneshot(request).await.unwrap_or_else(|never| match never {});
                 let (parts, body) = response.into_parts();
                 // A body that cannot be read whole is answered as the server error it is.
                 let body = axum::body::to_bytes(body, RESPONSE_BODY_MAX).await.map(|b| b.to_vec());

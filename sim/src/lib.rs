@@ -17,8 +17,10 @@
 //! - [`http`] (madsim only): the gateway's axum router served over the simulated network.
 //! - [`infra`] (madsim only): node addresses, the infrastructure of a run, the ports a service
 //!   node connects, and the injector that plays a fault schedule.
-//! - [`cluster`] (madsim only): the production service libraries on their nodes, the gateway's
-//!   backend role, and the workload's clients.
+//! - [`cluster`] (madsim only): the production service libraries on their nodes (the gateway's
+//!   HTTP router included) and the workload's clients.
+//! - [`edge`] (madsim only): the dev JWT issuer, the gateway's configuration, the clients' HTTP
+//!   requests (hostile probes included) and how they read the answers.
 //! - [`ledger_node`]: a ledger node's settlement RPC, backed by any `LedgerStore`.
 //! - [`planted`]: the known bugs a test can plant to prove the invariants catch them.
 //! - [`platform`] (madsim only): one seed of the whole platform under a plan with the SPEC §6
@@ -36,6 +38,8 @@ compile_error!(
 pub mod clock;
 #[cfg(madsim)]
 pub mod cluster;
+#[cfg(madsim)]
+pub mod edge;
 #[cfg(madsim)]
 pub mod http;
 #[cfg(madsim)]

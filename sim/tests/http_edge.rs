@@ -1,5 +1,7 @@
 //! The HTTP edge of `securepay_sim::http`: an axum router served from its own node, reached by a
-//! client node over the simulated network — so partitions and kills of the gateway hit clients.
+//! client node over the simulated network — so partitions and kills of the gateway hit clients;
+//! and the production gateway router on such a node: every `securepay_sim::edge::Hostile` probe
+//! gets its documented refusal, and the per-IP rate limit sees each client's own address.
 //!
 //! Run: `MADSIM_TEST_SEED=1 MADSIM_TEST_NUM=5 cargo sim --test http_edge`.
 #![cfg(madsim)]
@@ -14,10 +16,19 @@ use axum::http::{Request, StatusCode};
 use axum::routing::post;
 use madsim::net::NetSim;
 use madsim::runtime::Handle;
+use rust_decimal::Decimal;
+use securepay_core::idempotency::IdempotencyKey;
+use securepay_core::ids::{AccountId, Subject};
+use securepay_core::money::{Amount, AmountPolicy, Currency};
+use securepay_gateway::backends::CallInterceptor;
+use securepay_gateway::config::RateQuota;
+use securepay_gateway::{AppState, Backends};
 use securepay_ports::PortError;
+use securepay_sim::edge::{self, DevIssuer, Hostile};
 use securepay_sim::http::{HTTP_PORT, RemoteHttp, serve_router};
 use securepay_sim::remote::ServerFaults;
 use securepay_sim::run::{self, Checker};
+use securepay_sim::workload::Pay;
 use tokio::time::sleep;
 
 const TEST: &str = "http_edge";
@@ -92,4 +103,99 @@ async fn a_router_on_its_own_node_is_reached_over_the_network_and_partitions_and
         handled.load(Ordering::SeqCst),
         check.checks()
     ));
+}
+
+/// The IP quota of the hostile-probe test: a burst a little above the probes, refilled slowly.
+const IP_BURST: u32 = 12;
+
+#[madsim::test]
+async fn the_gateway_refuses_every_hostile_probe_and_limits_each_client_ip() {
+    run::print_replay_command_on_panic(TEST);
+    let mut check = Checker::new(TEST);
+    let handle = Handle::current();
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1)), HTTP_PORT);
+    let _gateway = handle
+        .create_node()
+        .name("gateway")
+        .ip(addr.ip())
+        .init(move || async move {
+            let mut config = edge::gateway_config();
+            config.rate_limits.ip = RateQuota {
+                per_second: std::num::NonZeroU32::new(1).expect("non-zero"),
+                burst: std::num::NonZeroU32::new(IP_BURST).expect("non-zero"),
+            };
+            // No backend listens there: every probe must be refused before any backend call.
+            let nowhere = tonic::transport::Endpoint::from_static("http://10.9.9.9:50051").connect_lazy();
+            let backends = Backends::new(nowhere.clone(), nowhere, CallInterceptor::none());
+            let state = AppState::new(config, DevIssuer::new().authenticator(), backends, None);
+            serve_router(addr, securepay_gateway::router(state), ServerFaults::new()).await;
+        })
+        .build();
+    let client = |host: u8| {
+        handle.create_node().name(format!("client-{host}")).ip(IpAddr::V4(Ipv4Addr::new(10, 3, 0, host))).build()
+    };
+    let (a, b) = (client(1), client(2));
+    let issuer = DevIssuer::new();
+    let subject = Subject::parse("user-1").expect("a subject");
+    let currency = Currency::from_code("EUR").expect("EUR");
+    let pay = Pay {
+        subject: subject.clone(),
+        key: IdempotencyKey::parse("probe").expect("a key"),
+        from: AccountId::from_uuid(uuid::Uuid::from_u128(1)),
+        to: AccountId::from_uuid(uuid::Uuid::from_u128(2)),
+        amount: Amount::new(Decimal::new(1050, 2), currency, AmountPolicy::default()).expect("an amount"),
+        unaffordable: false,
+        replay_conflicting: false,
+        concurrent_copies: 1,
+    };
+
+    let results = a
+        .spawn(async move {
+            let http = RemoteHttp::connect(addr, Duration::from_secs(11)).await;
+            let valid = issuer.token(&pay.subject);
+            let mut seen = Vec::new();
+            for (n, kind) in Hostile::ALL.into_iter().enumerate() {
+                let probe = kind.probe(&issuer, &valid, &pay, &format!("hostile-{n}"), &format!("a-{n}"));
+                let response = http.send(probe.request).await.expect("the gateway answers");
+                seen.push((kind, response.status, edge::problem_code(&response)));
+            }
+            // Past the burst: the same client's address is refused with 429 and Retry-After.
+            let mut throttled_at = None;
+            for n in Hostile::ALL.len()..30 {
+                let probe = Hostile::NoToken.probe(&issuer, &valid, &pay, "hostile-x", &format!("a-{n}"));
+                let response = http.send(probe.request).await.expect("the gateway answers");
+                if response.status == StatusCode::TOO_MANY_REQUESTS {
+                    let retry_after = response.headers.get("retry-after").is_some();
+                    throttled_at = Some((n + 1, edge::problem_code(&response), retry_after));
+                    break;
+                }
+            }
+            (seen, throttled_at)
+        })
+        .await
+        .expect("client a finishes");
+    let (seen, throttled_at) = results;
+    for (kind, status, code) in &seen {
+        let (want_status, want_code) = kind.expected();
+        check.check(*status == want_status && code.as_deref() == Some(want_code), || {
+            format!("{}: {status} {code:?}, expected {want_status} {want_code}", kind.name())
+        });
+    }
+    check.check(
+        matches!(&throttled_at, Some((n, Some(code), true)) if *n <= IP_BURST as usize + 2 && code == "rate_limited"),
+        || format!("client a past its IP burst of {IP_BURST}: {throttled_at:?}"),
+    );
+    // Another address has its own bucket.
+    let other = b
+        .spawn(async move {
+            let http = RemoteHttp::connect(addr, Duration::from_secs(11)).await;
+            let request = edge::create_payment("b-0", None, "hostile-b", b"{}".to_vec());
+            http.send(request).await.map(|r| (r.status, edge::problem_code(&r)))
+        })
+        .await
+        .expect("client b finishes");
+    check.check(other == Ok((StatusCode::UNAUTHORIZED, Some("unauthorized".into()))), || {
+        format!("client b, another address: {other:?}")
+    });
+    run::print_line(&format!("{TEST}/gateway seed={} probes={} checks={}", run::seed(), seen.len(), check.checks()));
 }

@@ -130,7 +130,12 @@ impl Authenticator {
     pub fn from_jwks_file(path: &Path, config: JwtConfig) -> Result<Authenticator, JwksError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| JwksError::Read { path: path.display().to_string(), source })?;
-        let jwks: JwkSet = serde_json::from_str(&text).map_err(JwksError::Parse)?;
+        Authenticator::from_jwks_text(&text, config)
+    }
+
+    /// Parses a JWKS document (the text of a `jwks.json`).
+    pub fn from_jwks_text(text: &str, config: JwtConfig) -> Result<Authenticator, JwksError> {
+        let jwks: JwkSet = serde_json::from_str(text).map_err(JwksError::Parse)?;
         Authenticator::from_jwks(&jwks, config)
     }
 

@@ -1,20 +1,69 @@
-//! The gateway's gRPC clients of the payment and account services, built in ONE function,
-//! [`Backends::connect`]: mTLS with the gateway's own X.509-SVID
-//! (`spiffe://securepay.dev/api-gateway`, from the SPIRE agent), and each server must present
-//! exactly the SVID of the service it is supposed to be (`securepay_identity::grpc::channel`). The
-//! services authorize the gateway by the SVID its connection was verified with; nothing in the
-//! request metadata claims an identity.
+//! The gateway's gRPC clients of the payment and account services, built in ONE constructor,
+//! [`Backends::new`]: two channels plus a [`CallInterceptor`] every call passes through.
 //!
-//! [`Backends::from_channels`] is for tests that serve fake backends in-process.
+//! Production builds them with [`Backends::connect`]: mTLS with the gateway's own X.509-SVID
+//! (`spiffe://securepay.dev/api-gateway`, from the SPIRE agent), each server presenting exactly the
+//! SVID of the service it is supposed to be (`securepay_identity::grpc::channel`), and
+//! [`CallInterceptor::none`]: the services authorize the gateway by the SVID its connection was
+//! verified with; nothing in the request metadata claims an identity. The simulator (madsim-tonic
+//! has no TLS) passes its own interceptor, which attaches the gateway node's simulated SVID; tests
+//! pass plaintext channels to in-process fakes.
 
+use std::sync::Arc;
+
+#[cfg(not(madsim))]
 use securepay_core::identity::ServiceIdentity;
+#[cfg(not(madsim))]
 use securepay_identity::x509::WorkloadIdentity;
 use securepay_proto::account::v1::account_service_client::AccountServiceClient;
 use securepay_proto::payment::v1::payment_service_client::PaymentServiceClient;
+use tonic::service::Interceptor;
 use tonic::transport::Channel;
+use tonic::{Request, Status};
 
-pub type PaymentClient = PaymentServiceClient<Channel>;
-pub type AccountClient = AccountServiceClient<Channel>;
+type InterceptFn = dyn Fn(Request<()>) -> Result<Request<()>, Status> + Send + Sync;
+
+/// What every backend call passes through before it is sent (type-erased, so [`Backends`] and the
+/// router state stay one concrete type in both modes). Cheap to clone.
+#[derive(Clone)]
+pub struct CallInterceptor(Arc<InterceptFn>);
+
+impl CallInterceptor {
+    /// Adds nothing to a call: the mTLS channel itself identifies the gateway.
+    pub fn none() -> CallInterceptor {
+        CallInterceptor(Arc::new(Ok::<Request<()>, Status>))
+    }
+
+    /// Every call passes through (a clone of) `interceptor`.
+    pub fn new<I: Interceptor + Clone + Send + Sync + 'static>(interceptor: I) -> CallInterceptor {
+        CallInterceptor(Arc::new(move |request| interceptor.clone().call(request)))
+    }
+}
+
+impl std::fmt::Debug for CallInterceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallInterceptor")
+    }
+}
+
+impl Interceptor for CallInterceptor {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        (self.0)(request)
+    }
+}
+
+/// The generated clients with an interceptor: real tonic wraps the channel, madsim-tonic keeps the
+/// interceptor beside it.
+#[cfg(not(madsim))]
+pub type PaymentClient =
+    PaymentServiceClient<tonic::service::interceptor::InterceptedService<Channel, CallInterceptor>>;
+#[cfg(madsim)]
+pub type PaymentClient = PaymentServiceClient<Channel, CallInterceptor>;
+#[cfg(not(madsim))]
+pub type AccountClient =
+    AccountServiceClient<tonic::service::interceptor::InterceptedService<Channel, CallInterceptor>>;
+#[cfg(madsim)]
+pub type AccountClient = AccountServiceClient<Channel, CallInterceptor>;
 
 /// Cheap to clone: each client shares one HTTP/2 connection.
 #[derive(Clone)]
@@ -24,18 +73,22 @@ pub struct Backends {
 }
 
 impl Backends {
+    /// Clients over `payment` and `account`, every call passing through `interceptor`. The binary
+    /// calls it only through [`Backends::connect`].
+    pub fn new(payment: Channel, account: Channel, interceptor: CallInterceptor) -> Backends {
+        Backends {
+            payment: PaymentServiceClient::with_interceptor(payment, interceptor.clone()),
+            account: AccountServiceClient::with_interceptor(account, interceptor),
+        }
+    }
+
     /// Lazily connecting mTLS clients to `payment_addr` and `account_addr` (host:port), presenting
     /// `identity`'s current SVID and accepting only the payment service's and the account
     /// service's SVID respectively.
+    #[cfg(not(madsim))]
     pub fn connect(payment_addr: &str, account_addr: &str, identity: &WorkloadIdentity) -> anyhow::Result<Backends> {
         let payment = securepay_identity::grpc::channel(payment_addr, ServiceIdentity::PaymentService, identity)?;
         let account = securepay_identity::grpc::channel(account_addr, ServiceIdentity::AccountService, identity)?;
-        Ok(Backends::from_channels(payment, account))
-    }
-
-    /// TESTS ONLY: clients over channels the caller built (e.g. plaintext to in-process fakes).
-    /// The binary always uses [`Backends::connect`].
-    pub fn from_channels(payment: Channel, account: Channel) -> Backends {
-        Backends { payment: PaymentServiceClient::new(payment), account: AccountServiceClient::new(account) }
+        Ok(Backends::new(payment, account, CallInterceptor::none()))
     }
 }

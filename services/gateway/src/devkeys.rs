@@ -11,7 +11,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
-use p256::{PublicKey, SecretKey};
+pub use p256::{PublicKey, SecretKey};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -85,6 +85,20 @@ pub fn mint_token(
     ttl_seconds: i64,
 ) -> anyhow::Result<String> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    mint_token_at(key, jwt, subject, scope, now, ttl_seconds, &uuid::Uuid::new_v4().to_string())
+}
+
+/// An ES256 token for `subject` with `scope`, issued at `now` (Unix seconds), valid for
+/// `ttl_seconds`, with token id `jti` (the simulator mints with its own clock and seeded ids).
+pub fn mint_token_at(
+    key: &SecretKey,
+    jwt: &JwtConfig,
+    subject: &str,
+    scope: &str,
+    now: i64,
+    ttl_seconds: i64,
+    jti: &str,
+) -> anyhow::Result<String> {
     let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|_| anyhow::anyhow!("cannot encode the key"))?;
     let encoding = EncodingKey::from_ec_pem(pem.as_bytes())?;
     let mut header = Header::new(Algorithm::ES256);
@@ -97,7 +111,7 @@ pub fn mint_token(
         iat: now,
         nbf: now,
         exp: now + ttl_seconds,
-        jti: uuid::Uuid::new_v4().to_string(),
+        jti: jti.to_owned(),
     };
     Ok(jsonwebtoken::encode(&header, &claims, &encoding)?)
 }

@@ -8,8 +8,9 @@
 //! [`problem`] (problem+json and THE gRPC → HTTP mapping), [`backends`] (THE gRPC client
 //! construction), [`devkeys`] (dev key pair and token minting), [`config`].
 //!
-//! Real mode only: under `--cfg madsim` this library is empty (the simulator does not run a gateway).
-#![cfg(not(madsim))]
+//! Both modes: under `--cfg madsim` the simulator serves this same [`router`] from its gateway node
+//! (`securepay-sim`'s `cluster`), with backends built by [`Backends::new`] over simulated channels.
+//! Only [`Backends::connect`] (SPIFFE mTLS) is real-mode only; the binary's `main` likewise.
 
 pub mod api;
 pub mod auth;

@@ -947,5 +947,5 @@ async fn metrics_name_the_route_template_and_the_auth_failure_reason() {
 /// in-process fakes at `addr` (the binary only ever uses `Backends::connect`, mTLS).
 fn plaintext_backends(addr: &str) -> Backends {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
-    Backends::from_channels(channel.clone(), channel)
+    Backends::new(channel.clone(), channel, securepay_gateway::backends::CallInterceptor::none())
 }

@@ -319,5 +319,5 @@ async fn a_refused_request_is_still_logged_inside_its_span_with_the_clients_trac
 /// in-process fakes at `addr` (the binary only ever uses `Backends::connect`, mTLS).
 fn plaintext_backends(addr: &str) -> Backends {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
-    Backends::from_channels(channel.clone(), channel)
+    Backends::new(channel.clone(), channel, securepay_gateway::backends::CallInterceptor::none())
 }
