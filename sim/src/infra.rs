@@ -103,9 +103,14 @@ pub struct Infra {
     pub clocks: BTreeMap<Node, SkewedClock>,
     /// The groups a `rebalance` without a named group hits: the platform's, plus any a test adds.
     pub groups: Vec<String>,
-    /// The PLANTED BUG of this run (`None` by default); set it before starting the service nodes.
-    /// [`PlantedBug::TrustExpiredSvid`]: their server interceptors trust expired SVIDs (see
-    /// [`ServerInterceptor::trust_expired_svid`]).
+    /// The PLANTED BUG of this run (`None` by default); set it before starting the service nodes
+    /// ([`Infra::start_service`] switches it on where it lives):
+    /// - [`PlantedBug::TrustExpiredSvid`]: their server interceptors trust expired SVIDs (see
+    ///   [`ServerInterceptor::trust_expired_svid`]);
+    /// - [`PlantedBug::SkipSettlementDedupe`]: the database's ledger skips the replay check
+    ///   (`MemoryLedgerStore::plant_skip_dedupe`);
+    /// - [`PlantedBug::CommitOffsetBeforeDbCommit`], [`PlantedBug::CacheDecidedDebit`]: the account
+    ///   node's settlement (`crate::planted::plant_settlement`, from [`ServicePorts::planted`]).
     pub planted: Option<PlantedBug>,
     /// What every [`ServicePorts::audited`] server saw: the SVID invariant's evidence.
     pub svid_audit: Arc<SvidAudit>,
@@ -185,6 +190,8 @@ impl Infra {
         F: Fn(ServicePorts) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        self.database.ledger.plant_skip_dedupe(self.planted == Some(PlantedBug::SkipSettlementDedupe));
+        let planted = self.planted;
         let service = Arc::new(service);
         let clock = self.clock(node);
         let security = NodeSecurity {
@@ -198,7 +205,11 @@ impl Infra {
             .ip(ip(node))
             .init(move || {
                 let (service, clock, security) = (Arc::clone(&service), clock.clone(), security.clone());
-                async move { service(ServicePorts::connect(clock, security).await).await }
+                async move {
+                    let mut ports = ServicePorts::connect(clock, security).await;
+                    ports.planted = planted;
+                    service(ports).await
+                }
             })
             .build();
         self.add_service(node, handle.clone());
@@ -234,6 +245,8 @@ pub struct ServicePorts {
     broker: RemoteClient<Broker>,
     pub svid: SimSvidSource,
     pub clock: Arc<dyn Clock>,
+    /// The run's planted bug ([`Infra::planted`]), for the service code that plants it.
+    pub planted: Option<PlantedBug>,
     security: NodeSecurity,
 }
 
@@ -271,6 +284,7 @@ impl ServicePorts {
             broker,
             svid: SimSvidSource::start(addr(Node::Spire), Arc::clone(&clock)).await,
             clock,
+            planted: None,
             security,
         }
     }
@@ -374,6 +388,8 @@ impl<'a> Injector<'a> {
             }
             Fault::BrokerOutage => self.infra.broker_server_faults.set_down(on),
             Fault::DatabaseOutage => self.infra.database_faults.set_down(on),
+            Fault::CacheOutage => self.infra.cache_faults.set_down(on),
+            Fault::StaleCache => self.infra.cache.faults.lose_invalidations(on),
             Fault::DuplicateDeliveries { probability } => {
                 // Per mille: the probability is validated to [0, 1].
                 let per_mille = if on { (probability * 1000.0).round() as u32 } else { 0 };
@@ -415,6 +431,7 @@ impl<'a> Injector<'a> {
         for faults in [&self.infra.database_faults, &self.infra.cache_faults, &self.infra.broker_server_faults] {
             faults.set_down(false);
         }
+        self.infra.cache.faults.lose_invalidations(false);
         self.infra.broker_faults.duplicate(0);
         self.infra.broker_faults.delay(Duration::ZERO);
         for clock in self.infra.clocks.values() {
@@ -429,6 +446,8 @@ fn kind(fault: &Fault) -> &'static str {
         Fault::Kill { .. } => "kill",
         Fault::BrokerOutage => "broker_outage",
         Fault::DatabaseOutage => "database_outage",
+        Fault::CacheOutage => "cache_outage",
+        Fault::StaleCache => "stale_cache",
         Fault::DuplicateDeliveries { .. } => "duplicate_deliveries",
         Fault::Delay { .. } => "delay",
         Fault::Rebalance { .. } => "rebalance",

@@ -136,6 +136,11 @@ pub enum FaultSpec {
     BrokerOutage { gap_ms: MsRange, duration_ms: MsRange },
     /// The database refuses every call during each episode (committed state survives).
     DatabaseOutage { gap_ms: MsRange, duration_ms: MsRange },
+    /// The cache refuses every call during each episode (its entries survive).
+    CacheOutage { gap_ms: MsRange, duration_ms: MsRange },
+    /// During each episode the cache acknowledges balance invalidations but loses them, so it keeps
+    /// serving balances a settlement should have dropped (until their TTL ends them).
+    StaleCache { gap_ms: MsRange, duration_ms: MsRange },
     /// During the safety phase each delivered record is delivered twice with this probability.
     DuplicateDeliveries { probability: f64 },
     /// During the safety phase each delivery from the broker is held back up to `max_ms`.
@@ -305,6 +310,8 @@ impl FaultSpec {
             FaultSpec::Kill { .. } => "kill",
             FaultSpec::BrokerOutage { .. } => "broker_outage",
             FaultSpec::DatabaseOutage { .. } => "database_outage",
+            FaultSpec::CacheOutage { .. } => "cache_outage",
+            FaultSpec::StaleCache { .. } => "stale_cache",
             FaultSpec::DuplicateDeliveries { .. } => "duplicate_deliveries",
             FaultSpec::Delay { .. } => "delay",
             FaultSpec::Rebalance { .. } => "rebalance",
@@ -350,7 +357,10 @@ impl FaultSpec {
                 positive("gap_ms", gap_ms)?;
                 positive("down_ms", down_ms)
             }
-            FaultSpec::BrokerOutage { gap_ms, duration_ms } | FaultSpec::DatabaseOutage { gap_ms, duration_ms } => {
+            FaultSpec::BrokerOutage { gap_ms, duration_ms }
+            | FaultSpec::DatabaseOutage { gap_ms, duration_ms }
+            | FaultSpec::CacheOutage { gap_ms, duration_ms }
+            | FaultSpec::StaleCache { gap_ms, duration_ms } => {
                 positive("gap_ms", gap_ms)?;
                 positive("duration_ms", duration_ms)
             }
@@ -404,6 +414,9 @@ pub enum Fault {
     },
     BrokerOutage,
     DatabaseOutage,
+    CacheOutage,
+    /// Balance invalidations lost while on.
+    StaleCache,
     DuplicateDeliveries {
         probability: f64,
     },
@@ -513,6 +526,12 @@ impl Schedule {
                 }
                 FaultSpec::DatabaseOutage { gap_ms, duration_ms } => {
                     episodes(*gap_ms, &mut |r| duration_ms.draw(r), &mut |_| Fault::DatabaseOutage, &mut push)?
+                }
+                FaultSpec::CacheOutage { gap_ms, duration_ms } => {
+                    episodes(*gap_ms, &mut |r| duration_ms.draw(r), &mut |_| Fault::CacheOutage, &mut push)?
+                }
+                FaultSpec::StaleCache { gap_ms, duration_ms } => {
+                    episodes(*gap_ms, &mut |r| duration_ms.draw(r), &mut |_| Fault::StaleCache, &mut push)?
                 }
                 FaultSpec::DuplicateDeliveries { probability } => {
                     let fault = Fault::DuplicateDeliveries { probability: *probability };
@@ -665,6 +684,7 @@ mod tests {
             "kill-notification",
             "broker-outage",
             "database-outage",
+            "cache-faults",
             "duplicates-and-delays",
             "rebalance",
             "clock-skew",
@@ -738,6 +758,55 @@ mod tests {
         let twice =
             format!("{twice}[[fault]]\nkind = \"kill\"\nnode = \"payment\"\ngap_ms = [1, 2]\ndown_ms = [1, 2]\n");
         assert!(refused(&twice).contains("second entry aimed at node payment"));
+    }
+
+    #[test]
+    fn cache_faults_parse_validate_and_draw_as_episodes() {
+        let plan = Plan::parse(&format!(
+            "{HEAD}[[fault]]\nkind = \"cache_outage\"\ngap_ms = [10, 100]\nduration_ms = [5, 50]\n\
+             [[fault]]\nkind = \"stale_cache\"\ngap_ms = [10, 100]\nduration_ms = [50, 200]\n\
+             [[fault]]\nkind = \"partition\"\na = \"account\"\nb = \"cache\"\ngap_ms = [10, 100]\nduration_ms = [5, 50]\n"
+        ))
+        .unwrap();
+        let range = |min, max| MsRange { min, max };
+        assert_eq!(plan.faults[0], FaultSpec::CacheOutage { gap_ms: range(10, 100), duration_ms: range(5, 50) });
+        assert_eq!(plan.faults[1], FaultSpec::StaleCache { gap_ms: range(10, 100), duration_ms: range(50, 200) });
+        assert_eq!(
+            plan.faults.iter().map(FaultSpec::kind).collect::<Vec<_>>(),
+            ["cache_outage", "stale_cache", "partition"]
+        );
+        for seed in 0..50 {
+            let schedule = Schedule::draw(&plan, &mut SplitMix(seed)).unwrap();
+            assert_eq!(schedule.kinds(&plan), ["cache_outage", "partition", "stale_cache"], "seed {seed}");
+            for fault in [Fault::CacheOutage, Fault::StaleCache] {
+                let events: Vec<&Event> = schedule.events.iter().filter(|e| e.fault == fault).collect();
+                assert!(!events.is_empty(), "seed {seed}: no {fault:?}");
+                for pair in events.chunks(2) {
+                    let [start, stop] = pair else { panic!("seed {seed}: unpaired {fault:?}") };
+                    assert_eq!((start.action, stop.action), (Action::Start, Action::Stop));
+                    assert!(start.at < stop.at && stop.at <= plan.safety());
+                }
+            }
+        }
+        let fault = |body: &str| format!("{HEAD}[[fault]]\n{body}\n");
+        for (text, expected) in [
+            (fault("kind = \"cache_outage\"\ngap_ms = [0, 2]\nduration_ms = [1, 2]"), "must not include 0"),
+            (fault("kind = \"stale_cache\"\ngap_ms = [1, 2]\nduration_ms = [0, 2]"), "must not include 0"),
+            (fault("kind = \"stale_cache\"\ngap_ms = [1, 2]"), "missing field `duration_ms`"),
+            (fault("kind = \"cache_outage\"\ngap_ms = [1, 2]\nduration_ms = [3, 2]"), "inverted"),
+            (
+                fault("kind = \"stale_cache\"\ngap_ms = [1, 2]\nduration_ms = [1, 2]\nnode = \"cache\""),
+                "unknown field `node`",
+            ),
+        ] {
+            let error = refused(&text);
+            assert!(error.contains(expected), "{error:?} should mention {expected:?}");
+        }
+        let twice = "kind = \"stale_cache\"\ngap_ms = [1, 2]\nduration_ms = [1, 2]";
+        assert!(
+            refused(&format!("{HEAD}[[fault]]\n{twice}\n[[fault]]\n{twice}\n"))
+                .contains("second entry aimed at stale_cache")
+        );
     }
 
     #[test]

@@ -1,6 +1,15 @@
 //! Known bugs the simulator can plant in the platform, to prove its invariants are not blind
 //! (issue 7, item 6). Each is off unless a test switches it on for one run
 //! (`platform::run_seed(&plan, Some(bug))`); nothing here is reachable from a service binary.
+//!
+//! Where each lives: `trust_expired_svid` in the simulated SVID interceptor (`spire`); the other
+//! three in the production libraries behind their cargo feature `planted-bugs`, which only this
+//! crate's madsim-only dependency lines enable (no production build compiles them) and which is
+//! off at run time unless [`crate::infra::Infra::planted`] names the bug:
+//! `skip_settlement_dedupe` in the ledger twin the database node serves
+//! (`MemoryLedgerStore::plant_skip_dedupe`), `commit_offset_before_db_commit` and
+//! `cache_decided_debit` in the account service's settlement (`SettlementConfig::planted`, see
+//! `plant_settlement`; the latter settles through `LedgerStore::settle_funds_checked_by_caller`).
 
 use std::fmt;
 
@@ -41,4 +50,19 @@ impl fmt::Display for PlantedBug {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// `config` (the account service's settlement configuration) for a run with `planted`: the
+/// settlement's planted switch is on when the run plants [`PlantedBug::CommitOffsetBeforeDbCommit`]
+/// or [`PlantedBug::CacheDecidedDebit`] (the `planted-bugs` feature exists only in the madsim build).
+#[cfg(madsim)]
+pub fn plant_settlement(
+    mut config: securepay_account::SettlementConfig,
+    planted: Option<PlantedBug>,
+) -> securepay_account::SettlementConfig {
+    config.planted = securepay_account::PlantedBugs {
+        commit_offsets_first: planted == Some(PlantedBug::CommitOffsetBeforeDbCommit),
+        cache_decides_debit: planted == Some(PlantedBug::CacheDecidedDebit),
+    };
+    config
 }

@@ -14,7 +14,9 @@
 //! - a killed infrastructure node loses only what lived in the node (connections, consumer-group
 //!   membership, calls in flight); the twin it served was created by the harness and keeps every
 //!   committed call, like a database's disk ([`serve`] takes it from outside the node);
-//! - [`ServerFaults::set_down`] is an outage: the node answers every call `Unavailable` at once.
+//! - [`ServerFaults::set_down`] is an outage: the node answers every call `Unavailable` at once;
+//! - [`CacheFaults::lose_invalidations`] makes the cache stale: balance invalidations are
+//!   acknowledged but not applied (entries still expire with their TTL).
 //!
 //! Ports served: [`Database`] (`LedgerStore` + `Outbox`, `PaymentStore` + `Outbox` +
 //! `IdempotencyStore` truth), [`Cache`] (`BalanceCache`, `IdempotencyStore` fast path) and
@@ -264,6 +266,20 @@ impl LedgerStore for RemoteLedgerStore {
     async fn account(&self, id: AccountId) -> PortResult<Option<AccountView>> {
         self.0.call(move |db| async move { db.ledger.account(id).await }).await?
     }
+
+    /// The planted bug `cache_decided_debit` reaches the database's twin this way (see
+    /// `securepay_sim::planted`).
+    async fn settle_funds_checked_by_caller(
+        &self,
+        batch: &[SettlementRequest],
+        funded: &[bool],
+        now: OffsetDateTime,
+    ) -> PortResult<Vec<SettlementResult>> {
+        let (batch, funded) = (batch.to_vec(), funded.to_vec());
+        self.0
+            .call(move |db| async move { db.ledger.settle_funds_checked_by_caller(&batch, &funded, now).await })
+            .await?
+    }
 }
 
 #[async_trait]
@@ -356,11 +372,43 @@ impl IdempotencyStore for RemotePaymentStore {
 // ---------------------------------------------------------------------------------------------
 // The cache node.
 
-/// What the cache node serves: balances and the idempotency fast path.
+/// What the cache node serves: balances and the idempotency fast path, and its stale-cache switch
+/// (held by the harness with the entries, so it outlives node restarts).
 #[derive(Debug, Clone, Default)]
 pub struct Cache {
     pub balances: MemoryBalanceCache,
     pub idempotency: MemoryIdempotencyStore,
+    pub faults: Arc<CacheFaults>,
+}
+
+/// Stale-cache fault of the cache node: while on, every balance invalidation is acknowledged but
+/// lost, so the cache keeps serving the value it should have dropped until its TTL ends it (lost
+/// `DEL`s: a failover to a lagging replica, a client that thinks it invalidated).
+#[derive(Debug, Default)]
+pub struct CacheFaults {
+    lose_invalidations: AtomicBool,
+    lost_invalidations: AtomicU64,
+}
+
+impl CacheFaults {
+    /// While `true`, balance invalidations are acknowledged and not applied.
+    pub fn lose_invalidations(&self, on: bool) {
+        self.lose_invalidations.store(on, Ordering::SeqCst);
+    }
+
+    /// How many invalidation calls were lost so far.
+    pub fn lost_invalidations(&self) -> u64 {
+        self.lost_invalidations.load(Ordering::SeqCst)
+    }
+
+    /// Whether this invalidation is lost (counted if so).
+    fn loses_invalidation(&self) -> bool {
+        let lost = self.lose_invalidations.load(Ordering::SeqCst);
+        if lost {
+            self.lost_invalidations.fetch_add(1, Ordering::SeqCst);
+        }
+        lost
+    }
 }
 
 /// `BalanceCache` on the cache node.
@@ -384,7 +432,11 @@ impl BalanceCache for RemoteBalanceCache {
 
     async fn invalidate(&self, ids: &[AccountId]) -> PortResult<()> {
         let ids = ids.to_vec();
-        self.0.call(move |c| async move { c.balances.invalidate(&ids).await }).await?
+        self.0
+            .call(move |c| async move {
+                if c.faults.loses_invalidation() { Ok(()) } else { c.balances.invalidate(&ids).await }
+            })
+            .await?
     }
 }
 

@@ -9,7 +9,9 @@
 //! - a consumer killed before committing has its records redelivered to the next member of its
 //!   group (after the session timeout), from the committed offset on; a broker restart forgets
 //!   the membership and the consumer rejoins from the commit;
-//! - duplicated deliveries arrive twice.
+//! - duplicated deliveries arrive twice;
+//! - the cache faults of a plan (outage, partition, stale = lost invalidations) played by the
+//!   `Injector` onto `Infra`'s cache node refuse or go stale, and heal.
 //!
 //! Run: `MADSIM_TEST_SEED=1 MADSIM_TEST_NUM=5 cargo sim --test infrastructure`.
 #![cfg(madsim)]
@@ -359,4 +361,92 @@ async fn records_whose_poll_reply_was_lost_are_delivered_again() {
     let got = node.spawn(async move { poll_until(&mut consumer, 5, Duration::from_secs(5)).await }).await.unwrap();
     check.check(got == vec![0, 1, 2, 3, 4], || format!("after the lost reply the consumer got {got:?}"));
     run::print_line(&format!("{TEST}/lost-poll seed={} checks={}", run::seed(), check.checks()));
+}
+
+/// The cache faults of a plan, played by the `Injector` onto `Infra`'s cache node: an outage
+/// refuses every call and keeps the entries; a partition from the account node times out; a stale
+/// episode acknowledges invalidations but loses them (the entry is served until its TTL), and
+/// after healing an invalidation drops the entry again.
+#[madsim::test]
+async fn cache_outages_partitions_and_lost_invalidations_hit_the_cache_node_and_heal() {
+    use securepay_ports::{AccountView, BalanceCache, CachedBalance};
+    use securepay_sim::infra::{Infra, Injector, addr};
+    use securepay_sim::plan::{Action, Event, Fault, Node, Plan};
+    use securepay_sim::remote::RemoteBalanceCache;
+
+    const REDIS_DOWN: PortError = PortError::Unavailable { component: "redis" };
+    run::print_replay_command_on_panic(TEST);
+    let mut check = Checker::new(TEST);
+    let plan = Plan::parse("name = \"cache\"\nsafety_ms = 1000\nliveness_ms = 1000\n").expect("a valid plan");
+    let mut infra = Infra::start(&plan);
+    let account_ip = securepay_sim::infra::ip(Node::Account);
+    let account = Handle::current().create_node().name("account").ip(account_ip).build();
+    infra.add_service(Node::Account, account.clone());
+    let injector = Injector::new(&infra);
+    let event = |action, fault| Event { at: Duration::ZERO, action, fault, entry: 0 };
+    let cache = account
+        .spawn(async { RemoteBalanceCache(RemoteClient::connect(addr(Node::Cache), "redis").await) })
+        .await
+        .expect("client");
+    let id = AccountId::from_uuid(SeededIds.uuid());
+    let balance = |value: i64| CachedBalance {
+        account: AccountView {
+            id,
+            owner: Subject::parse("alice").expect("valid"),
+            currency: eur(),
+            balance: Decimal::new(value, 2),
+        },
+        cached_at: SimClock.now(),
+    };
+    macro_rules! on_account {
+        ($body:expr) => {{
+            let c = cache.clone();
+            account.spawn(async move { $body(c).await }).await.expect("account task")
+        }};
+    }
+    macro_rules! read {
+        () => {
+            on_account!(|c: RemoteBalanceCache| async move { c.get(id).await.map(|b| b.map(|b| b.account.balance)) })
+        };
+    }
+    let put = balance(10_000);
+    let stored = on_account!(|c: RemoteBalanceCache| async move { c.put(&put, 5).await });
+    check.check(stored == Ok(()), || format!("put: {stored:?}"));
+    check.check(read!() == Ok(Some(Decimal::new(10_000, 2))), || "a hit returns what was put");
+
+    // Outage: every call refused at once; the entry survives it.
+    injector.apply(&event(Action::Start, Fault::CacheOutage));
+    let during = read!();
+    check.check(during == Err(REDIS_DOWN), || format!("read during a cache outage: {during:?}"));
+    let dropped = on_account!(|c: RemoteBalanceCache| async move { c.invalidate(&[id]).await });
+    check.check(dropped == Err(REDIS_DOWN), || format!("invalidate during a cache outage: {dropped:?}"));
+    injector.apply(&event(Action::Stop, Fault::CacheOutage));
+    check.check(read!() == Ok(Some(Decimal::new(10_000, 2))), || "the entry survived the outage");
+
+    // Partition account-cache: the call times out as Unavailable; healed, it is served again.
+    injector.apply(&event(Action::Start, Fault::Partition { a: Node::Account, b: Node::Cache }));
+    let across = read!();
+    check.check(across == Err(REDIS_DOWN), || format!("read across a partition: {across:?}"));
+    injector.apply(&event(Action::Stop, Fault::Partition { a: Node::Account, b: Node::Cache }));
+    check.check(read!() == Ok(Some(Decimal::new(10_000, 2))), || "read after the partition healed");
+
+    // Stale: the invalidation is acknowledged but lost; the old balance is served until its TTL.
+    injector.apply(&event(Action::Start, Fault::StaleCache));
+    let dropped = on_account!(|c: RemoteBalanceCache| async move { c.invalidate(&[id]).await });
+    check.check(dropped == Ok(()), || format!("a lost invalidation is acknowledged: {dropped:?}"));
+    check.check(read!() == Ok(Some(Decimal::new(10_000, 2))), || "a stale cache still serves the dropped balance");
+    check.check(infra.cache.faults.lost_invalidations() == 1, || "one invalidation lost");
+    sleep(Duration::from_secs(6)).await;
+    check.check(read!() == Ok(None), || "the TTL still ends a stale entry");
+
+    // Healed (heal_all ends the stale episode): invalidations drop entries again.
+    let put = balance(5_000);
+    let stored = on_account!(|c: RemoteBalanceCache| async move { c.put(&put, 5).await });
+    check.check(stored == Ok(()), || format!("put: {stored:?}"));
+    injector.heal_all();
+    let dropped = on_account!(|c: RemoteBalanceCache| async move { c.invalidate(&[id]).await });
+    check.check(dropped == Ok(()), || format!("invalidate after healing: {dropped:?}"));
+    check.check(read!() == Ok(None), || "an invalidation after healing drops the entry");
+    check.check(infra.cache.faults.lost_invalidations() == 1, || "no invalidation lost after healing");
+    run::print_line(&format!("{TEST}/cache seed={} checks={}", run::seed(), check.checks()));
 }

@@ -42,3 +42,18 @@ fn hunt(bug: PlantedBug, plan: &str, expected: &str) {
 fn planted_trust_expired_svid_is_caught() {
     hunt(PlantedBug::TrustExpiredSvid, "svid-expiry", "served without a valid SVID");
 }
+
+#[test]
+fn planted_skip_settlement_dedupe_is_caught() {
+    hunt(PlantedBug::SkipSettlementDedupe, "duplicates-and-delays", "has 4 ledger rows");
+}
+
+#[test]
+fn planted_commit_offset_before_db_commit_is_caught() {
+    hunt(PlantedBug::CommitOffsetBeforeDbCommit, "kill-account", "ledger verdict None");
+}
+
+#[test]
+fn planted_cache_decided_debit_is_caught() {
+    hunt(PlantedBug::CacheDecidedDebit, "cache-faults", "is at -");
+}

@@ -28,6 +28,8 @@ pub mod metrics;
 pub mod settlement;
 
 pub use grpc::{AccountGrpc, CACHE_TTL_S};
+#[cfg(feature = "planted-bugs")]
+pub use settlement::PlantedBugs;
 pub use settlement::{Round, SettlementConfig, Settler, Shutdown, run_settlement};
 
 /// The service's name in metric labels and logs.

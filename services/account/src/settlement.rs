@@ -24,6 +24,12 @@
 //! payment id, so nothing moves twice; a dead letter may be published twice (at-least-once). A poll
 //! that fails makes the consumer rejoin its group, so records it may have fetched and dropped are
 //! delivered again from the last commit rather than skipped by a later commit.
+//!
+//! PLANTED BUGS (feature `planted-bugs`, simulator only, off unless [`PlantedBugs`] switches one
+//! on for a run): `commit_offsets_first` commits the round's offsets BEFORE settling it, so a crash
+//! in between loses the round; `cache_decides_debit` lets the cached balance decide a debit
+//! (`LedgerStore::settle_funds_checked_by_caller`) instead of the store's conditional debit. A build
+//! without the feature has neither.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -44,6 +50,7 @@ use securepay_ports::{
     PortResult, SettlementRequest, SettlementResult, TopicPartitionOffset,
 };
 use securepay_proto::convert::decode_initiated;
+use time::OffsetDateTime;
 
 use crate::metrics;
 
@@ -74,6 +81,20 @@ pub struct SettlementConfig {
     /// Bounds on an event's amount. The per-payment maximum is the payment service's rule, checked
     /// when it accepted the payment; an accepted event is not refused here for its size.
     pub amount_policy: AmountPolicy,
+    /// The simulator's planted bugs (all off by default; see the module docs).
+    #[cfg(feature = "planted-bugs")]
+    pub planted: PlantedBugs,
+}
+
+/// PLANTED BUGS, simulator only (feature `planted-bugs`): switches a sim run turns on to prove its
+/// invariants catch them. All off by default.
+#[cfg(feature = "planted-bugs")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlantedBugs {
+    /// Commit the round's offsets before the settlement transaction (a crash between loses it).
+    pub commit_offsets_first: bool,
+    /// Debit whenever the CACHED balance of the payer covers the amount, without the store's check.
+    pub cache_decides_debit: bool,
 }
 
 impl SettlementConfig {
@@ -85,6 +106,8 @@ impl SettlementConfig {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
             amount_policy: AmountPolicy { maximum: Decimal::MAX },
+            #[cfg(feature = "planted-bugs")]
+            planted: PlantedBugs::default(),
         }
     }
 
@@ -223,6 +246,13 @@ where
             if records.is_empty() {
                 continue;
             }
+            #[cfg(feature = "planted-bugs")]
+            if settler.config.planted.commit_offsets_first {
+                // PLANTED BUG: the offsets move before the round's settlement is durable.
+                if let Err(error) = consumer.commit(&highest_per_partition(&records)).await {
+                    tracing::warn!(%error, "early offset commit failed");
+                }
+            }
             let Ok(round) = settler.settle_round(&records, &mut stop).await else {
                 tracing::info!("shutdown while retrying a round; it stays uncommitted and is delivered again");
                 return;
@@ -303,6 +333,29 @@ impl<L: LedgerStore, C: BalanceCache> Settler<L, C> {
         Ok(round)
     }
 
+    /// The store settles `batch`: it alone decides every debit (unless a planted bug says otherwise).
+    async fn store_settle(
+        &self,
+        batch: &[SettlementRequest],
+        now: OffsetDateTime,
+    ) -> PortResult<Vec<SettlementResult>> {
+        #[cfg(feature = "planted-bugs")]
+        if self.config.planted.cache_decides_debit {
+            // PLANTED BUG: the cached balance of the payer decides whether the debit goes through.
+            let mut funded = Vec::with_capacity(batch.len());
+            for request in batch {
+                let transfer = &request.transfer;
+                let cached = self.cache.get(transfer.from).await;
+                funded.push(matches!(cached, Ok(Some(hit))
+                    if hit.account.id == transfer.from
+                        && hit.account.currency == transfer.amount.currency()
+                        && hit.account.balance >= transfer.amount.value()));
+            }
+            return self.ledger.settle_funds_checked_by_caller(batch, &funded, now).await;
+        }
+        self.ledger.settle(batch, now).await
+    }
+
     /// Settles `requests` as one batch; if the store refuses the batch, settles each alone. Per
     /// request: its result, or the reason it was refused alone.
     async fn settle_isolating(
@@ -341,7 +394,7 @@ impl<L: LedgerStore, C: BalanceCache> Settler<L, C> {
         let mut backoff = Backoff::new(&self.config);
         loop {
             let span = tracing::info_span!(SETTLE_BATCH_SPAN, events = batch.len());
-            let result = tracing::Instrument::instrument(self.ledger.settle(batch, self.clock.now()), span).await;
+            let result = tracing::Instrument::instrument(self.store_settle(batch, self.clock.now()), span).await;
             match result {
                 Err(PortError::Unavailable { component }) => {
                     let pause = backoff.next();
@@ -676,5 +729,52 @@ mod tests {
             .expect("the loop settled, committed and stopped");
         assert_eq!(w.store.ledger().balance(w.bob), Some(Decimal::from(3)));
         assert_eq!(w.cache.get(w.bob).await.unwrap(), None, "invalidated after the commit");
+    }
+
+    #[cfg(feature = "planted-bugs")]
+    #[test]
+    fn planted_bugs_are_off_by_default() {
+        let off = PlantedBugs { commit_offsets_first: false, cache_decides_debit: false };
+        assert_eq!(PlantedBugs::default(), off);
+        assert_eq!(SettlementConfig::production().planted, off);
+        assert_eq!(SettlementConfig::new(DLQ).planted, off);
+    }
+
+    /// Runs the loop against a store that is down until `committed` (the group's committed offset
+    /// of partition 0 once the store was asked `asks` times) is known; returns it.
+    #[cfg(feature = "planted-bugs")]
+    async fn committed_while_the_store_is_down(planted: PlantedBugs) -> Option<i64> {
+        let w = world();
+        w.log.publish(&[payment(&w, "1.00").1]).await.unwrap();
+        let mut s = settler(&w, usize::MAX, None);
+        s.config.planted = planted;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let log = w.log.clone();
+        let running = async {
+            run_settlement(&s, || Ok(log.consumer("account", &[TOPIC])), async move { drop(stop_rx.await) }).await;
+        };
+        let watching = async {
+            // The store has been asked several times: the round is stuck retrying, uncommitted
+            // unless the offsets were committed first.
+            while s.ledger.batches.lock().unwrap().len() < 5 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let committed = w.log.committed("account", TOPIC, 0);
+            stop_tx.send(()).unwrap();
+            committed
+        };
+        let (_, committed) = tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(running, watching) })
+            .await
+            .expect("the loop retried the store and stopped");
+        assert_eq!(w.store.ledger().balance(w.bob), Some(Decimal::ZERO), "nothing settled while the store is down");
+        committed
+    }
+
+    #[cfg(feature = "planted-bugs")]
+    #[tokio::test]
+    async fn offsets_wait_for_the_store_unless_the_commit_first_bug_is_planted() {
+        assert_eq!(committed_while_the_store_is_down(PlantedBugs::default()).await, None, "off: nothing committed");
+        let planted = PlantedBugs { commit_offsets_first: true, ..PlantedBugs::default() };
+        assert_eq!(committed_while_the_store_is_down(planted).await, Some(1), "planted: committed before settling");
     }
 }

@@ -146,6 +146,38 @@ impl Ledger {
         }
     }
 
+    /// PLANTED BUGS, simulator only (feature `planted-bugs`, never in a production build): settles
+    /// like [`Ledger::settle`] but without the replay check when `dedupe` is false (a payment seen
+    /// before takes effect again and its verdict is overwritten) and without the funds check when
+    /// `funds_check` is false (the debit goes through even if it makes the balance negative). With
+    /// both `true` it is exactly [`Ledger::settle`].
+    #[cfg(feature = "planted-bugs")]
+    pub fn settle_planted(&mut self, transfer: &Transfer, dedupe: bool, funds_check: bool) -> Settled {
+        if dedupe && let Some(&outcome) = self.settled.get(&transfer.payment_id) {
+            return Settled::Duplicate(outcome);
+        }
+        let mut outcome = verdict(self.accounts.get(&transfer.from), self.accounts.get(&transfer.to), transfer.amount);
+        if !funds_check && outcome == Outcome::Failed(FailureReason::InsufficientFunds) {
+            outcome = Outcome::Completed;
+        }
+        if outcome == Outcome::Completed {
+            let amount = transfer.amount.value();
+            for (account, delta) in [(transfer.from, -amount), (transfer.to, amount)] {
+                self.accounts.get_mut(&account).expect("verdict checked both accounts exist").balance += delta;
+            }
+            for (account, direction) in [(transfer.from, Direction::Debit), (transfer.to, Direction::Credit)] {
+                self.entries.push(Entry {
+                    payment_id: transfer.payment_id,
+                    account,
+                    direction,
+                    amount: transfer.amount,
+                });
+            }
+        }
+        self.settled.insert(transfer.payment_id, outcome);
+        Settled::New(outcome)
+    }
+
     pub fn account(&self, id: AccountId) -> Option<&Account> {
         self.accounts.get(&id)
     }

@@ -12,6 +12,11 @@
 //! - the verdict is `securepay_core::ledger`'s, the one settlement rule;
 //! - each new settlement puts exactly one outcome event (`events.v1.PaymentCompleted` or
 //!   `PaymentFailed`, protobuf) in the outbox, in commit order.
+//!
+//! PLANTED BUGS (feature `planted-bugs`, simulator only; off unless switched on): with
+//! [`MemoryLedgerStore::plant_skip_dedupe`] a redelivered event is applied again; with
+//! `LedgerStore::settle_funds_checked_by_caller` a request the caller flagged as funded is debited
+//! without the funds check. Neither exists in a build without the feature.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,6 +39,9 @@ pub const OUTBOX_BATCH_LEN_MAX: usize = 1024;
 #[derive(Debug, Clone, Default)]
 pub struct MemoryLedgerStore {
     state: Arc<Mutex<LedgerSnapshot>>,
+    /// PLANTED BUG `skip_settlement_dedupe` (see the module docs).
+    #[cfg(feature = "planted-bugs")]
+    skip_dedupe: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Everything the store has committed: a copy of it is a snapshot of the "disk".
@@ -60,7 +68,11 @@ impl MemoryLedgerStore {
 
     /// A store whose state is `snapshot` (a restart from a copied disk).
     pub fn restore(snapshot: LedgerSnapshot) -> MemoryLedgerStore {
-        MemoryLedgerStore { state: Arc::new(Mutex::new(snapshot)) }
+        MemoryLedgerStore {
+            state: Arc::new(Mutex::new(snapshot)),
+            #[cfg(feature = "planted-bugs")]
+            skip_dedupe: Arc::default(),
+        }
     }
 
     /// A copy of everything committed so far.
@@ -79,6 +91,33 @@ impl MemoryLedgerStore {
     /// A copy of the ledger model: balances, verdicts and ledger rows, for invariant checks.
     pub fn ledger(&self) -> Ledger {
         self.lock().ledger.clone()
+    }
+
+    /// PLANTED BUG `skip_settlement_dedupe`, simulator only: while on, `settle` skips the replay
+    /// check, so a redelivered event (or a second event of a settled payment) takes effect again.
+    /// Shared by every clone.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_skip_dedupe(&self, on: bool) {
+        self.skip_dedupe.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Settles `batch` atomically, deciding each request (with its index) by `one`.
+    fn settle_with(
+        &self,
+        batch: &[SettlementRequest],
+        mut one: impl FnMut(&mut LedgerSnapshot, usize, &SettlementRequest) -> Settled,
+    ) -> PortResult<Vec<SettlementResult>> {
+        securepay_ports::ledger::check_batch(batch)?;
+        let mut state = self.lock();
+        let mut next = state.clone();
+        let results: Vec<SettlementResult> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, request)| SettlementResult { event_id: request.event_id, settled: one(&mut next, i, request) })
+            .collect();
+        assert_eq!(next.ledger.totals(), state.ledger.totals(), "a settlement batch changed a currency's total");
+        *state = next;
+        Ok(results)
     }
 
     fn lock(&self) -> MutexGuard<'_, LedgerSnapshot> {
@@ -108,6 +147,31 @@ impl LedgerSnapshot {
         let Settled::New(outcome) = settled else {
             unreachable!("verdict_of saw no settlement of this payment, the model did");
         };
+        self.record_new(request, outcome, now);
+        settled
+    }
+
+    /// The planted-bug variant of [`LedgerSnapshot::settle_one`] (see the module docs).
+    #[cfg(feature = "planted-bugs")]
+    fn settle_one_planted(
+        &mut self,
+        request: &SettlementRequest,
+        now: OffsetDateTime,
+        dedupe: bool,
+        funds_check: bool,
+    ) -> Settled {
+        if dedupe && let Some(first) = self.verdict_of(request) {
+            return Settled::Duplicate(first);
+        }
+        let settled = self.ledger.settle_planted(&request.transfer, dedupe, funds_check);
+        if let Settled::New(outcome) = settled {
+            self.record_new(request, outcome, now);
+        }
+        settled
+    }
+
+    /// Records a new settlement: the event as processed, its outcome event in the outbox.
+    fn record_new(&mut self, request: &SettlementRequest, outcome: Outcome, now: OffsetDateTime) {
         self.processed_events.insert(request.event_id, request.transfer.payment_id);
         let event = request.outcome_event(outcome, now);
         let sequence = i64::try_from(self.outbox.len() + 1).expect("outbox length fits i64");
@@ -121,23 +185,31 @@ impl LedgerSnapshot {
             },
             published: false,
         });
-        settled
     }
 }
 
 #[async_trait]
 impl LedgerStore for MemoryLedgerStore {
     async fn settle(&self, batch: &[SettlementRequest], now: OffsetDateTime) -> PortResult<Vec<SettlementResult>> {
-        securepay_ports::ledger::check_batch(batch)?;
-        let mut state = self.lock();
-        let mut next = state.clone();
-        let results: Vec<SettlementResult> = batch
-            .iter()
-            .map(|request| SettlementResult { event_id: request.event_id, settled: next.settle_one(request, now) })
-            .collect();
-        assert_eq!(next.ledger.totals(), state.ledger.totals(), "a settlement batch changed a currency's total");
-        *state = next;
-        Ok(results)
+        #[cfg(feature = "planted-bugs")]
+        if self.skip_dedupe.load(std::sync::atomic::Ordering::SeqCst) {
+            return self.settle_with(batch, |state, _, request| state.settle_one_planted(request, now, false, true));
+        }
+        self.settle_with(batch, |state, _, request| state.settle_one(request, now))
+    }
+
+    #[cfg(feature = "planted-bugs")]
+    async fn settle_funds_checked_by_caller(
+        &self,
+        batch: &[SettlementRequest],
+        funded: &[bool],
+        now: OffsetDateTime,
+    ) -> PortResult<Vec<SettlementResult>> {
+        if funded.len() != batch.len() {
+            return Err(PortError::Refused { rule: "funded_len" });
+        }
+        let dedupe = !self.skip_dedupe.load(std::sync::atomic::Ordering::SeqCst);
+        self.settle_with(batch, |state, i, request| state.settle_one_planted(request, now, dedupe, !funded[i]))
     }
 
     async fn account(&self, id: AccountId) -> PortResult<Option<AccountView>> {
@@ -351,5 +423,38 @@ mod tests {
         let restarted = MemoryLedgerStore::restore(durable.snapshot());
         assert_eq!(settled(&restarted, &[request(10, 1, 2, "40.00")]).await, [Settled::Duplicate(Outcome::Completed)]);
         assert_eq!(restarted.account(account(1)).await.unwrap().unwrap().owner.as_str(), "alice");
+    }
+
+    #[cfg(feature = "planted-bugs")]
+    #[tokio::test]
+    async fn planted_skip_dedupe_is_off_by_default_and_applies_a_redelivery_again_when_on() {
+        let store = store_with(&[(1, "100.00"), (2, "0")]);
+        let r = request(10, 1, 2, "10.00");
+        settled(&store, std::slice::from_ref(&r)).await;
+        assert_eq!(settled(&store, std::slice::from_ref(&r)).await, [Settled::Duplicate(Outcome::Completed)]);
+        store.clone().plant_skip_dedupe(true);
+        assert_eq!(settled(&store, std::slice::from_ref(&r)).await, [Settled::New(Outcome::Completed)]);
+        assert_eq!(store.ledger().entries().len(), 4, "the payment moved twice");
+        assert_eq!(balances(&store, &[1, 2]).await, [Decimal::from(80), Decimal::from(20)]);
+    }
+
+    #[cfg(feature = "planted-bugs")]
+    #[tokio::test]
+    async fn planted_funds_checked_by_caller_debits_a_flagged_request_past_zero_and_only_that_one() {
+        let store = store_with(&[(1, "10.00"), (2, "0")]);
+        let batch = [request(10, 1, 2, "30.00"), request(11, 1, 2, "30.00")];
+        assert!(store.settle_funds_checked_by_caller(&batch, &[true], now()).await.is_err(), "one flag per request");
+        assert_eq!(
+            store
+                .settle_funds_checked_by_caller(&batch, &[true, false], now())
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.settled)
+                .collect::<Vec<_>>(),
+            [Settled::New(Outcome::Completed), Settled::New(INSUFFICIENT)]
+        );
+        assert_eq!(balances(&store, &[1, 2]).await, [Decimal::from(-20), Decimal::from(30)]);
+        assert_eq!(settled(&store, &batch[..1]).await, [Settled::Duplicate(Outcome::Completed)], "still deduped");
     }
 }

@@ -74,6 +74,21 @@ pub trait LedgerStore: Outbox {
 
     /// The committed balance, currency and owner of an account.
     async fn account(&self, id: AccountId) -> PortResult<Option<AccountView>>;
+
+    /// PLANTED BUG `cache_decided_debit`, simulator only (feature `planted-bugs`, never in a
+    /// production build): [`LedgerStore::settle`], except that a request whose `funded` flag is
+    /// set is debited WITHOUT the store's funds check (the caller decided it can pay). `funded`
+    /// has one flag per request. Stores that do not plant bugs refuse it (the default).
+    #[cfg(feature = "planted-bugs")]
+    async fn settle_funds_checked_by_caller(
+        &self,
+        batch: &[SettlementRequest],
+        funded: &[bool],
+        now: OffsetDateTime,
+    ) -> PortResult<Vec<SettlementResult>> {
+        let _ = (batch, funded, now);
+        Err(PortError::Refused { rule: "planted_bug_unsupported" })
+    }
 }
 
 /// An account as read from the store of record.
