@@ -4,7 +4,8 @@
 //! simulation, checked on its own.
 //!
 //! Safety phase: the plan's faults, drawn from the seed. Then everything is healed and, within the
-//! plan's liveness bound, every service node must again: read the database, use the cache, publish
+//! plan's liveness bound, every service node must again: read the database, use the cache (a
+//! balance put and invalidated is gone: not stale), publish
 //! to and consume from the broker (a record published after healing), and hold a valid SVID. This
 //! proves each fault is injected *and* healed — a partition left clogged, a node never restarted,
 //! a switch left on, an SVID never renewed all fail the run with its replay command.
@@ -17,8 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use madsim::rand::thread_rng;
-use securepay_core::ids::AccountId;
-use securepay_ports::{BalanceCache, EventConsumer, EventLog, LedgerStore, OutgoingRecord, SvidSource};
+use rust_decimal::Decimal;
+use securepay_core::ids::{AccountId, Subject};
+use securepay_core::money::Currency;
+use securepay_ports::{
+    AccountView, BalanceCache, CachedBalance, EventConsumer, EventLog, LedgerStore, OutgoingRecord, SvidSource,
+};
 use securepay_sim::infra::{Infra, Injector, ServicePorts};
 use securepay_sim::plan::{Node, Plan, Schedule};
 use securepay_sim::run::{self, Checker};
@@ -57,6 +62,23 @@ fn note(stats: &Shared, node: Node, probe: Probe, ok: bool) {
     }
 }
 
+/// The cache works and is not stale: a balance put, invalidated, then read is gone (a stale-cache
+/// switch left on keeps it; an outage or partition refuses).
+async fn cache_round_trip(ports: &ServicePorts, node: Node, id: AccountId) -> bool {
+    let entry = CachedBalance {
+        account: AccountView {
+            id,
+            owner: Subject::parse(node.name()).expect("a node name is a valid subject"),
+            currency: Currency::from_code("EUR").expect("a known currency"),
+            balance: Decimal::ONE,
+        },
+        cached_at: ports.clock.now(),
+    };
+    ports.balances.put(&entry, 5).await.is_ok()
+        && ports.balances.invalidate(&[id]).await.is_ok()
+        && matches!(ports.balances.get(id).await, Ok(None))
+}
+
 /// A service node's probe: every port, over and over, until the node dies.
 async fn probe(node: Node, ports: ServicePorts, stats: Shared) {
     let group = format!("probe-{node}");
@@ -64,7 +86,7 @@ async fn probe(node: Node, ports: ServicePorts, stats: Shared) {
     let unknown = AccountId::from_uuid(uuid::Uuid::from_u128(u128::from(u32::from(node as u8))));
     loop {
         note(&stats, node, Probe::Database, ports.ledger.account(unknown).await.is_ok());
-        note(&stats, node, Probe::Cache, ports.balances.get(unknown).await.is_ok());
+        note(&stats, node, Probe::Cache, cache_round_trip(&ports, node, unknown).await);
         let record =
             OutgoingRecord { topic: PROBE_TOPIC.into(), key: node.name().into(), payload: vec![], headers: vec![] };
         note(&stats, node, Probe::Publish, ports.events.publish(&[record]).await.is_ok());
@@ -163,6 +185,7 @@ plan_tests! {
     kill_notification => "kill-notification",
     broker_outage => "broker-outage",
     database_outage => "database-outage",
+    cache_faults => "cache-faults",
     duplicates_and_delays => "duplicates-and-delays",
     rebalance => "rebalance",
     clock_skew => "clock-skew",
