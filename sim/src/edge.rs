@@ -23,7 +23,7 @@ use madsim::rand::{Rng, thread_rng};
 use securepay_core::ids::{AccountId, Subject};
 use securepay_gateway::auth::{SCOPE_READ, SCOPE_WRITE};
 use securepay_gateway::config::{BODY_LIMIT_BYTES, GatewayConfig, JwtConfig};
-use securepay_gateway::devkeys::{self, SecretKey};
+use securepay_gateway::devkeys::{self, SecretKey, TokenSigner};
 use securepay_gateway::{Authenticator, api};
 use securepay_ports::PortResult;
 
@@ -48,19 +48,21 @@ pub fn unix_now() -> i64 {
 #[derive(Clone)]
 pub struct DevIssuer {
     key: SecretKey,
+    signer: TokenSigner,
     jwt: JwtConfig,
 }
 
 impl std::fmt::Debug for DevIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DevIssuer").field("kid", &devkeys::key_id(&self.key.public_key())).finish()
+        f.debug_struct("DevIssuer").field("kid", &self.signer.kid()).finish()
     }
 }
 
 impl DevIssuer {
     fn with_key_byte(byte: u8) -> DevIssuer {
         let key = SecretKey::from_slice(&[byte; 32]).expect("a fixed non-zero scalar below the group order");
-        DevIssuer { key, jwt: gateway_config().jwt }
+        let signer = TokenSigner::new(&key).expect("the dev key encodes");
+        DevIssuer { key, signer, jwt: gateway_config().jwt }
     }
 
     /// The issuer the gateway node trusts.
@@ -86,8 +88,7 @@ impl DevIssuer {
     /// A token for `subject` with `scope`, issued at `now` (Unix seconds) for `ttl_s`.
     pub fn token_at(&self, subject: &Subject, scope: &str, now: i64, ttl_s: i64) -> String {
         let jti = format!("{:032x}", thread_rng().r#gen::<u128>());
-        devkeys::mint_token_at(&self.key, &self.jwt, subject.as_str(), scope, now, ttl_s, &jti)
-            .expect("a dev token signs")
+        self.signer.mint_at(&self.jwt, subject.as_str(), scope, now, ttl_s, &jti).expect("a dev token signs")
     }
 
     /// A token for `subject` with both scopes, valid from now for [`TOKEN_TTL_S`].

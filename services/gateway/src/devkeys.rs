@@ -85,33 +85,51 @@ pub fn mint_token(
     ttl_seconds: i64,
 ) -> anyhow::Result<String> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    mint_token_at(key, jwt, subject, scope, now, ttl_seconds, &uuid::Uuid::new_v4().to_string())
+    TokenSigner::new(key)?.mint_at(jwt, subject, scope, now, ttl_seconds, &uuid::Uuid::new_v4().to_string())
 }
 
-/// An ES256 token for `subject` with `scope`, issued at `now` (Unix seconds), valid for
-/// `ttl_seconds`, with token id `jti` (the simulator mints with its own clock and seeded ids).
-pub fn mint_token_at(
-    key: &SecretKey,
-    jwt: &JwtConfig,
-    subject: &str,
-    scope: &str,
-    now: i64,
-    ttl_seconds: i64,
-    jti: &str,
-) -> anyhow::Result<String> {
-    let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|_| anyhow::anyhow!("cannot encode the key"))?;
-    let encoding = EncodingKey::from_ec_pem(pem.as_bytes())?;
-    let mut header = Header::new(Algorithm::ES256);
-    header.kid = Some(key_id(&key.public_key()));
-    let claims = Claims {
-        iss: &jwt.issuer,
-        aud: &jwt.audience,
-        sub: subject,
-        scope,
-        iat: now,
-        nbf: now,
-        exp: now + ttl_seconds,
-        jti: jti.to_owned(),
-    };
-    Ok(jsonwebtoken::encode(&header, &claims, &encoding)?)
+/// Mints development tokens with one key; the key's encoding and id are computed once (the
+/// simulator mints many, on its own clock and with seeded ids).
+#[derive(Clone)]
+pub struct TokenSigner {
+    encoding: EncodingKey,
+    kid: String,
+}
+
+impl TokenSigner {
+    pub fn new(key: &SecretKey) -> anyhow::Result<TokenSigner> {
+        let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|_| anyhow::anyhow!("cannot encode the key"))?;
+        Ok(TokenSigner { encoding: EncodingKey::from_ec_pem(pem.as_bytes())?, kid: key_id(&key.public_key()) })
+    }
+
+    /// The key id every token names (the RFC 7638 thumbprint).
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// An ES256 token for `subject` with `scope`, issued at `now` (Unix seconds), valid for
+    /// `ttl_seconds`, with token id `jti`.
+    pub fn mint_at(
+        &self,
+        jwt: &JwtConfig,
+        subject: &str,
+        scope: &str,
+        now: i64,
+        ttl_seconds: i64,
+        jti: &str,
+    ) -> anyhow::Result<String> {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        let claims = Claims {
+            iss: &jwt.issuer,
+            aud: &jwt.audience,
+            sub: subject,
+            scope,
+            iat: now,
+            nbf: now,
+            exp: now + ttl_seconds,
+            jti: jti.to_owned(),
+        };
+        Ok(jsonwebtoken::encode(&header, &claims, &self.encoding)?)
+    }
 }
