@@ -241,6 +241,33 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "planted-bugs")]
+    #[test]
+    fn the_planted_settle_is_settle_with_both_checks_and_breaks_exactly_the_one_switched_off() {
+        let (mut checked, mut model) = (two_accounts(), two_accounts());
+        for (payment, amount) in [(10, "60.00"), (11, "60.00"), (10, "60.00")] {
+            assert_eq!(
+                checked.settle_planted(&transfer(payment, amount), true, true),
+                model.settle(&transfer(payment, amount))
+            );
+        }
+        assert_eq!(checked, model);
+
+        let mut replayed = two_accounts();
+        replayed.settle_planted(&transfer(10, "30.00"), false, true);
+        assert_eq!(replayed.settle_planted(&transfer(10, "30.00"), false, true), Settled::New(Outcome::Completed));
+        assert_eq!((replayed.balance(account(1)), replayed.entries().len()), (Some(Decimal::from(40)), 4));
+
+        let mut overdrawn = two_accounts();
+        assert_eq!(overdrawn.settle_planted(&transfer(10, "130.00"), true, false), Settled::New(Outcome::Completed));
+        assert_eq!(overdrawn.balance(account(1)), Some(Decimal::from(-30)));
+        assert_eq!(
+            overdrawn.settle_planted(&transfer(10, "130.00"), true, false),
+            Settled::Duplicate(Outcome::Completed)
+        );
+        assert_eq!(overdrawn.totals(), two_accounts().totals(), "conserved all the same");
+    }
+
     #[test]
     fn a_completed_transfer_writes_one_debit_and_one_credit() {
         let mut ledger = two_accounts();
