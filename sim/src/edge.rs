@@ -24,6 +24,7 @@ use securepay_core::ids::{AccountId, Subject};
 use securepay_gateway::auth::{SCOPE_READ, SCOPE_WRITE};
 use securepay_gateway::config::{BODY_LIMIT_BYTES, GatewayConfig, JwtConfig};
 use securepay_gateway::devkeys::{self, SecretKey, TokenSigner};
+use securepay_gateway::edge::REQUEST_ID_HEADER;
 use securepay_gateway::{Authenticator, api};
 use securepay_ports::PortResult;
 
@@ -119,7 +120,7 @@ pub fn payment_body(pay: &Pay, amount: &str) -> Vec<u8> {
 /// A request with the headers every client request carries: its request id (so the gateway
 /// never draws one) and, when given, the bearer token.
 fn request(method: &str, uri: &str, request_id: &str, token: Option<&str>, body: Vec<u8>) -> Request<Vec<u8>> {
-    let mut builder = Request::builder().method(method).uri(uri).header(api_request_id(), request_id);
+    let mut builder = Request::builder().method(method).uri(uri).header(REQUEST_ID_HEADER, request_id);
     if let Some(token) = token {
         builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
     }
@@ -127,10 +128,6 @@ fn request(method: &str, uri: &str, request_id: &str, token: Option<&str>, body:
         builder = builder.header(header::CONTENT_TYPE, "application/json").header(header::CONTENT_LENGTH, body.len());
     }
     builder.body(body).expect("a valid request")
-}
-
-fn api_request_id() -> &'static str {
-    securepay_gateway::edge::REQUEST_ID_HEADER
 }
 
 /// `POST /api/v1/payments` with `body` under idempotency key `key`.
