@@ -50,7 +50,7 @@ pub fn replay_command(plan: &str, seed: u64, planted: Option<PlantedBug>) -> Str
 
 /// Small enough for a seed in well under the budget, mean enough to collide on hot accounts.
 pub fn workload_config() -> WorkloadConfig {
-    WorkloadConfig { clients: 3, ops_per_client: 10, ..WorkloadConfig::default() }
+    WorkloadConfig { clients: 4, ops_per_client: 10, ..WorkloadConfig::default() }
 }
 
 /// What one seed did, for its summary line and the sweep's report.
@@ -120,13 +120,15 @@ pub async fn run_seed(plan: &Plan, planted: Option<PlantedBug>) -> Outcome {
         payments: infra.database.payments.snapshot().payments().count(),
         checks: check.checks(),
         observed: format!(
-            "sent={} accepted_keys={} refused={:?} gave_up={} not_sent={} balance_reads={}",
+            "sent={} accepted_keys={} refused={:?} gave_up={} not_sent={} balance_reads={} throttled={} hostile={}",
             observed.sent,
             observed.accepted.len(),
             observed.refused,
             observed.gave_up,
             observed.not_sent,
-            observed.balance_reads
+            observed.balance_reads,
+            observed.throttled,
+            observed.hostile_answered,
         ),
         sim_seconds: started.elapsed().as_secs_f64(),
     }
@@ -198,6 +200,9 @@ fn check_invariants(check: &mut Checker, infra: &Infra, workload: &Workload, obs
     }
     check.check(observed.conflicting_accepted.is_empty(), || {
         format!("{name}: conflicting replays accepted: {:?}", observed.conflicting_accepted)
+    });
+    check.check(observed.hostile_unexpected.is_empty(), || {
+        format!("{name}: hostile requests answered unexpectedly: {:?}", observed.hostile_unexpected)
     });
     check.check(observed.negative_balances_read.is_empty(), || {
         format!("{name}: negative balances read: {:?}", observed.negative_balances_read)
