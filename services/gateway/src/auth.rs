@@ -5,14 +5,23 @@
 //! chosen by `kid` and its own algorithm must equal the token's; `exp` is required, and `exp`,
 //! `nbf`, `iss`, `aud` are checked with the configured leeway; `sub` must be a valid subject.
 //! Scopes come from the space-separated `scope` claim.
+//!
+//! Time: `exp` and `nbf` are compared with the injected [`Clock`] (the `securepay_ports` port), never
+//! read from the OS by the JWT library: production gives [`SystemClock`], the simulator the gateway
+//! node's skewable clock, so a gateway whose clock is off refuses tokens exactly as a real one would.
+//! A token is expired when `exp < now - leeway` (`jwt_expired`), not yet valid when
+//! `nbf > now + leeway` (`jwt_invalid`).
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, PublicKeyUse};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use securepay_core::ids::Subject;
+use securepay_ports::Clock;
 use serde::Deserialize;
+use time::OffsetDateTime;
 
 use crate::config::JwtConfig;
 
@@ -68,10 +77,21 @@ struct VerifyingKey {
     key: DecodingKey,
 }
 
-/// Verifies bearer tokens against the keys of one JWKS.
+/// The OS wall clock: what production checks token times against.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+}
+
+/// Verifies bearer tokens against the keys of one JWKS, on its clock.
 pub struct Authenticator {
     keys: HashMap<String, VerifyingKey>,
     config: JwtConfig,
+    clock: Arc<dyn Clock>,
 }
 
 #[derive(Deserialize)]
@@ -79,6 +99,20 @@ struct Claims {
     sub: String,
     #[serde(default)]
     scope: Option<String>,
+    exp: serde_json::Number,
+    #[serde(default)]
+    nbf: Option<serde_json::Number>,
+}
+
+/// A NumericDate (RFC 7519 §2) as whole seconds; fractions are cut (a token is never valid longer).
+fn seconds(value: &serde_json::Number) -> Option<i64> {
+    value.as_i64().or_else(|| {
+        value.as_f64().filter(|f| f.is_finite() && f.abs() < 1e15).map(|f| {
+            #[allow(clippy::cast_possible_truncation)]
+            let whole = f.floor() as i64;
+            whole
+        })
+    })
 }
 
 impl Authenticator {
@@ -123,7 +157,14 @@ impl Authenticator {
         if keys.is_empty() {
             return Err(JwksError::NoUsableKey);
         }
-        Ok(Authenticator { keys, config })
+        Ok(Authenticator { keys, config, clock: Arc::new(SystemClock) })
+    }
+
+    /// The same authenticator checking `exp`/`nbf` against `clock` instead of the OS clock.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Authenticator {
+        self.clock = clock;
+        self
     }
 
     /// Reads a JWKS file (SECUREPAY_JWKS_PATH).
@@ -153,19 +194,84 @@ impl Authenticator {
         if key.algorithm != header.alg {
             return Err(AuthFailure::Invalid);
         }
+        // Signature, iss, aud and the presence of exp by the library; times below, on our clock.
         let mut validation = Validation::new(key.algorithm);
-        validation.leeway = self.config.leeway_seconds;
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.set_issuer(&[self.config.issuer.as_str()]);
         validation.set_audience(&[self.config.audience.as_str()]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => AuthFailure::Expired,
-            _ => AuthFailure::Invalid,
-        })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|_| AuthFailure::Invalid)?;
+        let now = self.clock.now().unix_timestamp();
+        let leeway = i64::try_from(self.config.leeway_seconds).unwrap_or(i64::MAX);
+        let exp = seconds(&data.claims.exp).ok_or(AuthFailure::Invalid)?;
+        if exp < now.saturating_sub(leeway) {
+            return Err(AuthFailure::Expired);
+        }
+        if let Some(nbf) = &data.claims.nbf {
+            let nbf = seconds(nbf).ok_or(AuthFailure::Invalid)?;
+            if nbf > now.saturating_add(leeway) {
+                return Err(AuthFailure::Invalid);
+            }
+        }
         let subject = Subject::parse(&data.claims.sub).map_err(|_| AuthFailure::Invalid)?;
         let scopes = data.claims.scope.unwrap_or_default().split_ascii_whitespace().map(str::to_owned).collect();
         Ok(Principal { subject, scopes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devkeys::{self, SecretKey, TokenSigner};
+
+    /// A wall clock `offset_s` away from the OS clock.
+    struct Skewed(i64);
+
+    impl Clock for Skewed {
+        fn now(&self) -> OffsetDateTime {
+            OffsetDateTime::now_utc() + time::Duration::seconds(self.0)
+        }
+    }
+
+    fn issuer() -> (TokenSigner, String) {
+        let key = SecretKey::from_slice(&[0x42; 32]).expect("a valid scalar");
+        let jwks = serde_json::json!({"keys": [devkeys::public_jwk(&key.public_key())]}).to_string();
+        (TokenSigner::new(&key).expect("the key encodes"), jwks)
+    }
+
+    fn gateway_at(jwks: &str, offset_s: i64) -> Authenticator {
+        Authenticator::from_jwks_text(jwks, JwtConfig::default())
+            .expect("a usable JWKS")
+            .with_clock(Arc::new(Skewed(offset_s)))
+    }
+
+    #[test]
+    fn token_times_are_read_from_the_injected_clock_with_the_leeway() {
+        let (signer, jwks) = issuer();
+        let jwt = JwtConfig::default();
+        let leeway = i64::try_from(jwt.leeway_seconds).expect("small");
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        // Valid on the real clock: issued now, for ten minutes.
+        let token = signer.mint_at(&jwt, "user-1", SCOPE_READ, now, 600, "jti-1").expect("signs");
+        assert!(gateway_at(&jwks, 0).verify(&token).is_ok());
+
+        // The gateway's clock behind: the token is not yet valid beyond the leeway, fine within it.
+        assert_eq!(gateway_at(&jwks, -(leeway + 60)).verify(&token), Err(AuthFailure::Invalid));
+        assert!(gateway_at(&jwks, -(leeway - 10)).verify(&token).is_ok());
+
+        // The gateway's clock ahead: expired past exp + leeway, still accepted within it.
+        assert_eq!(gateway_at(&jwks, 600 + leeway + 60).verify(&token), Err(AuthFailure::Expired));
+        assert!(gateway_at(&jwks, 600 + leeway - 10).verify(&token).is_ok());
+    }
+
+    #[test]
+    fn a_token_expired_on_the_real_clock_passes_only_a_gateway_whose_clock_is_behind() {
+        let (signer, jwks) = issuer();
+        let jwt = JwtConfig::default();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let token = signer.mint_at(&jwt, "user-1", SCOPE_READ, now - 7200, 3600, "jti-2").expect("signs");
+        assert_eq!(gateway_at(&jwks, 0).verify(&token), Err(AuthFailure::Expired));
+        assert!(gateway_at(&jwks, -3600).verify(&token).is_ok());
     }
 }
