@@ -21,6 +21,16 @@
 //!   concurrent copies sent at once, and a conflicting replay (same key, other amount) after an
 //!   accepted one; in between, a few [`crate::edge::Hostile`] probes, each of which must get its
 //!   documented 4xx. What it saw is recorded in [`Observed`] for the invariant checks.
+//! - reads: a seeded share ([`READ_BACK_SHARE`]) of accepted payments is read back by its payer
+//!   (`GET /api/v1/payments/{id}`) at once, and some of those ([`READ_AGAIN_SHARE`]) again later;
+//!   every status read is recorded per payment id. With the same share the payer also reads a
+//!   payment another subject was told was accepted, which must be refused `403 forbidden` (the
+//!   payment service's owner check; the OpenAPI lists 403 `forbidden` for the route).
+//! - a `401` to a token the client minted valid (only a gateway whose clock is skewed past the
+//!   leeway sends one) is what a real client does with it: mint a fresh token and send again, at
+//!   most [`VALID_TOKEN_RETRIES`] times per request; after that a payment counts as refused
+//!   (`unauthorized`), a read as given up. Hostile probes that expect another answer than 401
+//!   treat such a 401 the same way (retried until the deadline, never recorded as unexpected).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -41,14 +51,14 @@ use securepay_gateway::{AppState, Backends};
 use securepay_kit::relay::{RelayConfig, run_relay};
 use securepay_memory::SeededIds;
 use securepay_payment::{AccountClient, AccountClientConfig, ConsumerConfig, PaymentService, ServiceConfig};
-use securepay_ports::{EventLog, Ids, Outbox};
+use securepay_ports::{EventLog, Ids, Outbox, PortResult};
 use securepay_proto::account::v1::account_service_server::AccountServiceServer;
 use securepay_proto::payment::v1::payment_service_server::PaymentServiceServer;
 use tokio::time::{Instant, sleep};
 use tonic::transport::Server;
 
 use crate::edge::{self, DevIssuer, Hostile, PaymentAnswer, Probe};
-use crate::http::{RemoteHttp, serve_router};
+use crate::http::{HttpResponse, RemoteHttp, serve_router};
 use crate::infra::{Infra, ServicePorts, addr, http_addr};
 use crate::plan::Node;
 use crate::remote::ServerFaults;
@@ -60,6 +70,17 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(11);
 
 /// Hostile probes each client sends (kinds drawn from [`Hostile::ALL`] per client and seed).
 pub const HOSTILE_PER_CLIENT: usize = 3;
+
+/// Share of accepted payments their payer reads back at once (and of those, reads a payment of
+/// another subject).
+pub const READ_BACK_SHARE: f64 = 0.3;
+
+/// Share of read-back payments read once more, a random pause (up to the client's pace) later.
+pub const READ_AGAIN_SHARE: f64 = 0.5;
+
+/// Times one request is re-sent with a fresh token after a `401` to a token the client believes
+/// valid (a gateway clock skewed past the leeway), each after 0.5–1 s.
+pub const VALID_TOKEN_RETRIES: u32 = 8;
 
 /// The address of workload client `index` (10.3.0.x: outside the platform, never faulted).
 pub fn client_ip(index: usize) -> IpAddr {
@@ -168,7 +189,9 @@ async fn notification_node(ports: ServicePorts) {
 async fn gateway_node(ports: ServicePorts) {
     let interceptor = CallInterceptor::new(ports.client_interceptor());
     let backends = Backends::new(ports.channel(Node::Payment), ports.channel(Node::Account), interceptor);
-    let state = AppState::new(edge::gateway_config(), DevIssuer::new().authenticator(), backends, None);
+    // Token times on the node's clock: a `clock_skew` of the gateway reaches its JWT checks.
+    let auth = DevIssuer::new().authenticator_on(Arc::clone(&ports.clock));
+    let state = AppState::new(edge::gateway_config(), auth, backends, None);
     serve_router(http_addr(), securepay_gateway::router(state), ServerFaults::new()).await;
 }
 
@@ -196,6 +219,20 @@ pub struct Observed {
     pub hostile_answered: u64,
     /// Hostile probes answered with anything but their documented refusal: must stay empty.
     pub hostile_unexpected: Vec<String>,
+    /// `401` answers to tokens the client minted valid (each re-minted and retried): only a
+    /// gateway clock skewed past the leeway sends them.
+    pub valid_token_refused: u64,
+    /// Per payment id, every status its payer read (`PENDING`, `COMPLETED`, `FAILED`), in order.
+    pub payment_reads: BTreeMap<String, Vec<String>>,
+    /// Payer reads of an accepted payment answered with a definitive refusal (404...): must stay
+    /// empty (after acceptance the payment exists and is the payer's).
+    pub payer_reads_refused: Vec<String>,
+    /// Reads that got no definitive answer before the deadline (or the token retries ran out).
+    pub reads_gave_up: u64,
+    /// Reads of another subject's payment answered (`403 forbidden` expected).
+    pub foreign_reads: u64,
+    /// Reads of another subject's payment answered otherwise: must stay empty.
+    pub foreign_reads_unexpected: Vec<String>,
 }
 
 /// The shared record of every client.
@@ -214,6 +251,10 @@ struct Client {
     tokens: Arc<Mutex<BTreeMap<Subject, String>>>,
     requests: Arc<AtomicU64>,
     observed: SharedObserved,
+    /// The client's pause between operations (later reads wait up to this).
+    pace: Duration,
+    /// Reads scheduled for later, awaited before the client finishes.
+    later: Arc<Mutex<Vec<madsim::task::JoinHandle<()>>>>,
 }
 
 impl Client {
@@ -221,6 +262,12 @@ impl Client {
     fn token(&self, subject: &Subject) -> String {
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         tokens.entry(subject.clone()).or_insert_with(|| self.issuer.token(subject)).clone()
+    }
+
+    /// Replaces `subject`'s token with a fresh one (after a `401` to a token believed valid).
+    fn remint(&self, subject: &Subject) {
+        let fresh = self.issuer.token(subject);
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(subject.clone(), fresh);
     }
 
     /// A fresh request id (`X-Request-Id`).
@@ -243,6 +290,8 @@ pub async fn run_client(index: usize, ops: Vec<Op>, pace: Duration, deadline: In
             tokens: Arc::default(),
             requests: Arc::default(),
             observed: Arc::clone(&observed),
+            pace,
+            later: Arc::default(),
         };
         let total = ops.len();
         // A few hostile probes (a seeded choice of kinds), each before a random operation, carrying
@@ -292,6 +341,10 @@ pub async fn run_client(index: usize, ops: Vec<Op>, pace: Duration, deadline: In
                 }
             }
         }
+        let later = std::mem::take(&mut *client.later.lock().unwrap_or_else(|p| p.into_inner()));
+        for read in later {
+            read.await.expect("a client task does not panic");
+        }
     });
     task.await.expect("a client node is never killed");
 }
@@ -303,6 +356,11 @@ async fn send_probe(client: &Client, probe: Probe, deadline: Instant) {
         match client.http.send(edge::copy_request(&probe.request)).await {
             Ok(response) if response.status == StatusCode::TOO_MANY_REQUESTS => {
                 observe(&client.observed, |o| o.throttled += 1);
+            }
+            // A valid token refused by a skewed gateway clock: a fresh one is no different (the
+            // probe carries its own), so the same probe again after the pause.
+            Ok(response) if response.status == StatusCode::UNAUTHORIZED && probe.status != StatusCode::UNAUTHORIZED => {
+                observe(&client.observed, |o| o.valid_token_refused += 1);
             }
             Ok(response) => {
                 let code = edge::problem_code(&response);
@@ -337,15 +395,31 @@ async fn pay_op(client: &Client, pay: Pay, deadline: Instant) {
             madsim::task::spawn(async move { send_until_answered(&client, &pay, body, deadline).await })
         })
         .collect();
-    let mut accepted = false;
+    let mut accepted = None;
     for copy in copies {
         if let Some(PaymentAnswer::Accepted(payment_id)) = copy.await.expect("a client task does not panic") {
-            accepted = true;
+            accepted = Some(payment_id.clone());
             observe(&client.observed, |o| {
                 o.accepted.entry((pay.subject.clone(), pay.key.clone())).or_default().insert(payment_id);
             });
         }
     }
+    if let Some(payment_id) = &accepted
+        && thread_rng().gen_bool(READ_BACK_SHARE)
+    {
+        read_back(client, &pay.subject, payment_id, deadline).await;
+        read_foreign(client, &pay.subject, deadline).await;
+        if thread_rng().gen_bool(READ_AGAIN_SHARE) {
+            let pause = client.pace.mul_f64(thread_rng().gen_range(0.0..1.0));
+            let (again, subject, payment_id) = (client.clone(), pay.subject.clone(), payment_id.clone());
+            let read = madsim::task::spawn(async move {
+                sleep(pause).await;
+                read_back(&again, &subject, &payment_id, deadline).await;
+            });
+            client.later.lock().unwrap_or_else(|p| p.into_inner()).push(read);
+        }
+    }
+    let accepted = accepted.is_some();
     if accepted && pay.replay_conflicting {
         let other = pay.amount.value() + Decimal::new(1, pay.amount.currency().minor_units());
         let body = edge::payment_body(&pay, &other.to_string());
@@ -361,6 +435,7 @@ async fn pay_op(client: &Client, pay: Pay, deadline: Instant) {
 /// `deadline` passes (`None`).
 async fn send_until_answered(client: &Client, pay: &Pay, body: Vec<u8>, deadline: Instant) -> Option<PaymentAnswer> {
     let mut pause = Duration::from_millis(100);
+    let mut token_retries = 0;
     loop {
         let request: Request<Vec<u8>> = edge::create_payment(
             &client.request_id(),
@@ -369,8 +444,17 @@ async fn send_until_answered(client: &Client, pay: &Pay, body: Vec<u8>, deadline
             body.clone(),
         );
         observe(&client.observed, |o| o.sent += 1);
-        let answer = edge::read_payment(&client.http.send(request).await);
+        let response = client.http.send(request).await;
         let mut wait = pause.mul_f64(thread_rng().gen_range(0.5..1.0));
+        if refused_valid_token(client, &response, &pay.subject, &mut token_retries) {
+            if Instant::now() >= deadline {
+                observe(&client.observed, |o| o.gave_up += 1);
+                return None;
+            }
+            sleep(token_retry_pause()).await;
+            continue;
+        }
+        let answer = edge::read_payment(&response);
         match answer {
             PaymentAnswer::Accepted(_) => return Some(answer),
             PaymentAnswer::Refused(ref label) => {
@@ -392,4 +476,120 @@ async fn send_until_answered(client: &Client, pay: &Pay, body: Vec<u8>, deadline
         sleep(wait).await;
         pause = (pause * 2).min(Duration::from_secs(1));
     }
+}
+
+/// A `401` to the token the client minted valid, with retries left: records it, mints a fresh
+/// token for `subject` and says to send again (see the module docs).
+fn refused_valid_token(
+    client: &Client,
+    answer: &PortResult<HttpResponse>,
+    subject: &Subject,
+    retries: &mut u32,
+) -> bool {
+    let refused = matches!(answer, Ok(response) if response.status == StatusCode::UNAUTHORIZED);
+    if !refused || *retries >= VALID_TOKEN_RETRIES {
+        return false;
+    }
+    *retries += 1;
+    observe(&client.observed, |o| o.valid_token_refused += 1);
+    client.remint(subject);
+    true
+}
+
+fn token_retry_pause() -> Duration {
+    Duration::from_millis(thread_rng().gen_range(500..1000))
+}
+
+/// `GET` (built by `build` from a request id and a token of `subject`) until a definitive
+/// answer: no reply, 5xx and 429 (after its `Retry-After`) are retried, a `401` to a valid token
+/// as [`refused_valid_token`] says. `None` when `deadline` passes or the token retries run out.
+async fn get_until_answered(
+    client: &Client,
+    subject: &Subject,
+    deadline: Instant,
+    build: impl Fn(&str, &str) -> Request<Vec<u8>>,
+) -> Option<HttpResponse> {
+    let mut pause = Duration::from_millis(100);
+    let mut token_retries = 0;
+    loop {
+        let answer = client.http.send(build(&client.request_id(), &client.token(subject))).await;
+        let mut wait = pause.mul_f64(thread_rng().gen_range(0.5..1.0));
+        if refused_valid_token(client, &answer, subject, &mut token_retries) {
+            wait = token_retry_pause();
+        } else {
+            match answer {
+                Ok(response) if response.status == StatusCode::TOO_MANY_REQUESTS => {
+                    observe(&client.observed, |o| o.throttled += 1);
+                    let after = response
+                        .headers
+                        .get(axum::http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    wait = wait.max(after.unwrap_or_default());
+                }
+                Ok(response) if response.status == StatusCode::UNAUTHORIZED => return None,
+                Ok(response) if !response.status.is_server_error() => return Some(response),
+                _ => {}
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        sleep(wait).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// The payer reads its accepted payment `payment_id`: the status is recorded; a definitive
+/// refusal (the payment exists and is the payer's, so none is right) is recorded too.
+async fn read_back(client: &Client, subject: &Subject, payment_id: &str, deadline: Instant) {
+    let answer =
+        get_until_answered(client, subject, deadline, |id, token| edge::get_payment(id, token, payment_id)).await;
+    observe(&client.observed, |o| match answer {
+        None => o.reads_gave_up += 1,
+        Some(response) if response.status == StatusCode::OK => {
+            let named = edge::body_field(&response, "payment_id");
+            let status = edge::body_field(&response, "status").unwrap_or_default();
+            if named.as_deref() == Some(payment_id) {
+                o.payment_reads.entry(payment_id.to_owned()).or_default().push(status);
+            } else {
+                o.payer_reads_refused.push(format!("{payment_id}: 200 naming {named:?}"));
+            }
+        }
+        Some(response) => o.payer_reads_refused.push(format!(
+            "client {} read {payment_id}: {} {:?}",
+            client.index,
+            response.status,
+            edge::problem_code(&response)
+        )),
+    });
+}
+
+/// `subject` reads a payment another subject was told was accepted (if there is one yet): it
+/// must be refused `403 forbidden`.
+async fn read_foreign(client: &Client, subject: &Subject, deadline: Instant) {
+    let foreign: Vec<String> = {
+        let observed = client.observed.lock().unwrap_or_else(|p| p.into_inner());
+        observed.accepted.iter().filter(|((s, _), _)| s != subject).flat_map(|(_, ids)| ids.iter().cloned()).collect()
+    };
+    if foreign.is_empty() {
+        return;
+    }
+    let payment_id = &foreign[thread_rng().gen_range(0..foreign.len())];
+    let answer =
+        get_until_answered(client, subject, deadline, |id, token| edge::get_payment(id, token, payment_id)).await;
+    observe(&client.observed, |o| match answer {
+        None => o.reads_gave_up += 1,
+        Some(response) => {
+            o.foreign_reads += 1;
+            let code = edge::problem_code(&response);
+            if response.status != StatusCode::FORBIDDEN || code.as_deref() != Some("forbidden") {
+                o.foreign_reads_unexpected.push(format!(
+                    "client {} as {subject} read {payment_id}: {} {code:?}, expected 403 forbidden",
+                    client.index, response.status
+                ));
+            }
+        }
+    });
 }

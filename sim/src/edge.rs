@@ -7,6 +7,9 @@
 //!   clients mint tokens with `iat`/`nbf`/`exp` from the simulated wall clock (the one the gateway
 //!   checks them against) and a `jti` from the seed. [`DevIssuer::foreign`] is a key the gateway
 //!   does not know.
+//! - the gateway node checks token times on its own (skewable) clock ([`DevIssuer::authenticator_on`]):
+//!   under a `clock_skew` of the gateway beyond the 30 s leeway it refuses (401) tokens the clients
+//!   minted valid on the true clock; clients treat such a 401 as retryable (see `cluster`).
 //! - [`gateway_config`] is the production default configuration (rate limits included): the
 //!   simulation runs the gateway as it is shipped.
 //! - [`read_payment`] classifies a `POST /api/v1/payments` answer the way a careful client must:
@@ -81,9 +84,15 @@ impl DevIssuer {
         serde_json::json!({"keys": [devkeys::public_jwk(&self.key.public_key())]}).to_string()
     }
 
-    /// The gateway's authenticator for this issuer.
+    /// The gateway's authenticator for this issuer, on the OS (here: simulated) wall clock.
     pub fn authenticator(&self) -> Authenticator {
         Authenticator::from_jwks_text(&self.jwks_text(), self.jwt.clone()).expect("the dev JWKS is usable")
+    }
+
+    /// The gateway's authenticator checking token times on `clock` (the gateway node's skewable
+    /// clock: a skew beyond the leeway makes it refuse tokens the clients believe valid).
+    pub fn authenticator_on(&self, clock: std::sync::Arc<dyn securepay_ports::Clock>) -> Authenticator {
+        self.authenticator().with_clock(clock)
     }
 
     /// A token for `subject` with `scope`, issued at `now` (Unix seconds) for `ttl_s`.
@@ -137,6 +146,11 @@ pub fn create_payment(request_id: &str, token: Option<&str>, key: &str, body: Ve
         request.headers_mut().insert(api::IDEMPOTENCY_KEY_HEADER, value);
     }
     request
+}
+
+/// `GET /api/v1/payments/{id}`.
+pub fn get_payment(request_id: &str, token: &str, payment_id: &str) -> Request<Vec<u8>> {
+    request("GET", &format!("/api/v1/payments/{payment_id}"), request_id, Some(token), Vec::new())
 }
 
 /// `GET /api/v1/accounts/{id}/balance`.

@@ -31,7 +31,7 @@ use tokio::time::{Instant, sleep};
 
 use crate::cluster::{self, Observed, SharedObserved};
 use crate::infra::{Infra, Injector};
-use crate::plan::{Plan, Schedule};
+use crate::plan::{Fault, Node, Plan, Schedule};
 use crate::planted::PlantedBug;
 use crate::run::{self, Checker};
 use crate::workload::{Workload, WorkloadConfig};
@@ -112,7 +112,7 @@ pub async fn run_seed(plan: &Plan, planted: Option<PlantedBug>) -> Outcome {
         sleep(Duration::from_millis(200)).await;
     }
     let observed = std::mem::take(&mut *observed.lock().unwrap());
-    check_invariants(&mut check, &infra, &workload, &observed, plan);
+    check_invariants(&mut check, &infra, &workload, &observed, plan, &schedule);
     Outcome {
         plan: plan.name.clone(),
         faults: schedule.kinds(plan),
@@ -120,14 +120,18 @@ pub async fn run_seed(plan: &Plan, planted: Option<PlantedBug>) -> Outcome {
         payments: infra.database.payments.snapshot().payments().count(),
         checks: check.checks(),
         observed: format!(
-            "sent={} accepted_keys={} refused={:?} gave_up={} not_sent={} balance_reads={} throttled={} hostile={}",
+            "sent={} accepted_keys={} refused={:?} gave_up={} not_sent={} balance_reads={} payment_reads={} foreign_reads={} reads_gave_up={} throttled={} valid_token_refused={} hostile={}",
             observed.sent,
             observed.accepted.len(),
             observed.refused,
             observed.gave_up,
             observed.not_sent,
             observed.balance_reads,
+            observed.payment_reads.values().map(Vec::len).sum::<usize>(),
+            observed.foreign_reads,
+            observed.reads_gave_up,
             observed.throttled,
+            observed.valid_token_refused,
             observed.hostile_answered,
         ),
         sim_seconds: started.elapsed().as_secs_f64(),
@@ -149,7 +153,14 @@ fn quiescent(infra: &Infra) -> bool {
 }
 
 /// SPEC §6's invariants at quiescence.
-fn check_invariants(check: &mut Checker, infra: &Infra, workload: &Workload, observed: &Observed, plan: &Plan) {
+fn check_invariants(
+    check: &mut Checker,
+    infra: &Infra,
+    workload: &Workload,
+    observed: &Observed,
+    plan: &Plan,
+    schedule: &Schedule,
+) {
     let name = &plan.name;
     let ledger = infra.database.ledger.ledger();
     let payments = infra.database.payments.snapshot();
@@ -206,6 +217,41 @@ fn check_invariants(check: &mut Checker, infra: &Infra, workload: &Workload, obs
     });
     check.check(observed.negative_balances_read.is_empty(), || {
         format!("{name}: negative balances read: {:?}", observed.negative_balances_read)
+    });
+
+    // Payment reads: every status the payer read is on the payment's path (PENDING, then its final
+    // status; never a terminal status other than the final one, never PENDING after a terminal
+    // one); the payer's read of an accepted payment is never refused; another subject's is.
+    for (id, reads) in &observed.payment_reads {
+        let final_status = PaymentId::parse(id).ok().and_then(|id| stored.get(&id)).map(|p| p.status);
+        let on_path = final_status.is_some_and(|last| {
+            let mut terminal_seen = false;
+            reads.iter().all(|read| {
+                let ok = if read == PaymentStatus::Pending.as_str() { !terminal_seen } else { read == last.as_str() };
+                terminal_seen |= read != PaymentStatus::Pending.as_str();
+                ok
+            })
+        });
+        check
+            .check(on_path, || format!("{name}: payment {id} read as {reads:?}, its final status is {final_status:?}"));
+    }
+    check.check(observed.payer_reads_refused.is_empty(), || {
+        format!("{name}: payers' reads of accepted payments refused: {:?}", observed.payer_reads_refused)
+    });
+    check.check(observed.foreign_reads_unexpected.is_empty(), || {
+        format!("{name}: reads of another subject's payment not refused: {:?}", observed.foreign_reads_unexpected)
+    });
+    // A token minted valid is refused only by a gateway whose clock was skewed past the leeway.
+    let leeway_ms = i64::try_from(crate::edge::gateway_config().jwt.leeway_seconds * 1000).expect("small");
+    let gateway_skewed = schedule
+        .events
+        .iter()
+        .any(|e| matches!(e.fault, Fault::ClockSkew { node: Node::Gateway, offset_ms } if offset_ms.abs() > leeway_ms));
+    check.check(gateway_skewed || observed.valid_token_refused == 0, || {
+        format!(
+            "{name}: {} valid tokens refused (401) without a gateway clock skewed past the leeway",
+            observed.valid_token_refused
+        )
     });
 
     // Liveness and agreement: every payment terminal, its status the ledger's verdict, and exactly
