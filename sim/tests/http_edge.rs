@@ -1,7 +1,9 @@
 //! The HTTP edge of `securepay_sim::http`: an axum router served from its own node, reached by a
 //! client node over the simulated network — so partitions and kills of the gateway hit clients;
 //! and the production gateway router on such a node: every `securepay_sim::edge::Hostile` probe
-//! gets its documented refusal, and the per-IP rate limit sees each client's own address.
+//! gets its documented refusal, and the per-IP rate limit sees each client's own address; a
+//! gateway whose node clock is skewed past the JWT leeway refuses a token valid on the true clock,
+//! and accepts it within the leeway.
 //!
 //! Run: `MADSIM_TEST_SEED=1 MADSIM_TEST_NUM=5 cargo sim --test http_edge`.
 #![cfg(madsim)]
@@ -24,6 +26,7 @@ use securepay_gateway::backends::CallInterceptor;
 use securepay_gateway::config::RateQuota;
 use securepay_gateway::{AppState, Backends};
 use securepay_ports::PortError;
+use securepay_sim::clock::SkewedClock;
 use securepay_sim::edge::{self, DevIssuer, Hostile};
 use securepay_sim::http::{HTTP_PORT, RemoteHttp, serve_router};
 use securepay_sim::remote::ServerFaults;
@@ -198,4 +201,61 @@ async fn the_gateway_refuses_every_hostile_probe_and_limits_each_client_ip() {
         format!("client b, another address: {other:?}")
     });
     run::print_line(&format!("{TEST}/gateway seed={} probes={} checks={}", run::seed(), seen.len(), check.checks()));
+}
+
+#[madsim::test]
+async fn a_gateway_whose_clock_is_skewed_past_the_leeway_refuses_fresh_tokens() {
+    run::print_replay_command_on_panic(TEST);
+    let mut check = Checker::new(TEST);
+    let handle = Handle::current();
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1)), HTTP_PORT);
+    let clock = SkewedClock::new();
+    let node_clock = clock.clone();
+    let _gateway = handle
+        .create_node()
+        .name("gateway")
+        .ip(addr.ip())
+        .init(move || {
+            let node_clock = node_clock.clone();
+            async move {
+                let nowhere = tonic::transport::Endpoint::from_static("http://10.9.9.9:50051").connect_lazy();
+                let backends = Backends::new(nowhere.clone(), nowhere, CallInterceptor::none());
+                let auth = DevIssuer::new().authenticator_on(Arc::new(node_clock));
+                let state = AppState::new(edge::gateway_config(), auth, backends, None);
+                serve_router(addr, securepay_gateway::router(state), ServerFaults::new()).await;
+            }
+        })
+        .build();
+    let client = handle.create_node().name("client").ip(IpAddr::V4(Ipv4Addr::new(10, 3, 0, 1))).build();
+    let leeway_ms = i64::try_from(edge::gateway_config().jwt.leeway_seconds * 1000).expect("small");
+    // Behind past the leeway (nbf in its future), behind within it, ahead, and healed. Past
+    // authentication, the malformed id is refused 400 before any backend call.
+    let cases = [
+        (-leeway_ms - 30_000, 401, "unauthorized"),
+        (-leeway_ms + 10_000, 400, "invalid_payment_id"),
+        (90_000, 400, "invalid_payment_id"),
+        (0, 400, "invalid_payment_id"),
+    ];
+    let seen = client
+        .spawn(async move {
+            let http = RemoteHttp::connect(addr, Duration::from_secs(11)).await;
+            let subject = Subject::parse("user-1").expect("a subject");
+            let mut seen = Vec::new();
+            for (n, (offset_ms, _, _)) in cases.iter().enumerate() {
+                clock.set_offset_ms(*offset_ms);
+                // Minted now on the true clock, as a client does.
+                let token = DevIssuer::new().token(&subject);
+                let response = http.send(edge::get_payment(&format!("s-{n}"), &token, "not-a-uuid")).await;
+                seen.push(response.map(|r| (r.status.as_u16(), edge::problem_code(&r))));
+            }
+            seen
+        })
+        .await
+        .expect("the client finishes");
+    for ((offset_ms, status, code), answer) in cases.iter().zip(&seen) {
+        check.check(matches!(answer, Ok((s, Some(c))) if s == status && c == code), || {
+            format!("gateway clock {offset_ms} ms off: {answer:?}, expected {status} {code}")
+        });
+    }
+    run::print_line(&format!("{TEST}/skew seed={} checks={}", run::seed(), check.checks()));
 }
