@@ -62,12 +62,11 @@ mod real {
     use securepay_identity::x509::WorkloadIdentity;
     use securepay_kafka::{KafkaConsumer, KafkaEventLog};
     use securepay_kit::relay::{RelayConfig, run_relay};
-    use securepay_ports::{Clock, EventLog, Ids, OutgoingRecord, PortResult};
+    use securepay_ports::{Clock, EventLog, OutgoingRecord, PortResult, RandomIds, SystemClock};
     use securepay_postgres::PgLedgerStore;
     use securepay_proto::account::v1::account_service_server::AccountServiceServer;
     use securepay_redis::{CALL_TIMEOUT_DEFAULT, Redis, RedisBalanceCache};
     use securepay_runtime::ReadyCheck;
-    use time::OffsetDateTime;
     use tokio::sync::watch;
 
     const SERVICE: &str = securepay_account::SERVICE;
@@ -82,24 +81,6 @@ mod real {
     const NAME_SUFFIX_LEN_MAX: usize = 64;
     const BATCH_LEN_ENV: &str = "SECUREPAY_SETTLE_BATCH_LEN";
     const BATCH_LEN_DEFAULT: usize = 64;
-
-    /// The OS clock.
-    struct SystemClock;
-
-    impl Clock for SystemClock {
-        fn now(&self) -> OffsetDateTime {
-            OffsetDateTime::now_utc()
-        }
-    }
-
-    /// Random v4 UUIDs from the OS.
-    struct RandomIds;
-
-    impl Ids for RandomIds {
-        fn uuid(&self) -> uuid::Uuid {
-            uuid::Uuid::new_v4()
-        }
-    }
 
     /// TESTS ONLY (see the crate docs): publishes every record to `<topic><suffix>`.
     struct SuffixedTopics {

@@ -19,9 +19,8 @@ use std::sync::Arc;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use securepay_core::ids::Subject;
-use securepay_ports::Clock;
+use securepay_ports::{Clock, SystemClock};
 use serde::Deserialize;
-use time::OffsetDateTime;
 
 use crate::config::JwtConfig;
 
@@ -75,16 +74,6 @@ pub enum JwksError {
 struct VerifyingKey {
     algorithm: Algorithm,
     key: DecodingKey,
-}
-
-/// The OS wall clock: what production checks token times against.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> OffsetDateTime {
-        OffsetDateTime::now_utc()
-    }
 }
 
 /// Verifies bearer tokens against the keys of one JWKS, on its clock.
@@ -222,6 +211,8 @@ impl Authenticator {
 
 #[cfg(test)]
 mod tests {
+    use time::OffsetDateTime;
+
     use super::*;
     use crate::devkeys::{self, SecretKey, TokenSigner};
 

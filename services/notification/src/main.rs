@@ -30,10 +30,9 @@ mod real {
     use securepay_core::money::{AmountPolicy, parse_decimal_text};
     use securepay_kafka::{KafkaConsumer, KafkaEventLog};
     use securepay_notification::{ConsumerConfig, Topics, metrics, run_consumer};
-    use securepay_ports::Clock;
+    use securepay_ports::SystemClock;
     use securepay_postgres::PgNotificationStore;
     use securepay_runtime::ReadyCheck;
-    use time::OffsetDateTime;
 
     const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:8083";
     /// Connections of the store's pool: the consumer writes one at a time, the API reads.
@@ -86,15 +85,6 @@ mod real {
             amount_policy: amount_policy()?,
             ..production
         })
-    }
-
-    /// The OS wall clock.
-    struct SystemClock;
-
-    impl Clock for SystemClock {
-        fn now(&self) -> OffsetDateTime {
-            OffsetDateTime::now_utc()
-        }
     }
 
     pub async fn main() -> anyhow::Result<()> {

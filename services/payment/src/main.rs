@@ -66,13 +66,13 @@ mod real {
         AccountClient, AccountClientConfig, ConsumerConfig, PaymentService, ServiceConfig, run_outcome_consumer,
     };
     use securepay_ports::{
-        Clock, ConsumedRecord, EventConsumer, EventLog, Ids, OutgoingRecord, PortResult, TopicPartitionOffset,
+        Clock, ConsumedRecord, EventConsumer, EventLog, Ids, OutgoingRecord, PortResult, RandomIds, SystemClock,
+        TopicPartitionOffset,
     };
     use securepay_postgres::PgPaymentStore;
     use securepay_proto::payment::v1::payment_service_server::PaymentServiceServer;
     use securepay_redis::{CALL_TIMEOUT_DEFAULT, Redis, RedisIdempotencyStore};
     use securepay_runtime::ReadyCheck;
-    use time::OffsetDateTime;
     use tokio::sync::watch;
 
     const SERVICE: &str = "payment";
@@ -90,24 +90,6 @@ mod real {
     /// A gRPC call still running after this is cancelled (a duplicate waits at most 10 s for the
     /// first request with its key; the account client gives up after about 3 s).
     const GRPC_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-    /// The OS clock.
-    struct SystemClock;
-
-    impl Clock for SystemClock {
-        fn now(&self) -> OffsetDateTime {
-            OffsetDateTime::now_utc()
-        }
-    }
-
-    /// Random v4 UUIDs from the OS.
-    struct RandomIds;
-
-    impl Ids for RandomIds {
-        fn uuid(&self) -> uuid::Uuid {
-            uuid::Uuid::new_v4()
-        }
-    }
 
     /// TESTS ONLY (see the crate docs): publishes every record to `<topic><suffix>`.
     struct SuffixedTopics {

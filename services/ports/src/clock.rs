@@ -24,3 +24,23 @@ pub trait Ids: Send + Sync + 'static {
         EventId::from_uuid(self.uuid())
     }
 }
+
+/// The OS wall clock: the production [`Clock`] (under madsim `now_utc` reads simulated time).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+}
+
+/// Random v4 UUIDs from the OS: the production [`Ids`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RandomIds;
+
+impl Ids for RandomIds {
+    fn uuid(&self) -> Uuid {
+        Uuid::new_v4()
+    }
+}

@@ -18,7 +18,7 @@ pub mod notifications;
 pub mod outbox;
 pub mod payments;
 
-pub use clock::{Clock, Ids};
+pub use clock::{Clock, Ids, RandomIds, SystemClock};
 pub use error::{PortError, PortResult};
 pub use event_log::{ConsumedRecord, EventConsumer, EventLog, Header, OutgoingRecord, TopicPartitionOffset};
 pub use idempotency::IdempotencyStore;
