@@ -404,7 +404,11 @@ pub fn sweep(config: &Sweep) -> Vec<SeedRun> {
                     let run = run_one(plan, seed, config.planted, config.check_determinism);
                     if run.result.is_err() {
                         failed.store(true, Ordering::SeqCst);
-                        run::print_line(&format!("{TEST_TARGET}: plan={} seed={seed} FAILED", plan.name));
+                        run::print_line(&match config.planted {
+                            // A planted bug hunt is looking for exactly this: say so, not "FAILED".
+                            Some(bug) => format!("planted/{bug}: plan={} seed={seed} broke an invariant", plan.name),
+                            None => format!("{TEST_TARGET}: plan={} seed={seed} FAILED", plan.name),
+                        });
                     }
                     runs.lock().unwrap_or_else(|p| p.into_inner()).push(run);
                     let mut done = done_per_plan.lock().unwrap_or_else(|p| p.into_inner());
