@@ -59,6 +59,31 @@ pub struct Port {
     pub dev: u16,
 }
 
+/// How the services are compiled. `up` in the dev profile runs release builds (the platform's
+/// numbers are release numbers); `up --debug` keeps the fast debug loop; the test profile is
+/// always debug (`cargo test` builds debug anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildMode {
+    Debug,
+    Release,
+}
+
+impl BuildMode {
+    /// The cargo profile directory under `target/`.
+    pub fn dir(self) -> &'static str {
+        match self {
+            BuildMode::Debug => "debug",
+            BuildMode::Release => "release",
+        }
+    }
+}
+
+impl std::fmt::Display for BuildMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.dir())
+    }
+}
+
 /// Everything a command needs to know about the profile it runs in.
 pub struct Ctx {
     pub profile: Profile,
@@ -69,6 +94,10 @@ pub struct Ctx {
     /// `${SECUREPAY_CACHE:-$HOME/.cache/securepay}`: installs shared by all profiles and clones.
     pub cache: PathBuf,
     pub progress: Progress,
+    /// How the services are built and which binaries run (and get SVIDs).
+    pub build: BuildMode,
+    /// The background builds of the running `up` (none outside `up`).
+    builds: std::sync::OnceLock<crate::builds::Builds>,
 }
 
 impl Ctx {
@@ -83,7 +112,53 @@ impl Ctx {
             }
         };
         let state = root.join(profile.state_dir_name());
-        Ok(Ctx { profile, root, state, cache, progress: Progress::new() })
+        let build = match profile {
+            Profile::Test => BuildMode::Debug,
+            // What the last `up` chose (so `load`, `bench`, `status` use the binaries that run).
+            Profile::Dev => match std::fs::read_to_string(state.join("run/build-mode")).as_deref().map(str::trim) {
+                Ok("debug") => BuildMode::Debug,
+                _ => BuildMode::Release,
+            },
+        };
+        Ok(Ctx { profile, root, state, cache, progress: Progress::new(), build, builds: std::sync::OnceLock::new() })
+    }
+
+    /// Chooses the build mode for this `up` and remembers it for the commands that follow.
+    pub fn set_build_mode(&mut self, build: BuildMode) -> Result<()> {
+        anyhow::ensure!(
+            self.profile == Profile::Dev || build == BuildMode::Debug,
+            "the test profile runs debug builds only"
+        );
+        self.build = build;
+        std::fs::create_dir_all(self.state.join("run"))?;
+        crate::fsutil::write_atomic(&self.state.join("run/build-mode"), build.dir())
+    }
+
+    /// Where cargo puts `binary` in this build mode: `target/<debug|release>/<binary>`. The SPIRE
+    /// entries name this path (`unix:path`), so only these binaries get the services' SVIDs.
+    pub fn service_binary(&self, binary: &str) -> PathBuf {
+        self.root.join("target").join(self.build.dir()).join(binary)
+    }
+
+    /// Hands the running `up`'s background builds to the steps that wait for them.
+    pub fn set_builds(&self, builds: crate::builds::Builds) {
+        let _ = self.builds.set(builds);
+    }
+
+    /// Waits for every background build of this `up`; the first failure.
+    pub fn wait_all_builds(&self) -> Result<()> {
+        match self.builds.get() {
+            Some(builds) => builds.wait_all(),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for background build `name` if this `up` started one (`Ok` otherwise).
+    pub fn wait_build(&self, name: &str) -> Result<()> {
+        match self.builds.get() {
+            Some(builds) => builds.wait(name),
+            None => Ok(()),
+        }
     }
 
     /// Creates the state directory layout (idempotent). `secrets/` is 0700.

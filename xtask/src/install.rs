@@ -1,4 +1,4 @@
-//! Getting tools onto the machine: Debian packages (only when a binary is missing), tools cached
+//! Getting tools onto the machine: Debian packages (what to install is `crate::system`'s list), tools cached
 //! by version under `<cache>/tools/<name>-<version>/`, and system users for daemons that refuse
 //! to run as root.
 
@@ -26,16 +26,6 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
-}
-
-/// Returns the path of `binary`, installing the Debian `packages` first if it is missing.
-pub fn ensure_apt(ctx: &Ctx, component: &str, binary: &str, packages: &[&str]) -> Result<PathBuf> {
-    if let Some(found) = which(binary) {
-        return Ok(found);
-    }
-    let what = format!("apt-get install {}", packages.join(" "));
-    ctx.progress.step(component, &what, || apt_install(packages))?;
-    which(binary).with_context(|| format!("{binary} is still missing after {what}"))
 }
 
 /// `apt-get install -y --no-install-recommends`, non-interactive, after one `apt-get update` per run.

@@ -22,6 +22,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod builds;
 mod components;
 mod ctx;
 mod fsutil;
@@ -32,9 +33,10 @@ mod platform;
 mod process;
 mod progress;
 mod services;
+mod system;
 mod test;
 
-use ctx::{Ctx, Profile};
+use ctx::{BuildMode, Ctx, Profile};
 
 /// The SecurePay platform runner: real PostgreSQL 16, Redis 7, Kafka 4 (KRaft), Prometheus (and
 /// SPIRE, Jaeger) plus the four services, on loopback, without Docker.
@@ -62,6 +64,13 @@ enum Command {
         /// Only these, comma-separated: pg, redis, kafka, prometheus, ..., services.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Build and run debug binaries of the services (fast to compile, slow to run); the
+        /// default is release. Remembered: later commands of this profile use the same binaries.
+        #[arg(long, conflicts_with = "release")]
+        debug: bool,
+        /// Build and run release binaries (the default; undoes an earlier `--debug`).
+        #[arg(long)]
+        release: bool,
     },
     /// Stop what this profile started (by pid file) and wait until its ports are closed.
     Down {
@@ -106,9 +115,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Sim(args) => return test::sim(&args),
         _ => {}
     }
-    let ctx = Ctx::new(cli.profile)?;
+    let mut ctx = Ctx::new(cli.profile)?;
     match cli.command {
-        Command::Up { only } => platform::up(&ctx, &platform::Selection::parse(&only)?)?,
+        Command::Up { only, debug, release } => {
+            let selection = platform::Selection::parse(&only)?;
+            if debug {
+                ctx.set_build_mode(BuildMode::Debug)?;
+            } else if release || ctx.profile == Profile::Dev {
+                // Without a flag the dev profile keeps what the last `up` chose (release at first).
+                let keep = ctx.build;
+                ctx.set_build_mode(if release { BuildMode::Release } else { keep })?;
+            }
+            platform::up(&ctx, &selection)?
+        }
         Command::Down { only } => platform::down(&ctx, &platform::Selection::parse(&only)?)?,
         Command::Status => platform::print_status(&ctx),
         Command::Logs { component, tail } => platform::logs(&ctx, &component, tail)?,

@@ -1,11 +1,15 @@
 //! `up`, `down`, `status` and `logs` over the whole platform: the components of
 //! [`registry`] in order, then the four services.
 
-use anyhow::{Result, bail};
+use std::time::Duration;
 
-use crate::components::{Component, lifecycle, registry};
-use crate::ctx::{Ctx, Profile};
+use anyhow::{Context as _, Result, bail};
+
+use crate::builds::{Builds, Job};
+use crate::components::{Component, jaeger, lifecycle, registry, spire};
+use crate::ctx::{BuildMode, Ctx, Profile};
 use crate::services::{self, SERVICES};
+use crate::system::{self, Step};
 
 /// Which parts of the platform a command acts on (`--only pg,redis`); empty = everything.
 pub struct Selection {
@@ -37,34 +41,97 @@ impl Selection {
     fn components(&self) -> Vec<Box<dyn Component>> {
         registry().into_iter().filter(|c| self.includes(c.name())).collect()
     }
+
+    /// The system-package steps of what is selected (`system::NEEDS`).
+    fn system_steps(&self) -> Vec<Step> {
+        let mut steps = Vec::new();
+        for c in self.components() {
+            steps.extend(c.system_step());
+        }
+        if self.includes(SERVICES_NAME) || self.includes("spire-agent") {
+            steps.push(Step::Build);
+        }
+        steps
+    }
 }
 
 pub fn up(ctx: &Ctx, selection: &Selection) -> Result<()> {
     ctx.create_state_dirs()?;
     eprintln!(
-        "SecurePay platform, profile {}: state {}, tool cache {}",
+        "SecurePay platform, profile {} ({} build of the services): state {}, tool cache {}",
         ctx.profile,
+        ctx.build,
         ctx.state.display(),
         ctx.cache.display()
     );
-    for c in selection.components() {
-        if let Err(e) = lifecycle::up(ctx, c.as_ref()) {
+    // Every Debian package the selected steps need, in one apt-get run before any step starts.
+    system::ensure_all(ctx, &selection.system_steps())?;
+    std::thread::scope(|scope| {
+        ctx.set_builds(Builds::start(scope, ctx, build_jobs(ctx, selection)));
+        let result = start_in_order(ctx, selection);
+        if let Err(e) = &result {
+            eprintln!("\nerror: {e:#}");
             eprintln!(
-                "\nwhat is up keeps running; `cargo xtask down` stops it, `cargo xtask logs {}` shows why",
-                c.name()
+                "what is up keeps running; `cargo xtask down` stops it. Background builds run to the end \
+                 so that the next `up` resumes where this one stopped (nothing built is built twice)."
             );
-            return Err(e);
         }
-    }
-    if selection.includes(SERVICES_NAME) {
-        services::up(ctx)?;
-    }
+        // Even when every step passed: a build nobody waited for must finish before `up` returns.
+        let builds = ctx.wait_all_builds();
+        result.and(builds)
+    })?;
     eprintln!("platform up in {:.1}s\n", ctx.progress.elapsed_secs());
     print_status(ctx);
     if ctx.profile == Profile::Dev && selection.includes(SERVICES_NAME) {
         print_first_payment(ctx);
     }
     Ok(())
+}
+
+/// The components in registry order, then the services; each waits for the build it needs.
+fn start_in_order(ctx: &Ctx, selection: &Selection) -> Result<()> {
+    for c in selection.components() {
+        lifecycle::up(ctx, c.as_ref()).with_context(|| format!("`cargo xtask logs {}` shows its log", c.name()))?;
+    }
+    if selection.includes(SERVICES_NAME) {
+        services::up(ctx)?;
+    }
+    Ok(())
+}
+
+/// The long builds this `up` needs that are not done yet, started at once side by side.
+fn build_jobs<'a>(ctx: &'a Ctx, selection: &Selection) -> Vec<Job<'a>> {
+    let mut jobs = Vec::new();
+    let wants_spire = selection.includes("spire-server") || selection.includes("spire-agent");
+    if wants_spire && !spire::installed(ctx) {
+        jobs.push(Job {
+            name: spire::BUILD,
+            timing_key: format!("spire-{}", spire::VERSION),
+            default_estimate: Duration::from_secs(20 * 60),
+            run: Box::new(move || spire::install_spire(ctx, spire::BUILD)),
+        });
+    }
+    if selection.includes("jaeger") && !jaeger::installed(ctx) {
+        jobs.push(Job {
+            name: jaeger::BUILD,
+            timing_key: format!("jaeger-{}", jaeger::VERSION),
+            default_estimate: Duration::from_secs(10 * 60),
+            run: Box::new(move || jaeger::install(ctx, jaeger::BUILD)),
+        });
+    }
+    // The agent's post-start step runs every service binary to prove its SVID.
+    if selection.includes(SERVICES_NAME) || selection.includes("spire-agent") {
+        jobs.push(Job {
+            name: services::BUILD,
+            timing_key: format!("services-{}", ctx.build),
+            default_estimate: Duration::from_secs(match ctx.build {
+                BuildMode::Debug => 4 * 60,
+                BuildMode::Release => 8 * 60,
+            }),
+            run: Box::new(move || services::build(ctx)),
+        });
+    }
+    jobs
 }
 
 pub fn down(ctx: &Ctx, selection: &Selection) -> Result<()> {
@@ -114,9 +181,9 @@ fn print_first_payment(ctx: &Ctx) {
     let gw = format!("http://127.0.0.1:{gateway}");
     println!(
         "\nSend a payment ({} pays {} 10.50 {}):\n\
-         \n  TOKEN=$(target/debug/securepay-gateway token --key {} --sub {})\n\
+         \n  TOKEN=$(target/{}/securepay-gateway token --key {} --sub {})\n\
          \x20 curl -sS -X POST {gw}/api/v1/payments -H \"Authorization: Bearer $TOKEN\" \\\n\
-         \x20   -H \"Idempotency-Key: $(uuidgen)\" -H 'Content-Type: application/json' \\\n\
+         \x20   -H \"Idempotency-Key: $(cat /proc/sys/kernel/random/uuid)\" -H 'Content-Type: application/json' \\\n\
          \x20   -d '{{\"from_account\":\"{}\",\"to_account\":\"{}\",\"amount\":\"10.50\",\"currency\":\"{}\"}}'\n\
          \x20 curl -sS {gw}/api/v1/payments/<payment_id> -H \"Authorization: Bearer $TOKEN\"\n\
          \x20 curl -sS {gw}/api/v1/accounts/{}/balance -H \"Authorization: Bearer $TOKEN\"\n\
@@ -125,6 +192,7 @@ fn print_first_payment(ctx: &Ctx) {
         from.owner,
         to.owner,
         from.currency,
+        ctx.build,
         key.display(),
         from.owner,
         from.account_id,

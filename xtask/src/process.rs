@@ -105,3 +105,23 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     }
     Ok(stdout)
 }
+
+/// Runs a long command with its output appended to `log`; on failure the error carries the log's tail.
+pub fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
+    let out = OpenOptions::new().create(true).append(true).open(log)?;
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .status()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status}); last lines of {}:\n{}", log.display(), crate::fsutil::tail(log, 20));
+    }
+    Ok(())
+}
+
+/// The executable a running process was started from (`/proc/<pid>/exe`).
+pub fn executable(pid: u32) -> Option<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+}

@@ -1,8 +1,9 @@
 //! The four SecurePay services as the runner sees them: one table of ports (SPEC §2), how to
 //! build and start them, and their rows in the status table.
 //!
-//! Services are built as debug binaries (`cargo build -p ...`) into `target/` and started with
-//! their listen addresses and every component's [`Component::service_env`] in the environment.
+//! Services are built (`cargo build [--release] -p ...`, release in the dev profile unless `up
+//! --debug`, debug in the test profile) into `target/<debug|release>/` and started with their
+//! listen addresses and every component's [`Component::service_env`] in the environment.
 //!
 //! [`Component::service_env`]: crate::components::Component::service_env
 
@@ -15,8 +16,11 @@ use securepay_testkit::var;
 
 use crate::components::lifecycle::{StatusRow, wait_ports_closed};
 use crate::components::{ScrapeTarget, registry};
-use crate::ctx::{Ctx, Port};
+use crate::ctx::{BuildMode, Ctx, Port};
 use crate::{net, process};
+
+/// The name of the services' background build in `up`'s progress view.
+pub const BUILD: &str = "services";
 
 /// How long `up` waits for every started service to answer `/ready` (dependencies reachable).
 const SERVICE_READY_WAIT: Duration = Duration::from_secs(60);
@@ -106,36 +110,50 @@ impl Service {
     }
 }
 
-/// `cargo build -p <each service>`: debug builds into the workspace's `target/`.
+/// `cargo build [--release] -p <each service>` into the workspace's `target/`; the output goes to
+/// `logs/services-build.log`. After `up`'s background build this is an incremental no-op.
 pub fn build(ctx: &Ctx) -> Result<()> {
-    ctx.progress.step("services", "cargo build (debug) of the four services", || {
+    crate::system::ensure(ctx, crate::system::Step::Build)?;
+    ctx.progress.step("services", &format!("cargo build ({}) of the four services", ctx.build), || {
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.current_dir(&ctx.root).args(["build", "--quiet"]);
+        if ctx.build == BuildMode::Release {
+            cmd.arg("--release");
+        }
         for s in &SERVICES {
             cmd.args(["-p", s.binary()]);
         }
-        process::run(&mut cmd).map(drop)
+        process::run_logged(&mut cmd, &ctx.log_file("services-build"))
     })
 }
 
 /// Starts each service that is not running, then waits until every started one answers `/ready`
 /// (its database, cache and broker reachable). A service that exits fails `up` with its log tail.
 pub fn up(ctx: &Ctx) -> Result<()> {
+    ctx.wait_build(BUILD)?;
     build(ctx)?;
     dev_keys(ctx)?;
     let mut started = Vec::new();
     for s in &SERVICES {
         let pid_file = ctx.pid_file(&s.pid_name());
         if let Some(pid) = process::running_pid(&pid_file, s.binary()) {
-            ctx.progress.note(s.name(), &format!("already running (pid {pid})"));
-            continue;
+            let bin = ctx.service_binary(s.binary());
+            if process::executable(pid).is_some_and(|exe| exe == bin) {
+                ctx.progress.note(s.name(), &format!("already running (pid {pid})"));
+                continue;
+            }
+            // Started from the other build (`up --debug` after a release `up`, or the reverse):
+            // its SPIRE entry now names the other path, so it must be restarted.
+            ctx.progress.step(s.name(), &format!("restart pid {pid} as the {} build", ctx.build), || {
+                process::stop(pid, s.binary(), "TERM", Duration::from_secs(15))
+            })?;
         }
         let port = s.http_port(ctx)?;
         if net::port_open(port) {
             anyhow::bail!("{}: port {port} is already in use by a process this profile did not start", s.name());
         }
         let child = ctx.progress.step(s.name(), &format!("start {}", s.address(ctx)?), || {
-            let bin = ctx.root.join("target/debug").join(s.binary());
+            let bin = ctx.service_binary(s.binary());
             let mut cmd = Command::new(&bin);
             cmd.current_dir(&ctx.root).envs(s.env(ctx)?);
             process::spawn_detached(&mut cmd, &ctx.log_file(s.name()), &pid_file)
@@ -205,7 +223,7 @@ fn dev_keys(ctx: &Ctx) -> Result<()> {
         return Ok(());
     }
     ctx.progress.step("api-gateway", "create the development JWT key pair", || {
-        let bin = ctx.root.join("target/debug").join(ServiceIdentity::ApiGateway.binary());
+        let bin = ctx.service_binary(ServiceIdentity::ApiGateway.binary());
         let mut cmd = Command::new(bin);
         cmd.arg("dev-keys").arg("--dir").arg(ctx.secrets_dir());
         process::run(&mut cmd).map(drop)

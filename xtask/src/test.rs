@@ -210,12 +210,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     Ok(summary(&stages, started, interrupted.load(Ordering::SeqCst)))
 }
 
-/// Native build dependencies of the workspace: rdkafka's `cmake-build` compiles librdkafka with
-/// cmake and libcurl.
+/// Native build dependencies of the workspace (`system::NEEDS`, step `build`), before clippy and
+/// the test build need them.
 fn build_prerequisites(ctx: &Ctx) -> Result<()> {
-    crate::install::ensure_apt(ctx, "build", "cmake", &["cmake"])?;
-    // `curl-config` ships with the development package.
-    crate::install::ensure_apt(ctx, "build", "curl-config", &["libcurl4-openssl-dev"]).map(drop)
+    crate::system::ensure(ctx, crate::system::Step::Build)
 }
 
 /// The testkit variables for every component, plus the state dir and `INFRA_REQUIRED=1`.

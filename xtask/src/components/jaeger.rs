@@ -1,4 +1,4 @@
-//! Jaeger v2 (module version v1.76.0 = Jaeger 2.13), built from source as a Go tool, with memory
+//! Jaeger v2 (module version v1.75.0 = Jaeger 2.12, the approved release; v1.76.0 is served but not approved), built from source as a Go tool, with memory
 //! storage. The embedded all-in-one config has fixed ports and a dozen listeners, so the runner
 //! writes its own config: OTLP gRPC/HTTP, the query API (HTTP + gRPC) and the metrics endpoint, all
 //! on loopback and all moved by the profile (test = dev + 10000). No UI assets are built in.
@@ -13,7 +13,21 @@ use super::{Component, ScrapeTarget};
 use crate::ctx::{Ctx, Port};
 use crate::{fsutil, net};
 
-pub const VERSION: &str = "1.76.0";
+pub const VERSION: &str = "1.75.0";
+/// The name of Jaeger's background build in `up`'s progress view.
+pub const BUILD: &str = "jaeger";
+/// A substring of the running binary's path: the tool-cache directory of [`VERSION`].
+const PROCESS_MARKER: &str = "jaeger-1.75.0/bin/jaeger";
+
+/// Whether Jaeger is in the tool cache (no build needed).
+pub fn installed(ctx: &Ctx) -> bool {
+    ctx.tool_dir("jaeger", VERSION).join(".securepay-complete").exists()
+}
+
+/// Builds Jaeger into the tool cache unless it is there (`up` runs this as a background build).
+pub fn install(ctx: &Ctx, component: &str) -> Result<()> {
+    super::spire::go_tool(ctx, component, "jaeger", VERSION, &["github.com/jaegertracing/jaeger/cmd/jaeger"]).map(drop)
+}
 pub const OTLP_GRPC_PORT: Port = Port { key: "OTLP_GRPC", dev: 4317 };
 pub const OTLP_HTTP_PORT: Port = Port { key: "OTLP_HTTP", dev: 4318 };
 pub const QUERY_PORT: Port = Port { key: "JAEGER_QUERY", dev: 16686 };
@@ -79,12 +93,12 @@ impl Component for Jaeger {
     }
 
     fn process_marker(&self) -> &'static str {
-        "jaeger-1.76.0/bin/jaeger"
+        PROCESS_MARKER
     }
 
     fn install(&self, ctx: &Ctx) -> Result<()> {
-        super::spire::go_tool(ctx, self.name(), "jaeger", VERSION, &["github.com/jaegertracing/jaeger/cmd/jaeger"])
-            .map(drop)
+        ctx.wait_build(BUILD)?;
+        install(ctx, self.name())
     }
 
     fn configure(&self, ctx: &Ctx) -> Result<()> {
@@ -124,5 +138,17 @@ impl Component for Jaeger {
 
     fn scrape_targets(&self, ctx: &Ctx) -> Result<Vec<ScrapeTarget>> {
         Ok(vec![ScrapeTarget { job: "jaeger".into(), port: ctx.port(METRICS_PORT)?, path: "/metrics" }])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_process_marker_names_the_pinned_version() {
+        assert!(PROCESS_MARKER.contains(&format!("jaeger-{VERSION}/")), "{PROCESS_MARKER}");
+        // SPEC §10: v1.75.0 (Jaeger 2.12) is the approved module version; v1.76.0 is not.
+        assert_eq!(VERSION, "1.75.0");
     }
 }

@@ -14,7 +14,7 @@ use securepay_testkit::var;
 
 use super::Component;
 use crate::ctx::{Ctx, Port};
-use crate::install::{cached_tool, ensure_apt};
+use crate::install::cached_tool;
 use crate::{fsutil, net, process};
 
 pub const VERSION: &str = "4.4.0";
@@ -75,9 +75,12 @@ impl Component for Kafka {
         "kafka.Kafka"
     }
 
+    fn system_step(&self) -> Option<crate::system::Step> {
+        Some(crate::system::Step::Kafka)
+    }
+
     fn install(&self, ctx: &Ctx) -> Result<()> {
-        ensure_apt(ctx, self.name(), "java", &["openjdk-17-jre-headless"])?;
-        ensure_apt(ctx, self.name(), "mvn", &["maven"])?;
+        crate::system::ensure(ctx, crate::system::Step::Kafka)?;
         let maven_repo = ctx.cache.join("maven-repo");
         cached_tool(ctx, self.name(), "kafka", VERSION, |dir| {
             std::fs::write(dir.join("pom.xml"), pom())?;

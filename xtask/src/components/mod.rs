@@ -20,7 +20,8 @@
 //!    `OTEL_EXPORTER_OTLP_ENDPOINT`).
 //!
 //! Installs go through [`crate::install::cached_tool`] (Go tools: build into the scratch dir it
-//! hands you) or [`crate::install::ensure_apt`]; sub-steps report via `ctx.progress.step`.
+//! hands you) or declare Debian packages in [`crate::system::NEEDS`] and return their step from
+//! [`Component::system_step`]; sub-steps report via `ctx.progress.step`.
 
 use std::process::Command;
 use std::time::Duration;
@@ -72,7 +73,11 @@ pub trait Component {
     /// A substring of the process's command line, so a recycled pid is never mistaken for ours.
     fn process_marker(&self) -> &'static str;
 
-    /// Installs binaries if missing (tool cache or apt). Shared by all profiles.
+    /// The Debian packages it needs, as a step of `system::NEEDS` (installed before `install`).
+    fn system_step(&self) -> Option<crate::system::Step> {
+        None
+    }
+    /// Installs binaries if missing (tool cache). Shared by all profiles.
     fn install(&self, ctx: &Ctx) -> Result<()>;
     /// Writes config and initialises the data dir in the profile's state dir.
     fn configure(&self, ctx: &Ctx) -> Result<()>;

@@ -19,7 +19,7 @@ use securepay_testkit::var;
 
 use super::Component;
 use crate::ctx::{Ctx, Port};
-use crate::install::{SystemUser, cached_tool, ensure_apt, ensure_system_user, is_root, traversable_by_others};
+use crate::install::{SystemUser, cached_tool, ensure_system_user, is_root, traversable_by_others};
 use crate::{fsutil, process};
 
 pub const VERSION: &str = "16.14.0-beta.17";
@@ -104,7 +104,6 @@ impl Postgres {
     }
 
     fn install_npm_package(&self, ctx: &Ctx) -> Result<()> {
-        ensure_apt(ctx, self.name(), "npm", &["nodejs", "npm"])?;
         let tool = cached_tool(ctx, self.name(), "postgresql", VERSION, |dir| {
             process::run(
                 Command::new("npm")
@@ -165,8 +164,12 @@ impl Component for Postgres {
         "postgres"
     }
 
+    fn system_step(&self) -> Option<crate::system::Step> {
+        Some(crate::system::Step::Postgres)
+    }
+
     fn install(&self, ctx: &Ctx) -> Result<()> {
-        ensure_apt(ctx, self.name(), "psql", &["postgresql-client"])?;
+        crate::system::ensure(ctx, crate::system::Step::Postgres)?;
         self.system_user()?;
         if std::env::var_os("SECUREPAY_PG_BIN_DIR").is_some_and(|d| !d.is_empty()) {
             let bin = self.bin_dir(ctx);

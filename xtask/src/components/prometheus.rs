@@ -9,7 +9,7 @@ use securepay_testkit::var;
 
 use super::{Component, ScrapeTarget, registry};
 use crate::ctx::{Ctx, Port};
-use crate::install::{ensure_apt, which};
+use crate::install::which;
 use crate::services::SERVICES;
 use crate::{fsutil, net, process};
 
@@ -82,8 +82,12 @@ impl Component for Prometheus {
         "prometheus"
     }
 
+    fn system_step(&self) -> Option<crate::system::Step> {
+        Some(crate::system::Step::Prometheus)
+    }
+
     fn install(&self, ctx: &Ctx) -> Result<()> {
-        ensure_apt(ctx, self.name(), "prometheus", &["prometheus"]).map(drop)
+        crate::system::ensure(ctx, crate::system::Step::Prometheus)
     }
 
     fn configure(&self, ctx: &Ctx) -> Result<()> {

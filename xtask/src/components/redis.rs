@@ -8,7 +8,7 @@ use super::Component;
 use securepay_testkit::var;
 
 use crate::ctx::{Ctx, Port};
-use crate::install::{ensure_apt, which};
+use crate::install::which;
 use crate::{fsutil, net, process};
 
 pub const PORT: Port = Port { key: "REDIS", dev: 6379 };
@@ -39,8 +39,12 @@ impl Component for Redis {
         "redis-server"
     }
 
+    fn system_step(&self) -> Option<crate::system::Step> {
+        Some(crate::system::Step::Redis)
+    }
+
     fn install(&self, ctx: &Ctx) -> Result<()> {
-        ensure_apt(ctx, self.name(), "redis-server", &["redis-server"]).map(drop)
+        crate::system::ensure(ctx, crate::system::Step::Redis)
     }
 
     fn configure(&self, ctx: &Ctx) -> Result<()> {

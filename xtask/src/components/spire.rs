@@ -9,10 +9,9 @@
 //! The server listens on 8181 (dev) / 18181 (test), not the seed's 8081: on one host 8081 is
 //! payment-service's port (SPEC §2). compose.yaml keeps 8081 inside its own container.
 
-use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use securepay_core::identity::{ServiceIdentity, TRUST_DOMAIN};
@@ -24,6 +23,8 @@ use crate::install::{cached_tool, which};
 use crate::{fsutil, process};
 
 pub const VERSION: &str = "1.13.3";
+/// The name of SPIRE's background build in `up`'s progress view.
+pub const BUILD: &str = "spire";
 /// Not 8081: that is payment-service's port on this host.
 pub const SERVER_PORT: Port = Port { key: "SPIRE_SERVER", dev: 8181 };
 /// The agent's alias SPIFFE ID (`token generate -spiffeID`), parent of the workload entries.
@@ -34,9 +35,7 @@ const AGENT_TEMPLATE: &str = include_str!("../../../spire/agent.conf");
 const JOIN_TOKEN_TTL_SECS: u32 = 600;
 /// How long after registration every service binary must get its SVID (agent sync is ~5 s).
 const SVID_READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Print a heartbeat dot this often while a Go build runs (cold builds take many minutes).
-const BUILD_HEARTBEAT: Duration = Duration::from_secs(30);
-/// The oldest Go with `go get -tool` (1.24); SPIRE 1.13 and Jaeger 1.76 need at least that.
+/// The oldest Go with `go get -tool` (1.24); SPIRE 1.13 and Jaeger 1.75 need at least that.
 const GO_MINOR_MIN: u32 = 24;
 
 fn bin(ctx: &Ctx, name: &str) -> PathBuf {
@@ -67,7 +66,7 @@ fn join_token_path(ctx: &Ctx) -> PathBuf {
 
 /// Where the runner (and `cargo build`) puts a service binary: the `unix:path` selector's value.
 pub fn service_binary(ctx: &Ctx, service: ServiceIdentity) -> PathBuf {
-    ctx.root.join("target/debug").join(service.binary())
+    ctx.service_binary(service.binary())
 }
 
 /// Replaces every `{{key}}` of a template; a placeholder left over is a bug in the template.
@@ -92,8 +91,7 @@ pub fn go_tool(ctx: &Ctx, component: &str, name: &str, version: &str, packages: 
         ctx.progress.note(
             component,
             &format!(
-                "building {name} {version} from source with Go (cold: 15-25 min on 2 cores; a dot per {}s; log {})",
-                BUILD_HEARTBEAT.as_secs(),
+                "building {name} {version} from source with Go (log {})",
                 ctx.log_file(&format!("{name}-build")).display()
             ),
         );
@@ -105,7 +103,7 @@ pub fn go_tool(ctx: &Ctx, component: &str, name: &str, version: &str, packages: 
         let go = |args: &[&str]| {
             let mut cmd = Command::new("go");
             cmd.current_dir(&module).args(args).env("GOBIN", scratch.join("bin")).env("CGO_ENABLED", "1");
-            run_logged(&mut cmd, &log)
+            process::run_logged(&mut cmd, &log)
         };
         go(&["mod", "init", &format!("securepay.local/tools/{name}")])?;
         for package in packages {
@@ -129,38 +127,19 @@ fn check_go() -> Result<()> {
     }
 }
 
-/// Runs a long command with its output appended to `log`, printing a dot every [`BUILD_HEARTBEAT`].
-fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
-    let out = OpenOptions::new().create(true).append(true).open(log)?;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("spawning {cmd:?}"))?;
-    let mut last_dot = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait()? {
-            if !status.success() {
-                bail!("{cmd:?} failed ({status}); last lines of {}:\n{}", log.display(), fsutil::tail(log, 20));
-            }
-            return Ok(());
-        }
-        if last_dot.elapsed() >= BUILD_HEARTBEAT {
-            eprint!(".");
-            last_dot = Instant::now();
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 fn server_cli(ctx: &Ctx, args: &[&str]) -> Result<String> {
     let mut cmd = Command::new(bin(ctx, "spire-server"));
     cmd.args(args).arg("-socketPath").arg(server_socket(ctx));
     process::run(&mut cmd)
 }
 
-fn install_spire(ctx: &Ctx, component: &str) -> Result<()> {
+/// Whether the SPIRE binaries are in the tool cache (no build needed).
+pub fn installed(ctx: &Ctx) -> bool {
+    ctx.tool_dir("spire", VERSION).join(".securepay-complete").exists()
+}
+
+/// Builds SPIRE into the tool cache unless it is there (`up` runs this as a background build).
+pub fn install_spire(ctx: &Ctx, component: &str) -> Result<()> {
     go_tool(
         ctx,
         component,
@@ -195,6 +174,7 @@ impl Component for SpireServer {
     }
 
     fn install(&self, ctx: &Ctx) -> Result<()> {
+        ctx.wait_build(BUILD)?;
         install_spire(ctx, self.name())
     }
 
@@ -336,16 +316,6 @@ fn id_of(id: &serde_json::Value) -> String {
     format!("spiffe://{}{}", id["trust_domain"].as_str().unwrap_or_default(), id["path"].as_str().unwrap_or_default())
 }
 
-/// `cargo build` of the four services: the entries name their paths and `wait_for_svids` runs them.
-fn build_services(ctx: &Ctx) -> Result<()> {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(&ctx.root).args(["build", "--quiet"]);
-    for service in ServiceIdentity::ALL {
-        cmd.args(["-p", service.binary()]);
-    }
-    process::run(&mut cmd).map(drop)
-}
-
 impl Component for SpireAgent {
     fn name(&self) -> &'static str {
         "spire-agent"
@@ -369,6 +339,7 @@ impl Component for SpireAgent {
     }
 
     fn install(&self, ctx: &Ctx) -> Result<()> {
+        ctx.wait_build(BUILD)?;
         install_spire(ctx, self.name())
     }
 
@@ -421,7 +392,8 @@ impl Component for SpireAgent {
     }
 
     fn after_start(&self, ctx: &Ctx) -> Result<()> {
-        build_services(ctx)?;
+        // The entries name the binaries' paths and `wait_for_svids` runs them.
+        crate::services::build(ctx)?;
         self.register(ctx)?;
         self.wait_for_svids(ctx)
     }
