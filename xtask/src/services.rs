@@ -106,7 +106,29 @@ impl Service {
         if self.identity == ServiceIdentity::ApiGateway {
             env.push(("SECUREPAY_JWKS_PATH".into(), jwks_path(ctx).display().to_string()));
         }
+        // Head sampling at the gateway (OpenTelemetry's standard variables, read by the SDK); the
+        // services behind it follow the caller's decision, carried in `traceparent`.
+        env.push(("OTEL_TRACES_SAMPLER".into(), "parentbased_traceidratio".into()));
+        env.push(("OTEL_TRACES_SAMPLER_ARG".into(), trace_sample_ratio(ctx)?.to_string()));
         Ok(env)
+    }
+}
+
+/// The share of requests whose traces are exported: `SECUREPAY_TRACE_SAMPLE_RATIO`, else 10 % in
+/// the dev profile (exporting every span at full rate costs more CPU than the payment itself) and
+/// 100 % in the test profile (the end-to-end test follows one payment's whole trace).
+pub fn trace_sample_ratio(ctx: &Ctx) -> Result<f64> {
+    const VAR: &str = "SECUREPAY_TRACE_SAMPLE_RATIO";
+    match std::env::var(VAR) {
+        Ok(text) if !text.trim().is_empty() => {
+            let ratio: f64 = text.trim().parse().with_context(|| format!("{VAR}={text} is not a number"))?;
+            anyhow::ensure!((0.0..=1.0).contains(&ratio), "{VAR}={text} must be between 0 and 1");
+            Ok(ratio)
+        }
+        _ => Ok(match ctx.profile {
+            crate::ctx::Profile::Dev => 0.1,
+            crate::ctx::Profile::Test => 1.0,
+        }),
     }
 }
 

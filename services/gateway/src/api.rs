@@ -239,6 +239,13 @@ fn idempotency_key(headers: &HeaderMap, body: Option<&str>) -> Result<Option<Ide
         (Some(k), _) | (None, Some(k)) => k,
         (None, None) => return Ok(None),
     };
+    if text.trim().is_empty() {
+        // Never "no key": the client asked for idempotency (e.g. a failed `$(uuidgen)` in a shell).
+        return Err(Problem::bad_request(
+            "invalid_idempotency_key",
+            "the idempotency key is empty: send a key (a UUID, say) or leave the header and field out",
+        ));
+    }
     IdempotencyKey::parse(text).map(Some).map_err(|_| invalid())
 }
 

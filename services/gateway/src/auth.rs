@@ -11,10 +11,17 @@
 //! node's skewable clock, so a gateway whose clock is off refuses tokens exactly as a real one would.
 //! A token is expired when `exp < now - leeway` (`jwt_expired`), not yet valid when
 //! `nbf > now + leeway` (`jwt_invalid`).
+//!
+//! Cost: an ES256 verification is most of the gateway's CPU per request (profiled: a third of the
+//! whole platform's CPU at 400 requests/s). A client sends the same token with every request until
+//! it expires, so the outcome of the signature, `iss`, `aud` and `sub` checks is kept per token
+//! text ([`VerifiedTokens`], bounded); `exp`/`nbf` are checked on the clock at EVERY use, so a
+//! cached token expires exactly when an uncached one would. The key set never changes under an
+//! `Authenticator`, so a cached verdict cannot outlive its key.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -81,6 +88,58 @@ pub struct Authenticator {
     keys: HashMap<String, VerifyingKey>,
     config: JwtConfig,
     clock: Arc<dyn Clock>,
+    verified: VerifiedTokens,
+}
+
+/// What a signature check established about one token text; its times are checked at each use.
+#[derive(Debug, Clone)]
+struct Verified {
+    principal: Principal,
+    exp: i64,
+    nbf: Option<i64>,
+}
+
+/// Tokens whose signature, issuer, audience and subject were verified, by their exact text.
+///
+/// Bounded: two generations of at most [`VerifiedTokens::GENERATION_LEN_MAX`] entries; when the
+/// current one is full it becomes the old one and the old one is dropped, so memory stays below
+/// 2 × 4,096 tokens (≈ 4 MiB) and a token in use keeps being found (a hit in the old generation
+/// moves it to the current one).
+#[derive(Debug, Default)]
+struct VerifiedTokens {
+    generations: Mutex<(HashMap<String, Verified>, HashMap<String, Verified>)>,
+}
+
+impl VerifiedTokens {
+    const GENERATION_LEN_MAX: usize = 4096;
+
+    fn get(&self, token: &str) -> Option<Verified> {
+        let mut g = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hit) = g.0.get(token) {
+            return Some(hit.clone());
+        }
+        let hit = g.1.remove(token)?;
+        Self::insert_into(&mut g, token, hit.clone());
+        Some(hit)
+    }
+
+    fn insert(&self, token: &str, verified: Verified) {
+        let mut g = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        Self::insert_into(&mut g, token, verified);
+    }
+
+    fn insert_into(g: &mut (HashMap<String, Verified>, HashMap<String, Verified>), token: &str, verified: Verified) {
+        if g.0.len() >= Self::GENERATION_LEN_MAX {
+            g.1 = std::mem::take(&mut g.0);
+        }
+        g.0.insert(token.to_owned(), verified);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        let g = self.generations.lock().unwrap();
+        g.0.len() + g.1.len()
+    }
 }
 
 #[derive(Deserialize)]
@@ -146,7 +205,7 @@ impl Authenticator {
         if keys.is_empty() {
             return Err(JwksError::NoUsableKey);
         }
-        Ok(Authenticator { keys, config, clock: Arc::new(SystemClock) })
+        Ok(Authenticator { keys, config, clock: Arc::new(SystemClock), verified: VerifiedTokens::default() })
     }
 
     /// The same authenticator checking `exp`/`nbf` against `clock` instead of the OS clock.
@@ -174,6 +233,33 @@ impl Authenticator {
         if token.len() > 8 * 1024 {
             return Err(AuthFailure::Invalid);
         }
+        let verified = match self.verified.get(token) {
+            Some(verified) => verified,
+            None => {
+                let verified = self.verify_signed(token)?;
+                self.verified.insert(token, verified.clone());
+                verified
+            }
+        };
+        self.check_times(&verified)?;
+        Ok(verified.principal)
+    }
+
+    /// `exp` and `nbf` against the clock, with the leeway (at every use, cached or not).
+    fn check_times(&self, verified: &Verified) -> Result<(), AuthFailure> {
+        let now = self.clock.now().unix_timestamp();
+        let leeway = i64::try_from(self.config.leeway_seconds).unwrap_or(i64::MAX);
+        if verified.exp < now.saturating_sub(leeway) {
+            return Err(AuthFailure::Expired);
+        }
+        if verified.nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+            return Err(AuthFailure::Invalid);
+        }
+        Ok(())
+    }
+
+    /// Everything that does not depend on the time: algorithm, key, signature, iss, aud, sub.
+    fn verify_signed(&self, token: &str) -> Result<Verified, AuthFailure> {
         // An unknown `alg` (`none`, anything not in jsonwebtoken's enum) fails here.
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::Invalid)?;
         if !ALLOWED_ALGORITHMS.contains(&header.alg) {
@@ -183,7 +269,7 @@ impl Authenticator {
         if key.algorithm != header.alg {
             return Err(AuthFailure::Invalid);
         }
-        // Signature, iss, aud and the presence of exp by the library; times below, on our clock.
+        // Signature, iss, aud and the presence of exp by the library; times on our clock.
         let mut validation = Validation::new(key.algorithm);
         validation.validate_exp = false;
         validation.validate_nbf = false;
@@ -191,21 +277,11 @@ impl Authenticator {
         validation.set_audience(&[self.config.audience.as_str()]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|_| AuthFailure::Invalid)?;
-        let now = self.clock.now().unix_timestamp();
-        let leeway = i64::try_from(self.config.leeway_seconds).unwrap_or(i64::MAX);
         let exp = seconds(&data.claims.exp).ok_or(AuthFailure::Invalid)?;
-        if exp < now.saturating_sub(leeway) {
-            return Err(AuthFailure::Expired);
-        }
-        if let Some(nbf) = &data.claims.nbf {
-            let nbf = seconds(nbf).ok_or(AuthFailure::Invalid)?;
-            if nbf > now.saturating_add(leeway) {
-                return Err(AuthFailure::Invalid);
-            }
-        }
+        let nbf = data.claims.nbf.as_ref().map(|nbf| seconds(nbf).ok_or(AuthFailure::Invalid)).transpose()?;
         let subject = Subject::parse(&data.claims.sub).map_err(|_| AuthFailure::Invalid)?;
         let scopes = data.claims.scope.unwrap_or_default().split_ascii_whitespace().map(str::to_owned).collect();
-        Ok(Principal { subject, scopes })
+        Ok(Verified { principal: Principal { subject, scopes }, exp, nbf })
     }
 }
 
@@ -264,5 +340,55 @@ mod tests {
         let token = signer.mint_at(&jwt, "user-1", SCOPE_READ, now - 7200, 3600, "jti-2").expect("signs");
         assert_eq!(gateway_at(&jwks, 0).verify(&token), Err(AuthFailure::Expired));
         assert!(gateway_at(&jwks, -3600).verify(&token).is_ok());
+    }
+
+    /// A clock the test moves.
+    struct Settable(std::sync::atomic::AtomicI64);
+
+    impl Clock for Settable {
+        fn now(&self) -> OffsetDateTime {
+            OffsetDateTime::from_unix_timestamp(self.0.load(std::sync::atomic::Ordering::SeqCst)).unwrap()
+        }
+    }
+
+    #[test]
+    fn a_cached_token_still_expires_on_the_clock_and_a_tampered_one_is_never_a_hit() {
+        let (signer, jwks) = issuer();
+        let jwt = JwtConfig::default();
+        let leeway = i64::try_from(jwt.leeway_seconds).expect("small");
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let clock = Arc::new(Settable(std::sync::atomic::AtomicI64::new(now)));
+        let gateway = Authenticator::from_jwks_text(&jwks, jwt.clone()).unwrap().with_clock(clock.clone());
+        let token = signer.mint_at(&jwt, "user-1", SCOPE_READ, now, 600, "jti-3").expect("signs");
+        assert!(gateway.verify(&token).is_ok());
+        assert!(gateway.verify(&token).is_ok(), "served from the cache");
+        assert_eq!(gateway.verified.len(), 1);
+        clock.0.store(now + 600 + leeway + 1, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(gateway.verify(&token), Err(AuthFailure::Expired), "a cached verdict does not outlive exp");
+        clock.0.store(now, std::sync::atomic::Ordering::SeqCst);
+        // One byte changed in the signature is another text: verified from scratch, refused.
+        // (a character well inside the signature: the last one may carry only padding bits)
+        let at = token.len() - 10;
+        let flipped = if &token[at..=at] == "A" { "B" } else { "A" };
+        let tampered = format!("{}{flipped}{}", &token[..at], &token[at + 1..]);
+        assert_eq!(gateway.verify(&tampered), Err(AuthFailure::Invalid));
+        assert_eq!(gateway.verified.len(), 1, "a refused token is not cached");
+    }
+
+    #[test]
+    fn the_cache_stays_bounded() {
+        let (signer, jwks) = issuer();
+        let jwt = JwtConfig::default();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let gateway = Authenticator::from_jwks_text(&jwks, jwt.clone()).unwrap();
+        let count = VerifiedTokens::GENERATION_LEN_MAX * 2 + 10;
+        let tokens: Vec<String> = (0..count)
+            .map(|i| signer.mint_at(&jwt, "user-1", SCOPE_READ, now, 600, &format!("j{i}")).unwrap())
+            .collect();
+        for token in &tokens {
+            assert!(gateway.verify(token).is_ok());
+        }
+        assert!(gateway.verified.len() <= 2 * VerifiedTokens::GENERATION_LEN_MAX);
+        assert!(gateway.verify(&tokens[0]).is_ok(), "an evicted token is verified again");
     }
 }

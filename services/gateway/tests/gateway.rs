@@ -362,6 +362,22 @@ async fn a_replay_is_flagged_and_its_body_is_byte_identical() {
 }
 
 #[tokio::test]
+async fn an_empty_or_blank_idempotency_key_is_refused_never_taken_as_absent() {
+    // A shell whose `$(uuidgen)` failed sends `Idempotency-Key:` with nothing after it: that client
+    // asked for idempotency and must hear that its key is unusable, not get a payment without one.
+    let gw = gateway().await;
+    for blank in ["", " ", "\t", "   "] {
+        let mut r = post(Some(&gw.token("alice")), payment_body().to_string());
+        r.headers_mut().insert("idempotency-key", blank.parse().unwrap());
+        gw.send(r).await.assert_problem(400, "invalid_idempotency_key");
+        let mut body = payment_body();
+        body["idempotency_key"] = json!(blank);
+        gw.send(post(Some(&gw.token("alice")), body.to_string())).await.assert_problem(400, "invalid_idempotency_key");
+    }
+    gw.assert_no_backend_call("blank idempotency keys");
+}
+
+#[tokio::test]
 async fn idempotency_key_header_and_body_must_agree() {
     let gw = gateway().await;
     let mut body = payment_body();

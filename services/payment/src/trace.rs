@@ -7,18 +7,24 @@ use securepay_ports::Ids;
 
 pub const TRACEPARENT: &str = "traceparent";
 
-/// `00-<trace id>-<span id>-01`, continuing `incoming` when it is a valid version-00 traceparent.
+/// `00-<trace id>-<span id>-<flags>`, continuing `incoming` (its trace id and its sampling
+/// decision) when it is a valid version-00 traceparent; else a new, sampled trace.
 pub fn traceparent(incoming: Option<&str>, ids: &dyn Ids) -> String {
     let span_id = format!("{:016x}", (ids.uuid().as_u128() as u64).max(1));
-    let trace_id = incoming
-        .and_then(parse_trace_id)
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("{:032x}", ids.uuid().as_u128().max(1)));
-    format!("00-{trace_id}-{span_id}-01")
+    match incoming.and_then(parse) {
+        Some((trace_id, flags)) => format!("00-{trace_id}-{span_id}-{flags}"),
+        None => format!("00-{:032x}-{span_id}-01", ids.uuid().as_u128().max(1)),
+    }
 }
 
 /// The trace id of a valid version-00 traceparent.
+#[cfg(test)]
 fn parse_trace_id(text: &str) -> Option<&str> {
+    parse(text).map(|(trace, _)| trace)
+}
+
+/// The trace id and the trace flags of a valid version-00 traceparent.
+fn parse(text: &str) -> Option<(&str, &str)> {
     let parts: Vec<&str> = text.split('-').collect();
     let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
@@ -31,7 +37,7 @@ fn parse_trace_id(text: &str) -> Option<&str> {
                 && nonzero(span)
                 && hex(flags, 2) =>
         {
-            Some(trace)
+            Some((trace, flags))
         }
         _ => None,
     }
@@ -53,6 +59,15 @@ mod tests {
             let fresh = traceparent(bad, &SeededIds);
             assert_eq!(parse_trace_id(&fresh).map(str::len), Some(32), "{fresh}");
             assert!(!fresh.contains("00000000000000000000000000000000"));
+            assert!(fresh.ends_with("-01"), "a new trace is sampled: {fresh}");
         }
+    }
+
+    #[test]
+    fn the_callers_sampling_decision_travels_with_the_event() {
+        // With a sampling ratio below 1 the gateway drops most traces: the settlement and the
+        // notification of an unsampled payment must not start exporting it again.
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert!(traceparent(Some(unsampled), &SeededIds).ends_with("-00"));
     }
 }

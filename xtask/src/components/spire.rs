@@ -393,6 +393,7 @@ impl Component for SpireAgent {
 
     fn after_start(&self, ctx: &Ctx) -> Result<()> {
         // The entries name the binaries' paths and `wait_for_svids` runs them.
+        ctx.wait_build(crate::services::BUILD)?;
         crate::services::build(ctx)?;
         self.register(ctx)?;
         self.wait_for_svids(ctx)
