@@ -6,6 +6,7 @@
 //! - `test.rs`     — `cargo xtask test`: test platform up, clippy, tests, simulation, tear-down;
 //!   `cargo xtask sim`: the whole-platform simulation sweep with its controls as flags;
 //! - `load/`       — `cargo xtask load`: the load generator against a running platform;
+//! - `bench/`      — `cargo xtask bench`: pgbench baseline + a ramp of load steps, table/JSON/SVG;
 //! - `components/` — one file per infrastructure process (PostgreSQL, Redis, Kafka, Prometheus,
 //!   ...); see `components/mod.rs` for how to add one;
 //! - `services.rs` — the four SecurePay services and their port table;
@@ -22,6 +23,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod builds;
 mod components;
 mod ctx;
@@ -91,6 +93,10 @@ enum Command {
     /// Drive payments at a fixed rate through a running platform's gateway and report throughput,
     /// latency, errors and conservation (load accounts `load-user-*` are seeded as test data).
     Load(load::Args),
+    /// Measure the running platform (SPEC §11): pgbench TPC-B on its PostgreSQL, then a ramp of
+    /// load steps until payments stop settling or the latency goal breaks; table, JSON and SVG
+    /// in `<state dir>/bench/`.
+    Bench(bench::Args),
     /// Run everything CI runs: test platform up, clippy, tests, simulation; always tears down.
     Test(test::Args),
     /// Run the whole-platform simulation: fault plans x seeds, with the per-plan report
@@ -132,6 +138,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status => platform::print_status(&ctx),
         Command::Logs { component, tail } => platform::logs(&ctx, &component, tail)?,
         Command::Load(args) => return load::run(&ctx, args),
+        Command::Bench(args) => return bench::run(&ctx, args),
         Command::Test(_) | Command::Sim(_) => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)

@@ -32,6 +32,11 @@ pub fn account_id(i: usize) -> Uuid {
     Uuid::from_u128(ID_PREFIX | i as u128)
 }
 
+/// The first and last id a load account can have (every id with the load prefix).
+pub fn id_range() -> (Uuid, Uuid) {
+    (Uuid::from_u128(ID_PREFIX), Uuid::from_u128(ID_PREFIX | 0xffff_ffff_ffff))
+}
+
 pub fn owner(i: usize) -> String {
     format!("load-user-{i}")
 }
@@ -91,7 +96,7 @@ pub struct Audit {
 }
 
 pub async fn audit(conn: &mut PgConnection) -> Result<Audit> {
-    let (first, last) = (Uuid::from_u128(ID_PREFIX), Uuid::from_u128(ID_PREFIX | 0xffff_ffff_ffff));
+    let (first, last) = id_range();
     let row = sqlx::query(
         "SELECT coalesce(sum(a.balance), 0) AS balance, coalesce(sum(a.opening_balance), 0) AS opening, \
                 count(*) FILTER (WHERE a.balance <> a.opening_balance + coalesce(l.credits, 0) - coalesce(l.debits, 0)) \

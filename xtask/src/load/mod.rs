@@ -15,6 +15,9 @@
 //!    payment completed.
 //!
 //! Progress goes to stderr once a second; the report goes to stdout.
+//!
+//! `cargo xtask bench` reuses the pieces: [`prepare`] (step 1) and [`drive`] (step 3, one load
+//! step returning its [`Stats`]), with polling off so that only the POSTs load the platform.
 
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -29,10 +32,10 @@ use crate::components::postgres::{DATABASE, Postgres};
 use crate::ctx::Ctx;
 use crate::services::SERVICES;
 
-mod accounts;
-mod api;
+pub mod accounts;
+pub mod api;
 mod schedule;
-mod stats;
+pub mod stats;
 
 use api::{Answer, Gateway};
 use schedule::{Planned, Planner, Schedule};
@@ -104,30 +107,18 @@ impl Args {
 
 pub fn run(ctx: &Ctx, args: Args) -> Result<ExitCode> {
     args.validate()?;
-    let gateway = SERVICES.iter().find(|s| s.identity == ServiceIdentity::ApiGateway).context("no gateway service")?;
-    let gateway_port = ctx.port(gateway.main)?;
-    let admin_url =
-        Postgres.admin_url(ctx).context("reading the PostgreSQL superuser password (is the platform up?)")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let mut db = runtime.block_on(accounts::connect(&admin_url, DATABASE))?;
-    let inserted = ctx.progress.step("load", &format!("seed {} load accounts (load-user-*)", args.accounts), || {
-        runtime.block_on(accounts::seed(&mut db, args.accounts))
-    })?;
-    ctx.progress.note("load", &format!("{inserted} inserted, {} reused", args.accounts as u64 - inserted));
-    let gateway_bin = ctx.root.join("target/debug").join(ServiceIdentity::ApiGateway.binary());
     let ttl = args.duration + args.drain + 300;
-    let tokens = ctx.progress.step("load", "mint one token per load user", || {
-        accounts::mint_tokens(&gateway_bin, &crate::services::dev_key_path(ctx), args.accounts, ttl)
-    })?;
+    let Prepared { target, mut db, tokens } = prepare(ctx, &runtime, "load", args.accounts, ttl)?;
     let info = RunInfo {
-        target: format!("http://127.0.0.1:{gateway_port}"),
+        target,
         rate: args.rate,
         duration: Duration::from_secs(args.duration),
         accounts: args.accounts,
         concurrency: args.concurrency,
         unaffordable_share: args.unaffordable_share,
         seed: args.seed,
-        poll_interval: Duration::from_millis(args.poll_interval_ms),
+        poll_interval: Some(Duration::from_millis(args.poll_interval_ms)),
         drain: Duration::from_secs(args.drain),
         one_source_ip: args.one_source_ip,
     };
@@ -137,7 +128,12 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<ExitCode> {
         bail!("the load accounts hold more than the maximum amount together: no amount is unaffordable for all");
     }
     let machine = Machine::detect();
-    let stats = runtime.block_on(drive(&info, tokens, unaffordable_minor));
+    let gateway = Arc::new(Gateway::new(info.target.clone(), info.accounts, info.one_source_ip));
+    let options = DriveOptions {
+        run_id: format!("{}-{}", info.seed, std::process::id()),
+        progress: Arc::new(stats::progress_line),
+    };
+    let stats = runtime.block_on(drive(&info, gateway, tokens, unaffordable_minor, options));
     let after = runtime.block_on(accounts::audit(&mut db))?;
     let conservation = accounts::conservation(&before, &after);
     println!("{}", stats::report(&info, &machine, &stats, Some(&conservation)));
@@ -150,17 +146,67 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What every load run needs from a running platform.
+pub struct Prepared {
+    /// `http://127.0.0.1:<gateway port>`.
+    pub target: String,
+    /// A superuser connection to the platform's database (seeding, audits).
+    pub db: sqlx::PgConnection,
+    /// One token per load user, valid for the TTL [`prepare`] was given.
+    pub tokens: Arc<[String]>,
+}
+
+/// Connects as the superuser, seeds load accounts `0..accounts` (reusing existing ones) and mints
+/// one token per load user valid for `token_ttl` seconds; progress lines under `step`'s name.
+pub fn prepare(
+    ctx: &Ctx,
+    runtime: &tokio::runtime::Runtime,
+    step: &str,
+    accounts: usize,
+    token_ttl: u64,
+) -> Result<Prepared> {
+    let gateway = SERVICES.iter().find(|s| s.identity == ServiceIdentity::ApiGateway).context("no gateway service")?;
+    let gateway_port = ctx.port(gateway.main)?;
+    let admin_url =
+        Postgres.admin_url(ctx).context("reading the PostgreSQL superuser password (is the platform up?)")?;
+    let mut db = runtime.block_on(accounts::connect(&admin_url, DATABASE))?;
+    let inserted = ctx.progress.step(step, &format!("seed {accounts} load accounts (load-user-*)"), || {
+        runtime.block_on(accounts::seed(&mut db, accounts))
+    })?;
+    ctx.progress.note(step, &format!("{inserted} inserted, {} reused", accounts as u64 - inserted));
+    // Any build of the gateway mints valid tokens; the running one is surely there.
+    let gateway_bin = ctx.service_binary(ServiceIdentity::ApiGateway.binary());
+    let tokens = ctx.progress.step(step, "mint one token per load user", || {
+        accounts::mint_tokens(&gateway_bin, &crate::services::dev_key_path(ctx), accounts, token_ttl)
+    })?;
+    Ok(Prepared { target: format!("http://127.0.0.1:{gateway_port}"), db, tokens: tokens.into() })
+}
+
+/// Formats the once-a-second progress line of a load step (elapsed since its start, stats so far).
+pub type ProgressLine = Arc<dyn Fn(Duration, &Stats) -> String + Send + Sync>;
+
+/// How [`drive`] runs besides the [`RunInfo`].
+pub struct DriveOptions {
+    /// Makes this step's idempotency keys (`load-<run_id>-<i>`) distinct from every other step's
+    /// and run's.
+    pub run_id: String,
+    /// Printed to stderr once a second and once at the end.
+    pub progress: ProgressLine,
+}
+
 /// Everything one payment's task needs.
 struct Shared {
-    gateway: Gateway,
-    tokens: Vec<String>,
+    gateway: Arc<Gateway>,
+    tokens: Arc<[String]>,
     stats: Mutex<Stats>,
     start: Instant,
     /// Polling stops here: the end of the run plus the drain.
     deadline: Instant,
-    poll_interval: Duration,
+    /// `None`: accepted payments are not polled (their settlement is measured server-side).
+    poll_interval: Option<Duration>,
     /// Distinguishes this run's idempotency keys from earlier runs'.
     run_id: String,
+    progress: ProgressLine,
 }
 
 impl Shared {
@@ -169,20 +215,29 @@ impl Shared {
     }
 }
 
-/// The open loop: offers every payment at its due time, then waits for the in-flight ones.
-/// `unaffordable_minor`: the amount of the deliberately unaffordable payments.
-async fn drive(info: &RunInfo, tokens: Vec<String>, unaffordable_minor: i64) -> Stats {
+/// One load step, the open loop: offers every payment at its due time, then waits for the
+/// in-flight ones (POSTs, and polls if `info.poll_interval` is set) and returns what it measured.
+/// `gateway` must have a client per load account (`info.accounts`); `unaffordable_minor`: the
+/// amount of the deliberately unaffordable payments.
+pub async fn drive(
+    info: &RunInfo,
+    gateway: Arc<Gateway>,
+    tokens: Arc<[String]>,
+    unaffordable_minor: i64,
+    options: DriveOptions,
+) -> Stats {
     let schedule = Schedule::new(info.rate, info.duration);
     let mut planner = Planner::new(info.seed, info.accounts, AMOUNT_MINOR, info.unaffordable_share, unaffordable_minor);
     let start = Instant::now();
     let shared = Arc::new(Shared {
-        gateway: Gateway::new(info.target.clone(), info.accounts, info.one_source_ip),
+        gateway,
         tokens,
         stats: Mutex::new(Stats::default()),
         start,
         deadline: start + info.duration + info.drain,
         poll_interval: info.poll_interval,
-        run_id: format!("{}-{}", info.seed, std::process::id()),
+        run_id: options.run_id,
+        progress: options.progress,
     });
     let permits = Arc::new(Semaphore::new(info.concurrency));
     let progress = tokio::spawn(progress_lines(shared.clone()));
@@ -210,7 +265,7 @@ async fn drive(info: &RunInfo, tokens: Vec<String>, unaffordable_minor: i64) -> 
     while tasks.join_next().await.is_some() {}
     progress.abort();
     let mut stats = shared.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    eprintln!("{}", stats::progress_line(start.elapsed(), &stats));
+    eprintln!("{}", (shared.progress)(start.elapsed(), &stats));
     std::mem::take(&mut *stats)
 }
 
@@ -218,13 +273,12 @@ async fn progress_lines(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval_at(shared.start + Duration::from_secs(1), Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let line =
-            stats::progress_line(shared.start.elapsed(), &shared.stats.lock().unwrap_or_else(|e| e.into_inner()));
+        let line = (shared.progress)(shared.start.elapsed(), &shared.stats.lock().unwrap_or_else(|e| e.into_inner()));
         eprintln!("{line}");
     }
 }
 
-/// One payment: POST it, then poll it until it is terminal or the drain ends.
+/// One payment: POST it, then (when polling) poll it until it is terminal or the drain ends.
 async fn pay(shared: Arc<Shared>, p: Planned, due: Duration, permit: tokio::sync::OwnedSemaphorePermit) {
     let token = &shared.tokens[p.payer];
     let body = serde_json::json!({
@@ -250,6 +304,7 @@ async fn pay(shared: Arc<Shared>, p: Planned, due: Duration, permit: tokio::sync
             return;
         }
     };
+    let Some(poll_interval) = shared.poll_interval else { return };
     let mut current = view;
     loop {
         let now = shared.start.elapsed();
@@ -258,11 +313,11 @@ async fn pay(shared: Arc<Shared>, p: Planned, due: Duration, permit: tokio::sync
             shared.record(|s| s.settled(now, current.outcome(), intent, now - answered, server));
             return;
         }
-        if Instant::now() + shared.poll_interval > shared.deadline {
+        if Instant::now() + poll_interval > shared.deadline {
             shared.record(Stats::unsettled);
             return;
         }
-        tokio::time::sleep(shared.poll_interval).await;
+        tokio::time::sleep(poll_interval).await;
         match shared.gateway.get_payment(p.payer, token, &current.payment_id).await {
             Answer::Payment { view, .. } => current = view,
             Answer::Error(error) => shared.record(|s| s.poll_error(error)),

@@ -196,7 +196,9 @@ pub struct RunInfo {
     pub concurrency: usize,
     pub unaffordable_share: f64,
     pub seed: u64,
-    pub poll_interval: Duration,
+    /// How often accepted payments are polled; `None`: not at all (`cargo xtask bench` measures
+    /// settlement server-side instead).
+    pub poll_interval: Option<Duration>,
     pub drain: Duration,
     /// All calls from 127.0.0.1 instead of one loopback address per load user.
     pub one_source_ip: bool,
@@ -296,12 +298,19 @@ pub fn report(info: &RunInfo, machine: &Machine, s: &Stats, conservation: Option
         info.unaffordable_share,
         info.seed
     );
-    let _ = writeln!(
-        w,
-        "settlement  polled every {} ms, drained for at most {} s after the run",
-        info.poll_interval.as_millis(),
-        info.drain.as_secs()
-    );
+    match info.poll_interval {
+        Some(interval) => {
+            let _ = writeln!(
+                w,
+                "settlement  polled every {} ms, drained for at most {} s after the run",
+                interval.as_millis(),
+                info.drain.as_secs()
+            );
+        }
+        None => {
+            let _ = writeln!(w, "settlement  not polled");
+        }
+    }
     let _ = writeln!(w);
     let settle_window = s.last_settled_at.unwrap_or(info.duration).max(info.duration);
     let _ = writeln!(
@@ -333,7 +342,7 @@ pub fn report(info: &RunInfo, machine: &Machine, s: &Stats, conservation: Option
         w,
         "            (POST: every answer, 202 or not; due: the open-loop send time. Settlement observed: 202 → first poll\n             \
              seeing COMPLETED/FAILED, granularity {} ms; server: the payment's updated_at − created_at)",
-        info.poll_interval.as_millis()
+        info.poll_interval.unwrap_or_default().as_millis()
     );
     let _ = writeln!(w);
     let _ = writeln!(w, "outcomes    {:<40} {:>12} {:>12}", "", "affordable", "unaffordable");
@@ -483,7 +492,7 @@ mod tests {
             concurrency: 64,
             unaffordable_share: 0.1,
             seed: 1,
-            poll_interval: ms(200),
+            poll_interval: Some(ms(200)),
             drain: Duration::from_secs(30),
             one_source_ip: false,
         };
