@@ -136,7 +136,7 @@ async fn payment_node(ports: ServicePorts) {
         store,
         consumer,
         clock,
-        crate::planted::plant_outcome_consumer(ConsumerConfig::default(), ports.planted),
+        ConsumerConfig::default(),
         std::future::pending(),
     ));
     Server::builder()
