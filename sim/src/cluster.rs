@@ -136,7 +136,7 @@ async fn payment_node(ports: ServicePorts) {
         store,
         consumer,
         clock,
-        ConsumerConfig::default(),
+        crate::planted::plant_outcome_consumer(ConsumerConfig::default(), ports.planted),
         std::future::pending(),
     ));
     Server::builder()

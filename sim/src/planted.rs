@@ -3,13 +3,15 @@
 //! (`platform::run_seed(&plan, Some(bug))`); nothing here is reachable from a service binary.
 //!
 //! Where each lives: `trust_expired_svid` in the simulated SVID interceptor (`spire`); the other
-//! three in the production libraries behind their cargo feature `planted-bugs`, which only this
+//! four in the production libraries behind their cargo feature `planted-bugs`, which only this
 //! crate's madsim-only dependency lines enable (no production build compiles them) and which is
 //! off at run time unless [`crate::infra::Infra::planted`] names the bug:
 //! `skip_settlement_dedupe` in the ledger twin the database node serves
 //! (`MemoryLedgerStore::plant_skip_dedupe`), `commit_offset_before_db_commit` and
 //! `cache_decided_debit` in the account service's settlement (`SettlementConfig::planted`, see
-//! `plant_settlement`; the latter settles through `LedgerStore::settle_funds_checked_by_caller`).
+//! `plant_settlement`; the latter settles through `LedgerStore::settle_funds_checked_by_caller`),
+//! and `ack_batch_before_commit` in the payment service's outcome consumer
+//! (`securepay_payment::consumer::PlantedBugs`, see `plant_outcome_consumer`).
 
 use std::fmt;
 
@@ -24,15 +26,19 @@ pub enum PlantedBug {
     CommitOffsetBeforeDbCommit,
     /// The debit is decided by the cached balance instead of the database's conditional debit.
     CacheDecidedDebit,
+    /// The payment service's outcome consumer commits a batch's offsets BEFORE the batch's store
+    /// transaction (a kill between loses the batch's outcomes).
+    AckBatchBeforeCommit,
 }
 
 impl PlantedBug {
     /// Every planted bug, in a fixed order.
-    pub const ALL: [PlantedBug; 4] = [
+    pub const ALL: [PlantedBug; 5] = [
         PlantedBug::TrustExpiredSvid,
         PlantedBug::SkipSettlementDedupe,
         PlantedBug::CommitOffsetBeforeDbCommit,
         PlantedBug::CacheDecidedDebit,
+        PlantedBug::AckBatchBeforeCommit,
     ];
 
     /// The switch's name (snake_case), as reports and the README spell it.
@@ -42,6 +48,7 @@ impl PlantedBug {
             PlantedBug::SkipSettlementDedupe => "skip_settlement_dedupe",
             PlantedBug::CommitOffsetBeforeDbCommit => "commit_offset_before_db_commit",
             PlantedBug::CacheDecidedDebit => "cache_decided_debit",
+            PlantedBug::AckBatchBeforeCommit => "ack_batch_before_commit",
         }
     }
 }
@@ -63,6 +70,19 @@ pub fn plant_settlement(
     config.planted = securepay_account::PlantedBugs {
         commit_offsets_first: planted == Some(PlantedBug::CommitOffsetBeforeDbCommit),
         cache_decides_debit: planted == Some(PlantedBug::CacheDecidedDebit),
+    };
+    config
+}
+
+/// `config` (the payment service's outcome consumer configuration) for a run with `planted`: its
+/// planted switch is on when the run plants [`PlantedBug::AckBatchBeforeCommit`].
+#[cfg(madsim)]
+pub fn plant_outcome_consumer(
+    mut config: securepay_payment::ConsumerConfig,
+    planted: Option<PlantedBug>,
+) -> securepay_payment::ConsumerConfig {
+    config.planted = securepay_payment::consumer::PlantedBugs {
+        ack_batch_before_commit: planted == Some(PlantedBug::AckBatchBeforeCommit),
     };
     config
 }

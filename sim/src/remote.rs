@@ -49,7 +49,7 @@ use securepay_memory::{
 use securepay_ports::{
     AccountView, BalanceCache, CachedBalance, ConsumedRecord, EventConsumer, EventLog, IdempotencyCompletion,
     IdempotencyStore, LedgerStore, Notification, NotificationStore, Outbox, OutboxEvent, OutgoingRecord, PaymentStore,
-    PortError, PortResult, Recorded, SettlementRequest, SettlementResult, TopicPartitionOffset,
+    PortError, PortResult, Recorded, SettlementRequest, SettlementResult, TopicPartitionOffset, TransitionRecord,
 };
 use time::OffsetDateTime;
 use tokio::time::{Instant, sleep, timeout};
@@ -242,6 +242,11 @@ impl NotificationStore for RemoteNotificationStore {
         self.0.call(move |db| async move { db.notifications.record(&notification).await }).await?
     }
 
+    async fn record_batch(&self, batch: &[Notification]) -> PortResult<Vec<Recorded>> {
+        let batch = batch.to_vec();
+        self.0.call(move |db| async move { db.notifications.record_batch(&batch).await }).await?
+    }
+
     async fn for_payment(&self, payment: PaymentId, limit: usize) -> PortResult<Vec<Notification>> {
         self.0.call(move |db| async move { db.notifications.for_payment(payment, limit).await }).await?
     }
@@ -316,6 +321,11 @@ impl PaymentStore for RemotePaymentStore {
         self.0.call(move |db| async move { db.payments.get(id).await }).await?
     }
 
+    async fn get_many(&self, ids: &[PaymentId]) -> PortResult<Vec<Option<Payment>>> {
+        let ids = ids.to_vec();
+        self.0.call(move |db| async move { db.payments.get_many(&ids).await }).await?
+    }
+
     async fn record_transition(
         &self,
         id: PaymentId,
@@ -326,6 +336,11 @@ impl PaymentStore for RemotePaymentStore {
         self.0
             .call(move |db| async move { db.payments.record_transition(id, &transition, reason.as_deref()).await })
             .await?
+    }
+
+    async fn record_transitions(&self, batch: &[TransitionRecord]) -> PortResult<Vec<PortResult<()>>> {
+        let batch = batch.to_vec();
+        self.0.call(move |db| async move { db.payments.record_transitions(&batch).await }).await?
     }
 }
 

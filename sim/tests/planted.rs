@@ -57,3 +57,8 @@ fn planted_commit_offset_before_db_commit_is_caught() {
 fn planted_cache_decided_debit_is_caught() {
     hunt(PlantedBug::CacheDecidedDebit, "cache-faults", "is at -");
 }
+
+#[test]
+fn planted_ack_batch_before_commit_is_caught() {
+    hunt(PlantedBug::AckBatchBeforeCommit, "kill-payment", "(ledger verdict Some(");
+}

@@ -4,7 +4,8 @@
 //! Keeps the same promises: one notification per event id (the first write wins, later ones are
 //! `Duplicate` and write nothing), `recorded_at` kept to the microsecond, a payment's notifications
 //! listed in recording order. One `std::sync::Mutex`, never held across an `.await`, so a `record`
-//! is atomic. While switched off ([`MemoryNotificationStore::set_available`]) every call fails as
+//! (and a `record_batch`: the whole batch under one lock, checked before anything is written) is
+//! atomic. While switched off ([`MemoryNotificationStore::set_available`]) every call fails as
 //! `Unavailable { component: "postgresql" }` and the data survives (the database came back).
 //! Clones share state (see the crate docs on crash semantics).
 
@@ -13,7 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use securepay_core::ids::{EventId, PaymentId};
-use securepay_ports::notifications::{LIST_LEN_MAX, truncate_to_micros};
+use securepay_ports::notifications::{
+    LIST_LEN_MAX, RECORD_BATCH_LEN_MAX, check_notification, first_of_event_in_batch, truncate_to_micros,
+};
 use securepay_ports::{Notification, NotificationStore, PortError, PortResult, Recorded};
 
 /// The in-memory notification store. Clones share one state.
@@ -34,6 +37,17 @@ impl Default for MemoryNotificationStore {
     fn default() -> MemoryNotificationStore {
         let state = State { available: true, notifications: Vec::new(), events: BTreeSet::new() };
         MemoryNotificationStore { state: Arc::new(Mutex::new(state)) }
+    }
+}
+
+impl State {
+    /// Records `n` (already checked) unless its event id is known.
+    fn record(&mut self, n: &Notification) -> Recorded {
+        if !self.events.insert(n.event_id) {
+            return Recorded::Duplicate;
+        }
+        self.notifications.push(Notification { recorded_at: truncate_to_micros(n.recorded_at), ..n.clone() });
+        Recorded::New
     }
 }
 
@@ -68,13 +82,23 @@ impl MemoryNotificationStore {
 #[async_trait]
 impl NotificationStore for MemoryNotificationStore {
     async fn record(&self, notification: &Notification) -> PortResult<Recorded> {
-        let mut state = self.up()?;
-        if !state.events.insert(notification.event_id) {
-            return Ok(Recorded::Duplicate);
+        check_notification(notification)?;
+        Ok(self.up()?.record(notification))
+    }
+
+    async fn record_batch(&self, batch: &[Notification]) -> PortResult<Vec<Recorded>> {
+        if batch.len() > RECORD_BATCH_LEN_MAX {
+            return Err(PortError::Refused { rule: "notifications_batch_len_max" });
         }
-        let stored = Notification { recorded_at: truncate_to_micros(notification.recorded_at), ..notification.clone() };
-        state.notifications.push(stored);
-        Ok(Recorded::New)
+        // Every rule first: a refused notification leaves nothing of its batch behind.
+        batch.iter().try_for_each(check_notification)?;
+        let mut state = self.up()?;
+        let first = first_of_event_in_batch(batch);
+        Ok(batch
+            .iter()
+            .zip(first)
+            .map(|(n, first)| if first { state.record(n) } else { Recorded::Duplicate })
+            .collect())
     }
 
     async fn for_payment(&self, payment: PaymentId, limit: usize) -> PortResult<Vec<Notification>> {

@@ -9,7 +9,9 @@
 //!   its rules before it changes anything, so a refused write leaves nothing behind;
 //! - a payment is born PENDING without history; its status moves only through
 //!   `securepay_core::payment::is_legal`, as a compare-and-set on `transition.from`, and every move
-//!   is appended to its history with time and cause;
+//!   is appended to its history with time and cause; a batch of transitions is decided by
+//!   `securepay_ports::payments::decide_transitions` and applied under the one lock, so it is one
+//!   step, as PostgreSQL's one transaction is;
 //! - an outbox event per accepted payment (`payment.initiated`, keyed by payment id), sequences
 //!   increasing in commit order, unpublished until marked; event ids unique;
 //! - idempotency: exactly one concurrent claimer of a (subject, key) gets `None`; an IN_FLIGHT claim
@@ -29,9 +31,11 @@ use securepay_core::idempotency::{Fingerprint, IdempotencyKey, Record};
 use securepay_core::ids::{EventId, PaymentId, Subject};
 use securepay_core::payment::{Payment, Transition};
 use securepay_core::topology::topic;
-use securepay_ports::payments::{IDEMPOTENCY_LEASE_S, IDEMPOTENCY_RESPONSE_LEN_MAX, check_insert, check_transition};
+use securepay_ports::payments::{
+    IDEMPOTENCY_LEASE_S, IDEMPOTENCY_RESPONSE_LEN_MAX, PAYMENT_BATCH_LEN_MAX, check_insert, decide_transitions,
+};
 use securepay_ports::{
-    IdempotencyCompletion, IdempotencyStore, Outbox, OutboxEvent, PaymentStore, PortError, PortResult,
+    IdempotencyCompletion, IdempotencyStore, Outbox, OutboxEvent, PaymentStore, PortError, PortResult, TransitionRecord,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -217,24 +221,50 @@ impl PaymentStore for MemoryPaymentStore {
         Ok(self.up()?.committed.payments.get(&id).cloned())
     }
 
+    async fn get_many(&self, ids: &[PaymentId]) -> PortResult<Vec<Option<Payment>>> {
+        if ids.len() > PAYMENT_BATCH_LEN_MAX {
+            return Err(refused("payments_batch_len_max"));
+        }
+        let state = self.up()?;
+        Ok(ids.iter().map(|id| state.committed.payments.get(id).cloned()).collect())
+    }
+
     async fn record_transition(
         &self,
         id: PaymentId,
         transition: &Transition,
         failure_reason: Option<&str>,
     ) -> PortResult<()> {
-        let reason = check_transition(transition, failure_reason)?;
-        let mut state = self.up()?;
-        let payment = state.committed.payments.get_mut(&id).ok_or(refused("unknown_payment"))?;
-        if payment.status != transition.from {
-            return Err(refused("illegal_transition"));
+        let item = TransitionRecord {
+            payment: id,
+            transition: transition.clone(),
+            failure_reason: failure_reason.map(str::to_owned),
+        };
+        let mut answers = self.record_transitions(std::slice::from_ref(&item)).await?;
+        answers.pop().expect("one answer per item")
+    }
+
+    async fn record_transitions(&self, batch: &[TransitionRecord]) -> PortResult<Vec<PortResult<()>>> {
+        if batch.len() > PAYMENT_BATCH_LEN_MAX {
+            return Err(refused("payments_batch_len_max"));
         }
-        let at = at_pg_precision(transition.at);
-        payment.status = transition.to;
-        payment.failure_reason = reason;
-        payment.updated_at = at;
-        payment.transitions.push(Transition { at, ..transition.clone() });
-        Ok(())
+        let mut state = self.up()?;
+        let payments = &mut state.committed.payments;
+        let decided = decide_transitions(batch, |id| payments.get(&id).map(|p| p.status));
+        Ok(batch
+            .iter()
+            .zip(decided)
+            .map(|(item, decision)| {
+                let reason = decision?;
+                let payment = payments.get_mut(&item.payment).expect("decided on a stored payment");
+                let at = at_pg_precision(item.transition.at);
+                payment.status = item.transition.to;
+                payment.failure_reason = reason;
+                payment.updated_at = at;
+                payment.transitions.push(Transition { at, ..item.transition.clone() });
+                Ok(())
+            })
+            .collect())
     }
 }
 

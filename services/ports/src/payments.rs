@@ -1,5 +1,7 @@
 //! The payment service's store: payments, their transitions, and the transactional outbox.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use securepay_core::events::PaymentInitiated;
 use securepay_core::idempotency::{Fingerprint, IdempotencyKey};
@@ -8,6 +10,20 @@ use securepay_core::payment::{FailureReason, Payment, PaymentStatus, Transition,
 
 use crate::error::{PortError, PortResult};
 use crate::outbox::Outbox;
+
+/// One transition of a [`PaymentStore::record_transitions`] batch: the arguments of one
+/// [`PaymentStore::record_transition`] call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransitionRecord {
+    pub payment: PaymentId,
+    pub transition: Transition,
+    /// The failure reason's code; `Some` exactly for a transition to FAILED.
+    pub failure_reason: Option<String>,
+}
+
+/// Most items one `get_many` or `record_transitions` call takes; more is refused
+/// (`payments_batch_len_max`) and nothing is read or written.
+pub const PAYMENT_BATCH_LEN_MAX: usize = 1024;
 
 /// The idempotency record a payment's insert completes in its own transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +56,11 @@ pub trait PaymentStore: Outbox {
     /// The payment with its transition history, if any.
     async fn get(&self, id: PaymentId) -> PortResult<Option<Payment>>;
 
+    /// `get` of each of `ids` (at most [`PAYMENT_BATCH_LEN_MAX`]) in ONE read: one consistent
+    /// view, the answer for `ids[i]` at position `i` (`None`: no such payment; an id named twice
+    /// is answered twice).
+    async fn get_many(&self, ids: &[PaymentId]) -> PortResult<Vec<Option<Payment>>>;
+
     /// Persists one transition and the new status atomically, only if the stored status is still
     /// `transition.from` (compare-and-set); otherwise `Refused { rule: "illegal_transition" }`.
     /// The store enforces the transition table itself, even if the caller is wrong.
@@ -49,6 +70,17 @@ pub trait PaymentStore: Outbox {
         transition: &Transition,
         failure_reason: Option<&str>,
     ) -> PortResult<()>;
+
+    /// Records `batch` in ONE transaction, exactly as `record_transition` of each item in order,
+    /// with nothing in between, would: `Ok(answers)` holds per item what that call would have
+    /// answered — `Ok(())` applied, or its refusal (`illegal_transition` when the compare-and-set
+    /// fails, e.g. the second of two outcomes of one payment in the batch, `unknown_payment`, or a
+    /// rule of [`check_transition`]) — and every applied item is committed together; a refused
+    /// item takes nothing else down. The decision per item is [`decide_transitions`]. `Err` means
+    /// nothing of the batch was written: `Unavailable` (retry the same batch), or `Refused` /
+    /// `Corrupt` the store could not pin on one item (record the items one by one to isolate it);
+    /// longer than [`PAYMENT_BATCH_LEN_MAX`]: `Refused { rule: "payments_batch_len_max" }`.
+    async fn record_transitions(&self, batch: &[TransitionRecord]) -> PortResult<Vec<PortResult<()>>>;
 }
 
 /// How long an IN_FLIGHT idempotency claim is held before a retry of the same request may take it
@@ -112,9 +144,77 @@ pub fn check_transition(transition: &Transition, failure_reason: Option<&str>) -
     }
 }
 
+/// The decision of every `record_transitions`: per item of `batch`, in order, what
+/// `record_transition` would answer were the items recorded one by one — given `status_of`, each
+/// payment's stored status before the batch (`None`: no such payment). `Ok(reason)`: the item
+/// applies (with its parsed failure reason) and moves its payment on for the items after it;
+/// otherwise the refusal: a [`check_transition`] rule, `unknown_payment`, or `illegal_transition`
+/// when the payment is no longer in `transition.from` (compare-and-set).
+pub fn decide_transitions(
+    batch: &[TransitionRecord],
+    status_of: impl Fn(PaymentId) -> Option<PaymentStatus>,
+) -> Vec<PortResult<Option<FailureReason>>> {
+    let mut moved: BTreeMap<PaymentId, PaymentStatus> = BTreeMap::new();
+    batch
+        .iter()
+        .map(|item| {
+            let reason = check_transition(&item.transition, item.failure_reason.as_deref())?;
+            let status = moved
+                .get(&item.payment)
+                .copied()
+                .or_else(|| status_of(item.payment))
+                .ok_or(refused("unknown_payment"))?;
+            if status != item.transition.from {
+                return Err(refused("illegal_transition"));
+            }
+            moved.insert(item.payment, item.transition.to);
+            Ok(reason)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_decided_as_the_same_transitions_one_by_one() {
+        use PaymentStatus::*;
+        let id = |n: u128| PaymentId::from_uuid(uuid::Uuid::from_u128(n));
+        let item = |n, to, reason: Option<&str>| TransitionRecord {
+            payment: id(n),
+            transition: Transition { from: Pending, to, cause: "settled".into(), at: time::OffsetDateTime::UNIX_EPOCH },
+            failure_reason: reason.map(str::to_owned),
+        };
+        let stored = |p: PaymentId| match p.as_uuid().as_u128() {
+            1 | 2 => Some(Pending),
+            3 => Some(Completed),
+            _ => None,
+        };
+        let batch = [
+            item(1, Completed, None),
+            item(1, Completed, None), // the same outcome again: lost CAS
+            item(2, Failed, Some("insufficient_funds")),
+            item(1, Failed, Some("insufficient_funds")), // contradicting the first
+            item(3, Completed, None),                    // already terminal in the store
+            item(4, Completed, None),                    // no such payment
+            item(2, Completed, Some("insufficient_funds")), // refused by check_transition first
+        ];
+        let refused = |rule| Err(PortError::Refused { rule });
+        assert_eq!(
+            decide_transitions(&batch, stored),
+            [
+                Ok(None),
+                refused("illegal_transition"),
+                Ok(Some(FailureReason::InsufficientFunds)),
+                refused("illegal_transition"),
+                refused("illegal_transition"),
+                refused("unknown_payment"),
+                refused("illegal_transition"),
+            ]
+        );
+        assert!(decide_transitions(&[], stored).is_empty());
+    }
 
     #[test]
     fn transition_rules_are_checked_before_any_io() {

@@ -6,6 +6,12 @@
 //!   `notifications_event_id_unique` makes exactly one of any number of concurrent writers of an
 //!   event id insert (`New`, one row affected); the others wait for it and insert nothing
 //!   (`Duplicate`).
+//! - `record_batch` is ONE `INSERT ... SELECT FROM unnest(...) ON CONFLICT (event_id) DO NOTHING
+//!   RETURNING event_id` (one statement: all rows or none): only the first notification of each
+//!   event id in the batch is sent (later ones are `Duplicate`), each gets its `id` from the
+//!   table's sequence in batch order first (so the listing keeps recording order), and the rows
+//!   are inserted in event-id order, so two batches racing on the same event ids wait on each
+//!   other in one order and never deadlock. The returned event ids are the `New` ones.
 //! - Columns: `event_id`, `payment_id`, `kind` (the canonical topic, as the schema's
 //!   `notifications_kind_known` requires), `created_at` = the notification's `recorded_at` (the
 //!   caller's clock, never the database's), and `payload`, a JSON object of text fields:
@@ -24,7 +30,9 @@ use rust_decimal::Decimal;
 use securepay_core::ids::{AccountId, EventId, PaymentId};
 use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::FailureReason;
-use securepay_ports::notifications::{LIST_LEN_MAX, truncate_to_micros};
+use securepay_ports::notifications::{
+    LIST_LEN_MAX, RECORD_BATCH_LEN_MAX, check_notification, first_of_event_in_batch, truncate_to_micros,
+};
 use securepay_ports::{Notification, NotificationKind, NotificationStore, PortError, PortResult, Recorded};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgRow};
@@ -80,6 +88,55 @@ impl NotificationStore for PgNotificationStore {
         Ok(if inserted.rows_affected() == 1 { Recorded::New } else { Recorded::Duplicate })
     }
 
+    async fn record_batch(&self, batch: &[Notification]) -> PortResult<Vec<Recorded>> {
+        if batch.len() > RECORD_BATCH_LEN_MAX {
+            return Err(PortError::Refused { rule: "notifications_batch_len_max" });
+        }
+        let first = first_of_event_in_batch(batch);
+        let firsts: Vec<&Notification> =
+            batch.iter().zip(&first).filter(|(_, first)| **first).map(|(n, _)| n).collect();
+        if firsts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let payloads = firsts.iter().map(|n| payload(n)).collect::<PortResult<Vec<Payload>>>()?;
+        // Ids in batch order: a sequence hands one session increasing values.
+        let mut ids: Vec<i64> =
+            sqlx::query_scalar("SELECT nextval('notifications.notifications_id_seq') FROM generate_series(1, $1)")
+                .bind(i32::try_from(firsts.len()).expect("RECORD_BATCH_LEN_MAX fits i32"))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(port_error)?;
+        ids.sort_unstable();
+        let event_ids: Vec<Uuid> = firsts.iter().map(|n| n.event_id.as_uuid()).collect();
+        let inserted: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO notifications.notifications (id, event_id, payment_id, kind, payload, created_at) \
+             SELECT id, event_id, payment_id, kind, payload, created_at \
+             FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[], $6::timestamptz[]) \
+                  AS t(id, event_id, payment_id, kind, payload, created_at) \
+             ORDER BY event_id \
+             ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+        )
+        .bind(&ids)
+        .bind(&event_ids)
+        .bind(firsts.iter().map(|n| n.payment_id.as_uuid()).collect::<Vec<Uuid>>())
+        .bind(firsts.iter().map(|n| n.kind.topic()).collect::<Vec<&str>>())
+        .bind(&payloads)
+        .bind(firsts.iter().map(|n| truncate_to_micros(n.recorded_at)).collect::<Vec<OffsetDateTime>>())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(port_error)?;
+        let inserted: std::collections::BTreeSet<Uuid> = inserted.into_iter().collect();
+        Ok(batch
+            .iter()
+            .zip(first)
+            .map(
+                |(n, first)| {
+                    if first && inserted.contains(&n.event_id.as_uuid()) { Recorded::New } else { Recorded::Duplicate }
+                },
+            )
+            .collect())
+    }
+
     async fn for_payment(&self, payment: PaymentId, limit: usize) -> PortResult<Vec<Notification>> {
         if limit > LIST_LEN_MAX {
             return Err(PortError::Refused { rule: "notifications_list_len_max" });
@@ -98,6 +155,7 @@ impl NotificationStore for PgNotificationStore {
 }
 
 fn payload(n: &Notification) -> PortResult<Payload> {
+    check_notification(n)?;
     let occurred_at = n.occurred_at.format(&Rfc3339).map_err(|_| PortError::Refused { rule: "occurred_at_rfc3339" })?;
     let mut fields = BTreeMap::from([
         ("from_account".to_owned(), n.from.to_string()),

@@ -8,10 +8,16 @@
 //!   response and the payment id — 0 rows updated rolls the whole transaction back as
 //!   `Refused { rule: "idempotency_claim_lost" }`, so a key never names a payment that was not
 //!   written and no payment is written for a key another request completed;
-//! - `record_transition`: INSERT the transition row, THEN `UPDATE ... WHERE status = from` (the
-//!   schema's protocol; its triggers check the pair and that it was recorded) — a lost
-//!   compare-and-set, an illegal pair or a second transition out of a state is
-//!   `Refused { rule: "illegal_transition" }`;
+//! - `record_transitions` (and `record_transition`, a batch of one): lock the batch's payment rows
+//!   in payment-id order (`SELECT ... FOR NO KEY UPDATE`, so racing batches never deadlock),
+//!   decide every item from the locked statuses with `decide_transitions` (what the items one by
+//!   one would answer: a lost compare-and-set, an illegal pair or a second transition out of a
+//!   state is `Refused { rule: "illegal_transition" }`), then for the applied ones ONE multi-row
+//!   INSERT of the transition rows (batch order) and ONE multi-row `UPDATE ... FROM unnest(...)
+//!   WHERE status = from` (the schema's protocol; its triggers check the pair and that it was
+//!   recorded, `transitions_once_per_state` refuses a second move out of a state). Every row
+//!   updated is checked: the compare-and-set holds in the database too, not only in the decision;
+//! - `get_many`: one statement (one snapshot) for all the ids, `= ANY($1)`;
 //! - `claim`: `INSERT ... ON CONFLICT DO NOTHING` (the primary key makes exactly one concurrent
 //!   claimer win); otherwise a conditional UPDATE takes over an IN_FLIGHT claim whose lease
 //!   ([`IDEMPOTENCY_LEASE_S`]) ended, only for the same fingerprint (row-locked, so one taker wins);
@@ -36,10 +42,11 @@ use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::{FailureReason, Payment, PaymentStatus, Transition};
 use securepay_core::topology::topic;
 use securepay_ports::payments::{
-    IDEMPOTENCY_LEASE_S, IDEMPOTENCY_RESPONSE_LEN_MAX, IDEMPOTENCY_RETENTION_H, check_insert, check_transition,
+    IDEMPOTENCY_LEASE_S, IDEMPOTENCY_RESPONSE_LEN_MAX, IDEMPOTENCY_RETENTION_H, PAYMENT_BATCH_LEN_MAX, check_insert,
+    decide_transitions,
 };
 use securepay_ports::{
-    IdempotencyCompletion, IdempotencyStore, Outbox, OutboxEvent, PaymentStore, PortError, PortResult,
+    IdempotencyCompletion, IdempotencyStore, Outbox, OutboxEvent, PaymentStore, PortError, PortResult, TransitionRecord,
 };
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgRow};
@@ -138,42 +145,84 @@ impl PgPaymentStore {
         Ok(())
     }
 
-    async fn transition_once(
-        &self,
-        id: PaymentId,
-        transition: &Transition,
-        failure_reason: Option<FailureReason>,
-    ) -> Result<(), Failure> {
+    /// One attempt of a batch of transitions (see the module docs): per item its answer.
+    async fn transitions_once(&self, batch: &[TransitionRecord]) -> Result<Vec<PortResult<()>>, Failure> {
+        let mut ids: Vec<Uuid> = batch.iter().map(|item| item.payment.as_uuid()).collect();
+        ids.sort_unstable();
+        ids.dedup();
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO payments.transitions (payment_id, from_status, to_status, cause, at) \
-             VALUES ($1, $2, $3, $4, $5)",
+        let rows = sqlx::query(
+            "SELECT payment_id, status FROM payments.transactions WHERE payment_id = ANY($1) \
+             ORDER BY payment_id FOR NO KEY UPDATE",
         )
-        .bind(id.as_uuid())
-        .bind(transition.from.as_str())
-        .bind(transition.to.as_str())
-        .bind(&transition.cause)
-        .bind(transition.at)
-        .execute(&mut *tx)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
         .await?;
-        let updated = sqlx::query(
-            "UPDATE payments.transactions SET status = $3, failure_reason = $4, updated_at = $5 \
-             WHERE payment_id = $1 AND status = $2",
-        )
-        .bind(id.as_uuid())
-        .bind(transition.from.as_str())
-        .bind(transition.to.as_str())
-        .bind(failure_reason.map(FailureReason::code))
-        .bind(transition.at)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
+        let mut stored = BTreeMap::new();
+        for row in &rows {
+            let id: Uuid = row.try_get("payment_id")?;
+            let status: String = row.try_get("status")?;
+            let status = PaymentStatus::parse(&status).ok_or_else(|| Failure::Corrupt("payment status".into()))?;
+            stored.insert(PaymentId::from_uuid(id), status);
+        }
+        let decided = decide_transitions(batch, |id| stored.get(&id).copied());
+        let applied: Vec<(&TransitionRecord, Option<FailureReason>)> = batch
+            .iter()
+            .zip(&decided)
+            .filter_map(|(item, decision)| decision.as_ref().ok().map(|reason| (item, *reason)))
+            .collect();
+        let moved: std::collections::BTreeSet<PaymentId> = applied.iter().map(|(item, _)| item.payment).collect();
+        if moved.len() != applied.len() {
+            // Two moves of one payment in one batch: the transition table has no such chain
+            // (every legal transition leaves PENDING for good); refused whole, so the caller
+            // records the items one by one.
             tx.rollback().await?;
-            return Err(Failure::Refused("illegal_transition"));
+            return Err(Failure::Refused("transition_chain_in_batch"));
+        }
+        if !applied.is_empty() {
+            let column =
+                |f: fn(&TransitionRecord) -> &'static str| applied.iter().map(|(i, _)| f(i)).collect::<Vec<_>>();
+            let payments: Vec<Uuid> = applied.iter().map(|(item, _)| item.payment.as_uuid()).collect();
+            let from = column(|item| item.transition.from.as_str());
+            let to = column(|item| item.transition.to.as_str());
+            let at: Vec<OffsetDateTime> = applied.iter().map(|(item, _)| item.transition.at).collect();
+            sqlx::query(
+                "INSERT INTO payments.transitions (payment_id, from_status, to_status, cause, at) \
+                 SELECT payment_id, from_status, to_status, cause, at \
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) WITH ORDINALITY \
+                      AS t(payment_id, from_status, to_status, cause, at, n) \
+                 ORDER BY n",
+            )
+            .bind(&payments)
+            .bind(&from)
+            .bind(&to)
+            .bind(applied.iter().map(|(item, _)| item.transition.cause.as_str()).collect::<Vec<&str>>())
+            .bind(&at)
+            .execute(&mut *tx)
+            .await?;
+            let updated = sqlx::query(
+                "UPDATE payments.transactions AS p \
+                 SET status = w.to_status, failure_reason = w.failure_reason, updated_at = w.at \
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) \
+                      AS w(payment_id, from_status, to_status, failure_reason, at) \
+                 WHERE p.payment_id = w.payment_id AND p.status = w.from_status",
+            )
+            .bind(&payments)
+            .bind(&from)
+            .bind(&to)
+            .bind(applied.iter().map(|(_, reason)| reason.map(FailureReason::code)).collect::<Vec<Option<&str>>>())
+            .bind(&at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated != applied.len() as u64 {
+                // The rows are locked, so this cannot happen; if it does, write nothing.
+                tx.rollback().await?;
+                return Err(Failure::Corrupt("a locked payment changed status".into()));
+            }
         }
         tx.commit().await?;
-        Ok(())
+        Ok(decided.into_iter().map(|decision| decision.map(|_| ())).collect())
     }
 
     /// One claim attempt: `None` if this caller now holds the claim, `Some(record)` if another
@@ -292,14 +341,62 @@ impl PaymentStore for PgPaymentStore {
         Ok(Some(payment))
     }
 
+    async fn get_many(&self, ids: &[PaymentId]) -> PortResult<Vec<Option<Payment>>> {
+        if ids.len() > PAYMENT_BATCH_LEN_MAX {
+            return Err(PortError::Refused { rule: "payments_batch_len_max" });
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let uuids: Vec<Uuid> = ids.iter().map(PaymentId::as_uuid).collect();
+        // One statement, one snapshot: every status and history of the answer agree.
+        let rows = sqlx::query(
+            "SELECT p.payment_id, p.subject, p.from_account, p.to_account, p.amount, p.currency, p.status, \
+                    p.failure_reason, p.created_at, p.updated_at, t.from_status, t.to_status, t.cause, t.at \
+             FROM payments.transactions p LEFT JOIN payments.transitions t ON t.payment_id = p.payment_id \
+             WHERE p.payment_id = ANY($1) ORDER BY p.payment_id, t.id",
+        )
+        .bind(&uuids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(port_error)?;
+        let mut found: BTreeMap<PaymentId, Payment> = BTreeMap::new();
+        for row in &rows {
+            let id = PaymentId::from_uuid(row.try_get("payment_id").map_err(port_error)?);
+            let payment = match found.entry(id) {
+                std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::btree_map::Entry::Vacant(entry) => entry.insert(read_payment(id, row)?),
+            };
+            if let Some(transition) = read_transition(row)? {
+                payment.transitions.push(transition);
+            }
+        }
+        Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
+    }
+
     async fn record_transition(
         &self,
         id: PaymentId,
         transition: &Transition,
         failure_reason: Option<&str>,
     ) -> PortResult<()> {
-        let reason = check_transition(transition, failure_reason)?;
-        retrying(|| self.transition_once(id, transition, reason)).await
+        let item = TransitionRecord {
+            payment: id,
+            transition: transition.clone(),
+            failure_reason: failure_reason.map(str::to_owned),
+        };
+        let mut answers = self.record_transitions(std::slice::from_ref(&item)).await?;
+        answers.pop().expect("one answer per item")
+    }
+
+    async fn record_transitions(&self, batch: &[TransitionRecord]) -> PortResult<Vec<PortResult<()>>> {
+        if batch.len() > PAYMENT_BATCH_LEN_MAX {
+            return Err(PortError::Refused { rule: "payments_batch_len_max" });
+        }
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        retrying(|| self.transitions_once(batch)).await
     }
 }
 

@@ -1,7 +1,8 @@
 //! The `NotificationStore` contract: ONE suite of guarantees, each a generic function over a
 //! [`Harness`], run against the real store (`PgNotificationStore`, a fresh PostgreSQL database per
 //! test, logged in as `notification_service`) and its in-memory twin (`MemoryNotificationStore`).
-//! A store that passes here keeps SPEC §6.7: one notification per event, however often it arrives.
+//! A store that passes here keeps SPEC §6.7: one notification per event, however often it arrives,
+//! one by one or in batches.
 
 mod common;
 
@@ -14,7 +15,7 @@ use securepay_core::ids::{AccountId, EventId, PaymentId, Subject};
 use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::{FailureReason, Outcome};
 use securepay_memory::MemoryNotificationStore;
-use securepay_ports::notifications::LIST_LEN_MAX;
+use securepay_ports::notifications::{LIST_LEN_MAX, RECORD_BATCH_LEN_MAX};
 use securepay_ports::{Notification, NotificationKind, NotificationStore, PortError, Recorded};
 use securepay_postgres::PgNotificationStore;
 use time::OffsetDateTime;
@@ -190,6 +191,109 @@ async fn contract_a_limit_above_the_maximum_is_refused<H: Harness>(h: H) {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// Batches: `record` of each notification in order, in one transaction.
+
+async fn contract_a_batch_records_the_first_of_each_event_once_in_batch_order<H: Harness>(h: H) {
+    let p = payment();
+    let (a, b, c) = (
+        notification(&initiated(p, "1.00", "EUR"), 0),
+        notification(&settled(p, Outcome::Completed), 1),
+        notification(&settled(p, Outcome::Failed(FailureReason::InsufficientFunds)), 2),
+    );
+    // `a` twice in the batch, the second time with other content: the first wins.
+    let a_again = Notification { amount: amount("999.00", "EUR"), ..a.clone() };
+    let known = notification(&initiated(p, "2.00", "EUR"), 3);
+    assert_eq!(h.store().record(&known).await, Ok(Recorded::New));
+
+    let answers = h.store().record_batch(&[a.clone(), b.clone(), a_again, known.clone(), c.clone()]).await;
+
+    use Recorded::{Duplicate, New};
+    assert_eq!(answers, Ok(vec![New, New, Duplicate, Duplicate, New]));
+    for n in [&a, &b, &c, &known] {
+        assert_eq!(h.rows_of_event(n.event_id).await, 1);
+    }
+    // Event ids are random, so their order is not the batch's: the listing keeps recording order.
+    assert_eq!(h.store().for_payment(p, 10).await.unwrap(), vec![known, a, b, c]);
+    assert_eq!(h.store().record_batch(&[]).await, Ok(vec![]), "an empty batch is nothing");
+}
+
+async fn contract_a_redelivered_batch_is_all_duplicates_and_writes_nothing<H: Harness>(h: H) {
+    let p = payment();
+    let batch: Vec<Notification> = (0..4).map(|i| notification(&initiated(p, "3.00", "EUR"), i)).collect();
+    assert_eq!(h.store().record_batch(&batch).await, Ok(vec![Recorded::New; 4]));
+
+    assert_eq!(h.store().record_batch(&batch).await, Ok(vec![Recorded::Duplicate; 4]));
+    let reversed: Vec<Notification> = batch.iter().rev().cloned().collect();
+    assert_eq!(h.store().record_batch(&reversed).await, Ok(vec![Recorded::Duplicate; 4]));
+    assert_eq!(h.store().record(&batch[2]).await, Ok(Recorded::Duplicate), "and one by one");
+
+    assert_eq!(h.store().for_payment(p, 10).await.unwrap(), batch);
+}
+
+async fn contract_a_batch_with_a_refused_notification_writes_nothing_and_its_good_ones_record_alone<H: Harness>(h: H) {
+    let p = payment();
+    let (good, last) = (notification(&initiated(p, "1.00", "EUR"), 0), notification(&initiated(p, "2.00", "EUR"), 1));
+    // An occurred_at RFC 3339 cannot write (year -248): the store refuses it.
+    let mut bad = notification(&settled(p, Outcome::Completed), 2);
+    bad.occurred_at = OffsetDateTime::from_unix_timestamp(-70_000_000_000).unwrap();
+    let refused = PortError::Refused { rule: "occurred_at_rfc3339" };
+
+    assert_eq!(h.store().record_batch(&[good.clone(), bad.clone(), last.clone()]).await, Err(refused.clone()));
+    assert_eq!(h.store().for_payment(p, 10).await.unwrap(), vec![], "nothing of the refused batch");
+
+    // One by one, the good ones record and the bad one alone is refused.
+    assert_eq!(h.store().record(&good).await, Ok(Recorded::New));
+    assert_eq!(h.store().record(&bad).await, Err(refused));
+    assert_eq!(h.store().record(&last).await, Ok(Recorded::New));
+    assert_eq!(h.store().for_payment(p, 10).await.unwrap(), vec![good, last]);
+}
+
+async fn contract_a_batch_longer_than_the_maximum_is_refused_and_writes_nothing<H: Harness>(h: H) {
+    let p = payment();
+    let batch: Vec<Notification> =
+        (0..=RECORD_BATCH_LEN_MAX).map(|_| notification(&initiated(p, "1.00", "EUR"), 0)).collect();
+    assert_eq!(h.store().record_batch(&batch).await, Err(PortError::Refused { rule: "notifications_batch_len_max" }));
+    assert_eq!(h.store().for_payment(p, 10).await.unwrap(), vec![]);
+}
+
+const CONCURRENT_BATCHES: usize = 8;
+const EVENTS_PER_BATCH: usize = 12;
+
+/// Batches over the same event ids, each in another order (rotated, half of them reversed), race:
+/// every event id is `New` exactly once across all of them (and PostgreSQL does not deadlock).
+async fn contract_concurrent_batches_over_the_same_events_make_exactly_one_new_per_event<H: Harness>(h: H) {
+    let p = payment();
+    let events: Vec<Notification> =
+        (0..EVENTS_PER_BATCH).map(|i| notification(&initiated(p, "1.00", "EUR"), i as i64)).collect();
+    let mut tasks = Vec::new();
+    for k in 0..CONCURRENT_BATCHES {
+        let mut batch = events.clone();
+        batch.rotate_left(k * 5 % EVENTS_PER_BATCH);
+        if k % 2 == 1 {
+            batch.reverse();
+        }
+        let store = h.store().clone();
+        tasks.push(tokio::spawn(async move {
+            let answers = store.record_batch(&batch).await.expect("record_batch under concurrency");
+            batch.into_iter().zip(answers).collect::<Vec<_>>()
+        }));
+    }
+    let mut new_per_event = std::collections::BTreeMap::new();
+    for task in tasks {
+        for (n, answer) in task.await.expect("task") {
+            *new_per_event.entry(n.event_id).or_insert(0) += usize::from(answer == Recorded::New);
+        }
+    }
+
+    assert_eq!(new_per_event.len(), EVENTS_PER_BATCH);
+    assert!(new_per_event.values().all(|new| *new == 1), "{new_per_event:?}");
+    for n in &events {
+        assert_eq!(h.rows_of_event(n.event_id).await, 1);
+    }
+    assert_eq!(h.store().for_payment(p, 100).await.unwrap().len(), EVENTS_PER_BATCH);
+}
+
 securepay_testkit::contract_suite! {
     cases: [
         contract_every_kind_of_notification_reads_back_exactly,
@@ -199,6 +303,11 @@ securepay_testkit::contract_suite! {
         contract_a_payment_lists_its_own_notifications_in_recording_order_up_to_the_limit,
         contract_an_unknown_payment_has_no_notifications,
         contract_a_limit_above_the_maximum_is_refused,
+        contract_a_batch_records_the_first_of_each_event_once_in_batch_order,
+        contract_a_redelivered_batch_is_all_duplicates_and_writes_nothing,
+        contract_a_batch_with_a_refused_notification_writes_nothing_and_its_good_ones_record_alone,
+        contract_a_batch_longer_than_the_maximum_is_refused_and_writes_nothing,
+        contract_concurrent_batches_over_the_same_events_make_exactly_one_new_per_event,
     ],
     implementations: { memory => memory_harness, postgres => pg_harness },
 }

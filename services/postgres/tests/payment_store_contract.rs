@@ -3,7 +3,7 @@
 //! run against the real store (`PgPaymentStore`, a fresh PostgreSQL database per test, logged in
 //! as `payment_service`, so the role's grants are proven sufficient) and its in-memory twin
 //! (`MemoryPaymentStore`). A store that passes here keeps SPEC §6.1 (idempotency), §6.2 (the state
-//! machine) and §6.4 (transactional outbox).
+//! machine, one transition at a time or a batch in one transaction) and §6.4 (transactional outbox).
 //!
 //! Plus, PostgreSQL only: the schema itself refuses illegal changes made around the store.
 
@@ -19,8 +19,8 @@ use securepay_core::ids::{AccountId, EventId, PaymentId, Subject};
 use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::{Payment, PaymentRequest, PaymentStatus, Transition};
 use securepay_memory::MemoryPaymentStore;
-use securepay_ports::payments::IDEMPOTENCY_LEASE_S;
-use securepay_ports::{IdempotencyCompletion, IdempotencyStore, Outbox, PaymentStore, PortError};
+use securepay_ports::payments::{IDEMPOTENCY_LEASE_S, PAYMENT_BATCH_LEN_MAX};
+use securepay_ports::{IdempotencyCompletion, IdempotencyStore, Outbox, PaymentStore, PortError, TransitionRecord};
 use securepay_postgres::PgPaymentStore;
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
@@ -253,6 +253,152 @@ async fn contract_of_concurrent_contradicting_outcomes_exactly_one_applies<H: Ha
     let stored = h.store().get(p.id).await.unwrap().unwrap();
     assert_eq!(stored.status, applied[0].to);
     assert_eq!(stored.transitions, applied);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batches of transitions: `record_transition` of each item in order, in one transaction.
+
+fn item(p: &Payment, t: Transition, reason: Option<&str>) -> TransitionRecord {
+    TransitionRecord { payment: p.id, transition: t, failure_reason: reason.map(str::to_owned) }
+}
+
+async fn contract_a_batch_of_transitions_answers_per_item_as_the_items_one_by_one<H: Harness>(h: H) {
+    use PaymentStatus::*;
+    let (a, b, done) = (insert(&h).await, insert(&h).await, insert(&h).await);
+    let at = t0() + Duration::seconds(5);
+    let settled = transition(Pending, Completed, "settled", at);
+    h.store().record_transition(done.id, &settled, None).await.unwrap();
+    let (unknown, _) = payment();
+    let failed = transition(Pending, Failed, "insufficient_funds", at);
+    let batch = [
+        item(&a, settled.clone(), None),
+        item(&a, settled.clone(), None), // the same outcome again: lost CAS
+        item(&b, failed.clone(), Some("insufficient_funds")),
+        item(&a, failed.clone(), Some("insufficient_funds")), // contradicting the first of `a`
+        item(&done, settled.clone(), None),                   // terminal before the batch
+        item(&unknown, settled.clone(), None),                // no such payment
+        item(&b, transition(Pending, Completed, "", at), None), // a rule of check_transition
+        item(&b, failed.clone(), Some("no_such_reason")),
+    ];
+
+    let answers = h.store().record_transitions(&batch).await.expect("the batch commits");
+
+    assert_eq!(
+        answers,
+        [
+            Ok(()),
+            refused("illegal_transition"),
+            Ok(()),
+            refused("illegal_transition"),
+            refused("illegal_transition"),
+            refused("unknown_payment"),
+            refused("transitions_cause_bounded"),
+            refused("unknown_failure_reason"),
+        ],
+        "the good items applied, each bad one refused alone"
+    );
+    let read = |p: PaymentId| h.store().get(p);
+    let (a_now, b_now) = (read(a.id).await.unwrap().unwrap(), read(b.id).await.unwrap().unwrap());
+    assert_eq!((a_now.status, a_now.failure_reason, a_now.updated_at), (Completed, None, at));
+    assert_eq!(a_now.transitions, std::slice::from_ref(&settled));
+    assert_eq!((b_now.status, b_now.failure_reason.map(|r| r.code())), (Failed, Some("insufficient_funds")));
+    assert_eq!(b_now.transitions, [failed]);
+    assert_eq!(read(done.id).await.unwrap().unwrap().transitions, [settled], "the terminal one untouched");
+    assert_eq!(read(unknown.id).await, Ok(None));
+    assert_eq!(h.store().record_transitions(&[]).await, Ok(vec![]), "an empty batch is nothing");
+}
+
+async fn contract_a_redelivered_batch_of_transitions_applies_nothing_again<H: Harness>(h: H) {
+    use PaymentStatus::*;
+    let (a, b) = (insert(&h).await, insert(&h).await);
+    let at = t0() + Duration::seconds(1);
+    let batch = [
+        item(&a, transition(Pending, Completed, "settled", at), None),
+        item(&b, transition(Pending, Failed, "unknown_account", at), Some("unknown_account")),
+    ];
+    assert_eq!(h.store().record_transitions(&batch).await, Ok(vec![Ok(()), Ok(())]));
+    let before = (h.store().get(a.id).await.unwrap(), h.store().get(b.id).await.unwrap());
+
+    let again = h.store().record_transitions(&batch).await;
+
+    assert_eq!(again, Ok(vec![refused("illegal_transition"), refused("illegal_transition")]));
+    assert_eq!((h.store().get(a.id).await.unwrap(), h.store().get(b.id).await.unwrap()), before);
+}
+
+async fn contract_get_many_reads_every_payment_with_its_history<H: Harness>(h: H) {
+    use PaymentStatus::*;
+    let (a, b) = (insert(&h).await, insert(&h).await);
+    let settled = transition(Pending, Completed, "settled", t0() + Duration::seconds(1));
+    h.store().record_transition(a.id, &settled, None).await.unwrap();
+    let (unknown, _) = payment();
+
+    let read = h.store().get_many(&[a.id, unknown.id, b.id, a.id]).await.unwrap();
+
+    let a_now = h.store().get(a.id).await.unwrap();
+    assert_eq!(read, [a_now.clone(), None, Some(b), a_now.clone()], "in the order asked, an id asked twice twice");
+    assert_eq!(a_now.map(|p| p.transitions), Some(vec![settled]));
+    assert_eq!(h.store().get_many(&[]).await, Ok(vec![]));
+    let too_many = vec![a.id; PAYMENT_BATCH_LEN_MAX + 1];
+    assert_eq!(h.store().get_many(&too_many).await, Err(PortError::Refused { rule: "payments_batch_len_max" }));
+}
+
+async fn contract_a_batch_of_transitions_longer_than_the_maximum_is_refused_and_writes_nothing<H: Harness>(h: H) {
+    let p = insert(&h).await;
+    let settled = transition(PaymentStatus::Pending, PaymentStatus::Completed, "settled", t0());
+    let batch = vec![item(&p, settled, None); PAYMENT_BATCH_LEN_MAX + 1];
+    assert_eq!(h.store().record_transitions(&batch).await, Err(PortError::Refused { rule: "payments_batch_len_max" }));
+    assert_eq!(h.store().get(p.id).await.unwrap(), Some(p));
+}
+
+const RACING_BATCHES: usize = 6;
+const PAYMENTS_PER_BATCH: usize = 10;
+
+/// Batches over the same payments, each in another order and half of them with the contradicting
+/// outcome, race: every payment moves exactly once, to the outcome of the one item that applied
+/// (and PostgreSQL does not deadlock).
+async fn contract_concurrent_batches_over_the_same_payments_move_each_payment_once<H: Harness>(h: H) {
+    use PaymentStatus::*;
+    let mut payments = Vec::new();
+    for _ in 0..PAYMENTS_PER_BATCH {
+        payments.push(insert(&h).await);
+    }
+    let mut tasks = Vec::new();
+    for k in 0..RACING_BATCHES {
+        let at = t0() + Duration::seconds(k as i64);
+        let (to, cause, reason) = if k % 2 == 0 {
+            (Completed, "settled", None)
+        } else {
+            (Failed, "unknown_account", Some("unknown_account"))
+        };
+        let mut batch: Vec<TransitionRecord> =
+            payments.iter().map(|p| item(p, transition(Pending, to, cause, at), reason)).collect();
+        batch.rotate_left(k * 3 % PAYMENTS_PER_BATCH);
+        if k % 3 == 1 {
+            batch.reverse();
+        }
+        let store = h.store().clone();
+        tasks.push(tokio::spawn(async move {
+            let answers = store.record_transitions(&batch).await.expect("record_transitions under concurrency");
+            batch.into_iter().zip(answers).collect::<Vec<_>>()
+        }));
+    }
+    let mut applied: std::collections::BTreeMap<PaymentId, Vec<Transition>> = std::collections::BTreeMap::new();
+    for task in tasks {
+        for (item, answer) in task.await.unwrap() {
+            match answer {
+                Ok(()) => applied.entry(item.payment).or_default().push(item.transition),
+                refusal => assert_eq!(refusal, refused("illegal_transition")),
+            }
+        }
+    }
+    assert_eq!(applied.len(), PAYMENTS_PER_BATCH, "every payment moved");
+    for p in &payments {
+        let winners = &applied[&p.id];
+        assert_eq!(winners.len(), 1, "exactly one transition out of PENDING");
+        let stored = h.store().get(p.id).await.unwrap().unwrap();
+        assert_eq!(stored.status, winners[0].to);
+        assert_eq!(&stored.transitions, winners);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -507,6 +653,11 @@ securepay_testkit::contract_suite! {
         contract_a_transition_is_a_compare_and_set_through_the_table_and_recorded_with_time_and_cause,
         contract_a_failure_carries_its_reason_and_only_a_failure_does,
         contract_of_concurrent_contradicting_outcomes_exactly_one_applies,
+        contract_a_batch_of_transitions_answers_per_item_as_the_items_one_by_one,
+        contract_a_redelivered_batch_of_transitions_applies_nothing_again,
+        contract_get_many_reads_every_payment_with_its_history,
+        contract_a_batch_of_transitions_longer_than_the_maximum_is_refused_and_writes_nothing,
+        contract_concurrent_batches_over_the_same_payments_move_each_payment_once,
         contract_of_fifty_concurrent_claims_exactly_one_wins,
         contract_a_completed_record_is_replayed_unchanged_and_a_different_request_is_key_reused,
         contract_an_expired_lease_is_taken_over_by_the_same_request_only,

@@ -126,7 +126,8 @@ where
     }
 }
 
-/// A store that counts what `record` answered, delegating to the real one.
+/// A store that counts what `record` and `record_batch` answered (per notification; a failed call
+/// counts once), delegating to the real one.
 #[derive(Clone)]
 pub struct Counting<S> {
     pub inner: S,
@@ -155,6 +156,22 @@ impl<S: NotificationStore> NotificationStore for Counting<S> {
             Err(_) => &self.failed,
         };
         counter.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+
+    async fn record_batch(&self, batch: &[Notification]) -> PortResult<Vec<Recorded>> {
+        let result = self.inner.record_batch(batch).await;
+        match &result {
+            Ok(answers) => {
+                for answer in answers {
+                    let counter = if *answer == Recorded::New { &self.new } else { &self.duplicate };
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            Err(_) => {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         result
     }
 
