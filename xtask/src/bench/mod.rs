@@ -179,6 +179,10 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<ExitCode> {
         ctx.progress.note("bench", &format!("not running (no CPU/memory for them): {}", missing.join(", ")));
     }
     let client = Arc::new(Gateway::new(target.clone(), args.accounts, false));
+    let profiling = runtime.block_on(server::statements_reset(&mut db));
+    if !profiling {
+        ctx.progress.note("bench", "pg_stat_statements is not preloaded: no statement profile");
+    }
     let ramp_started = unix_now();
     let mut steps: Vec<StepResult> = Vec::new();
     let mut stopped = None;
@@ -236,6 +240,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<ExitCode> {
             std::thread::sleep(Duration::from_secs(1));
         }
     })?;
+    let statements = if profiling { Some(runtime.block_on(server::top_statements(&mut db, 15))?) } else { None };
     let after = runtime.block_on(accounts::audit(&mut db))?;
     let conservation = accounts::conservation(&before, &after);
     let summary = report::summarize(&steps, pgbench.as_ref().map(|p| p.tps));
@@ -246,6 +251,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<ExitCode> {
         steps,
         stopped,
         summary,
+        statements,
         conservation: report::Conservation::new(&conservation, pending),
     };
     println!("\n{}", report::summary_text(&report));

@@ -239,6 +239,9 @@ pub struct Report {
     /// Why the ramp ended before its last rate (`None`: it ran every rate).
     pub stopped: Option<String>,
     pub summary: Summary,
+    /// Where PostgreSQL spent the ramp (`pg_stat_statements`, most time first); `None` when the
+    /// server does not preload it.
+    pub statements: Option<Vec<crate::bench::server::Statement>>,
     pub conservation: Conservation,
 }
 
@@ -423,6 +426,21 @@ pub fn summary_text(report: &Report) -> String {
             String::new()
         }
     );
+    if let Some(statements) = &report.statements {
+        let settled: u64 = report.steps.iter().map(|s| s.settled).sum::<u64>().max(1);
+        let _ = writeln!(w, "\nPostgreSQL time over the ramp (pg_stat_statements; per settled payment: calls, ms):");
+        for s in statements {
+            let query: String = s.query.chars().take(110).collect();
+            let _ = writeln!(
+                w,
+                "  {:>7.2} calls {:>6.3} ms  {:>9.0} ms total  {:>7.3} ms mean  {query}",
+                s.calls as f64 / settled as f64,
+                s.total_ms / settled as f64,
+                s.total_ms,
+                s.mean_ms
+            );
+        }
+    }
     out
 }
 
@@ -569,6 +587,7 @@ pub(crate) mod tests {
             steps,
             stopped: Some("latency goal missed 2 steps in a row".into()),
             summary,
+            statements: None,
             conservation: Conservation {
                 before: "400000.00".into(),
                 after: "400000.00".into(),

@@ -75,6 +75,57 @@ pub async fn durability(db: &mut PgConnection) -> Result<(String, String)> {
     Ok((row.try_get("fsync")?, row.try_get("sc")?))
 }
 
+/// One normalized statement as `pg_stat_statements` counted it over the ramp.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Statement {
+    pub query: String,
+    pub calls: u64,
+    pub rows: u64,
+    pub total_ms: f64,
+    pub mean_ms: f64,
+}
+
+/// Starts a statement profile: creates `pg_stat_statements` if the server preloads it and zeroes
+/// its counters. `false` (and the bench goes on without a profile) when it is not available.
+pub async fn statements_reset(db: &mut PgConnection) -> bool {
+    let preloaded: Option<String> = sqlx::query_scalar("SELECT current_setting('shared_preload_libraries')")
+        .fetch_optional(&mut *db)
+        .await
+        .ok()
+        .flatten();
+    if !preloaded.is_some_and(|libs| libs.split(',').any(|l| l.trim() == "pg_stat_statements")) {
+        return false;
+    }
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&mut *db).await.is_ok()
+        && sqlx::query("SELECT pg_stat_statements_reset()").execute(&mut *db).await.is_ok()
+}
+
+/// The `limit` statements of every database but pgbench's that took the most execution time
+/// since [`statements_reset`], the bench's own queries left out.
+pub async fn top_statements(db: &mut PgConnection, limit: i64) -> Result<Vec<Statement>> {
+    let rows = sqlx::query(
+        "SELECT s.query, s.calls, s.rows, s.total_exec_time AS total_ms, s.mean_exec_time AS mean_ms \
+         FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid \
+         WHERE r.rolname <> current_user ORDER BY s.total_exec_time DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(&mut *db)
+    .await
+    .context("reading pg_stat_statements")?;
+    rows.iter()
+        .map(|row| {
+            let query: String = row.try_get("query")?;
+            Ok(Statement {
+                query: query.split_whitespace().collect::<Vec<_>>().join(" "),
+                calls: u64::try_from(row.try_get::<i64, _>("calls")?).unwrap_or(0),
+                rows: u64::try_from(row.try_get::<i64, _>("rows")?).unwrap_or(0),
+                total_ms: row.try_get("total_ms")?,
+                mean_ms: row.try_get("mean_ms")?,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use sqlx::Connection as _;

@@ -228,7 +228,10 @@ impl Component for Postgres {
             .arg(self.cluster_dir(ctx))
             .args(["-p", &ctx.port(PORT)?.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="])
-            .args(["-c", "password_encryption=scram-sha-256", "-c", "max_connections=200"]);
+            .args(["-c", "password_encryption=scram-sha-256", "-c", "max_connections=200"])
+            // Per-statement counts and times for `cargo xtask bench`'s profile (SPEC §11); the
+            // extension itself is created by the bench, in the platform's database.
+            .args(["-c", "shared_preload_libraries=pg_stat_statements", "-c", "pg_stat_statements.track=top"]);
         if ctx.profile == crate::ctx::Profile::Test {
             // Throwaway test data: durability buys nothing and costs test time.
             cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
