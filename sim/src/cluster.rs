@@ -125,7 +125,7 @@ async fn payment_node(ports: ServicePorts) {
         accounts,
         Arc::clone(&ports.clock),
         ids,
-        ServiceConfig::default(),
+        crate::planted::plant_service(ServiceConfig::default(), ports.planted),
     );
     let events: Arc<dyn EventLog> = Arc::new(ports.events.clone());
     let outbox: Arc<dyn Outbox> = store.clone();

@@ -3,15 +3,17 @@
 //! (`platform::run_seed(&plan, Some(bug))`); nothing here is reachable from a service binary.
 //!
 //! Where each lives: `trust_expired_svid` in the simulated SVID interceptor (`spire`); the other
-//! four in the production libraries behind their cargo feature `planted-bugs`, which only this
+//! five in the production libraries behind their cargo feature `planted-bugs`, which only this
 //! crate's madsim-only dependency lines enable (no production build compiles them) and which is
 //! off at run time unless [`crate::infra::Infra::planted`] names the bug:
 //! `skip_settlement_dedupe` in the ledger twin the database node serves
 //! (`MemoryLedgerStore::plant_skip_dedupe`), `commit_offset_before_db_commit` and
 //! `cache_decided_debit` in the account service's settlement (`SettlementConfig::planted`, see
 //! `plant_settlement`; the latter settles through `LedgerStore::settle_funds_checked_by_caller`),
-//! and `ack_batch_before_commit` in the payment service's outcome consumer
-//! (`securepay_payment::consumer::PlantedBugs`, see `plant_outcome_consumer`).
+//! `ack_batch_before_commit` in the payment service's outcome consumer
+//! (`securepay_payment::consumer::PlantedBugs`, see `plant_outcome_consumer`), and
+//! `group_commit_ignores_failure` in its group commit (`GroupCommitConfig::planted_ignore_failure`,
+//! see `plant_service`).
 
 use std::fmt;
 
@@ -29,16 +31,20 @@ pub enum PlantedBug {
     /// The payment service's outcome consumer commits a batch's offsets BEFORE the batch's store
     /// transaction (a kill between loses the batch's outcomes).
     AckBatchBeforeCommit,
+    /// The payment service's group commit answers a batch whose transaction failed as committed
+    /// (clients are told 201 for payments that were never written).
+    GroupCommitIgnoresFailure,
 }
 
 impl PlantedBug {
     /// Every planted bug, in a fixed order.
-    pub const ALL: [PlantedBug; 5] = [
+    pub const ALL: [PlantedBug; 6] = [
         PlantedBug::TrustExpiredSvid,
         PlantedBug::SkipSettlementDedupe,
         PlantedBug::CommitOffsetBeforeDbCommit,
         PlantedBug::CacheDecidedDebit,
         PlantedBug::AckBatchBeforeCommit,
+        PlantedBug::GroupCommitIgnoresFailure,
     ];
 
     /// The switch's name (snake_case), as reports and the README spell it.
@@ -49,6 +55,7 @@ impl PlantedBug {
             PlantedBug::CommitOffsetBeforeDbCommit => "commit_offset_before_db_commit",
             PlantedBug::CacheDecidedDebit => "cache_decided_debit",
             PlantedBug::AckBatchBeforeCommit => "ack_batch_before_commit",
+            PlantedBug::GroupCommitIgnoresFailure => "group_commit_ignores_failure",
         }
     }
 }
@@ -84,5 +91,16 @@ pub fn plant_outcome_consumer(
     config.planted = securepay_payment::consumer::PlantedBugs {
         ack_batch_before_commit: planted == Some(PlantedBug::AckBatchBeforeCommit),
     };
+    config
+}
+
+/// `config` (the payment service's configuration) for a run with `planted`: its group commit's
+/// planted switch is on when the run plants [`PlantedBug::GroupCommitIgnoresFailure`].
+#[cfg(madsim)]
+pub fn plant_service(
+    mut config: securepay_payment::ServiceConfig,
+    planted: Option<PlantedBug>,
+) -> securepay_payment::ServiceConfig {
+    config.group_commit.planted_ignore_failure = planted == Some(PlantedBug::GroupCommitIgnoresFailure);
     config
 }

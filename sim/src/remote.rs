@@ -48,8 +48,9 @@ use securepay_memory::{
 };
 use securepay_ports::{
     AccountView, BalanceCache, CachedBalance, ConsumedRecord, EventConsumer, EventLog, IdempotencyCompletion,
-    IdempotencyStore, LedgerStore, Notification, NotificationStore, Outbox, OutboxEvent, OutgoingRecord, PaymentStore,
-    PortError, PortResult, Recorded, SettlementRequest, SettlementResult, TopicPartitionOffset, TransitionRecord,
+    IdempotencyStore, LedgerStore, NewPayment, Notification, NotificationStore, Outbox, OutboxEvent, OutgoingRecord,
+    PaymentStore, PortError, PortResult, Recorded, SettlementRequest, SettlementResult, TopicPartitionOffset,
+    TransitionRecord,
 };
 use time::OffsetDateTime;
 use tokio::time::{Instant, sleep, timeout};
@@ -315,6 +316,13 @@ impl PaymentStore for RemotePaymentStore {
                 db.payments.insert_with_event(&payment, &event, &headers, idempotency.as_ref()).await
             })
             .await?
+    }
+
+    /// The whole batch in one round trip to the database node, as the PostgreSQL store writes it
+    /// in one transaction.
+    async fn insert_many(&self, batch: &[NewPayment]) -> PortResult<Vec<PortResult<()>>> {
+        let batch = batch.to_vec();
+        self.0.call(move |db| async move { db.payments.insert_many(&batch).await }).await?
     }
 
     async fn get(&self, id: PaymentId) -> PortResult<Option<Payment>> {

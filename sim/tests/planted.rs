@@ -62,3 +62,8 @@ fn planted_cache_decided_debit_is_caught() {
 fn planted_ack_batch_before_commit_is_caught() {
     hunt(PlantedBug::AckBatchBeforeCommit, "kill-payment", "(ledger verdict Some(");
 }
+
+#[test]
+fn planted_group_commit_ignores_failure_is_caught() {
+    hunt(PlantedBug::GroupCommitIgnoresFailure, "partition-database", ", the store has {}");
+}

@@ -3,7 +3,7 @@
 //!
 //! - [`service`]: payment.v1 InitiatePayment / GetPayment — authorize, validate, idempotency,
 //!   balance pre-check, then ONE store transaction (payment + outbox event + idempotency
-//!   completion).
+//!   completion), shared by concurrent accepts through [`group_commit`].
 //! - [`idempotency`]: how the PostgreSQL truth and the Redis fast path are consulted (SPEC §6.1).
 //! - [`accounts`]: the account-service port and its gRPC client (deadline, jittered retries,
 //!   [`breaker`]).
@@ -19,6 +19,7 @@ pub mod accounts;
 pub mod breaker;
 pub mod consumer;
 pub mod error;
+pub mod group_commit;
 pub mod idempotency;
 pub mod metrics;
 pub mod service;

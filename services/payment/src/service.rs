@@ -3,8 +3,9 @@
 //! InitiatePayment, in order: authorize the caller (SVID per method + subject) → validate
 //! (SPEC §4) → idempotency ([`crate::idempotency`]) → balance pre-check ([`crate::accounts`]) →
 //! ONE store transaction: the PENDING payment, its `payment.initiated` outbox event (with a W3C
-//! `traceparent`) and the completion of the idempotency claim with the encoded response. A request
-//! that writes nothing releases its claim so a retry can run.
+//! `traceparent`) and the completion of the idempotency claim with the encoded response — shared
+//! with the payments accepted at the same moment ([`crate::group_commit`]). A request that writes
+//! nothing releases its claim so a retry can run.
 //!
 //! The response body of a replay is byte-identical to the first one (`replayed` stays `false`
 //! inside it); a replay is signalled in the response metadata [`REPLAYED_METADATA`].
@@ -25,7 +26,7 @@ use securepay_core::payment::{Payment, PaymentRequest};
 use securepay_kit::authorize;
 use securepay_kit::metrics as kit_metrics;
 use securepay_kit::trace::{self as kit_trace, names};
-use securepay_ports::{Clock, IdempotencyStore, Ids, PaymentStore, PortError};
+use securepay_ports::{Clock, IdempotencyStore, Ids, NewPayment, PaymentStore, PortError};
 use securepay_proto::payment::v1 as wire;
 use securepay_proto::payment::v1::payment_service_server;
 use time::OffsetDateTime;
@@ -36,6 +37,7 @@ use tracing::Instrument as _;
 
 use crate::accounts::{AccountError, Accounts, BalanceCheck};
 use crate::error::ServiceError;
+use crate::group_commit::{GroupCommit, GroupCommitConfig};
 use crate::idempotency::{Begin, Claim, Idempotency};
 use crate::metrics;
 use crate::trace::{TRACEPARENT, traceparent};
@@ -52,6 +54,8 @@ pub struct ServiceConfig {
     /// TEST-ONLY failpoint (`SECUREPAY_FAILPOINT=crash_after_commit`): abort the process right after
     /// a payment's commit, before anything is published.
     pub crash_after_commit: bool,
+    /// How accepted payments share store transactions ([`crate::group_commit`]).
+    pub group_commit: GroupCommitConfig,
 }
 
 impl Default for ServiceConfig {
@@ -65,6 +69,7 @@ impl Default for ServiceConfig {
             // partition-database).
             in_flight_wait: Duration::from_secs(7),
             crash_after_commit: false,
+            group_commit: GroupCommitConfig::default(),
         }
     }
 }
@@ -81,6 +86,7 @@ pub struct Initiated {
 pub struct PaymentService<S, F, A> {
     store: Arc<S>,
     idempotency: Idempotency<S, F>,
+    commits: GroupCommit,
     accounts: Arc<A>,
     clock: Arc<dyn Clock>,
     ids: Arc<dyn Ids>,
@@ -93,6 +99,7 @@ impl<S, F, A> Clone for PaymentService<S, F, A> {
         PaymentService {
             store: self.store.clone(),
             idempotency: self.idempotency.clone(),
+            commits: self.commits.clone(),
             accounts: self.accounts.clone(),
             clock: self.clock.clone(),
             ids: self.ids.clone(),
@@ -103,7 +110,7 @@ impl<S, F, A> Clone for PaymentService<S, F, A> {
 
 impl<S, F, A> PaymentService<S, F, A>
 where
-    S: PaymentStore + IdempotencyStore,
+    S: PaymentStore + IdempotencyStore + 'static,
     F: IdempotencyStore,
     A: Accounts,
 {
@@ -116,7 +123,8 @@ where
         config: ServiceConfig,
     ) -> Self {
         let idempotency = Idempotency::new(store.clone(), fast, clock.clone(), config.in_flight_wait);
-        PaymentService { store, idempotency, accounts, clock, ids, config }
+        let commits = GroupCommit::start(store.clone(), config.group_commit.clone());
+        PaymentService { store, idempotency, commits, accounts, clock, ids, config }
     }
 
     /// InitiatePayment for an authorized `subject`; `trace` is the caller's `traceparent`, if any.
@@ -209,7 +217,8 @@ where
             headers.push((TRACEPARENT.to_owned(), traceparent(trace, self.ids.as_ref())));
         }
         let completion = claim.map(|claim| claim.completion(bytes.clone()));
-        match self.store.insert_with_event(&payment, &event, &headers, completion.as_ref()).await {
+        let item = NewPayment { payment: payment.clone(), event, headers, idempotency: completion };
+        match self.commits.insert(item).await {
             Ok(()) => {}
             Err(PortError::Refused { rule: "payment_exists" }) => {
                 return Err(Executed::Refused(ServiceError::PaymentExists));

@@ -26,4 +26,4 @@ pub use identity::{PeerRefusal, Svid, SvidSource, authorize_peer};
 pub use ledger::{AccountView, BalanceCache, CachedBalance, LedgerStore, SettlementRequest, SettlementResult};
 pub use notifications::{Notification, NotificationKind, NotificationStore, Recorded};
 pub use outbox::{Outbox, OutboxEvent};
-pub use payments::{IdempotencyCompletion, PaymentStore, TransitionRecord};
+pub use payments::{IdempotencyCompletion, NewPayment, PaymentStore, TransitionRecord};

@@ -35,6 +35,16 @@ pub struct IdempotencyCompletion {
     pub response: Vec<u8>,
 }
 
+/// One payment of a [`PaymentStore::insert_many`] batch: the arguments of one
+/// [`PaymentStore::insert_with_event`] call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewPayment {
+    pub payment: Payment,
+    pub event: PaymentInitiated,
+    pub headers: Vec<(String, String)>,
+    pub idempotency: Option<IdempotencyCompletion>,
+}
+
 #[async_trait]
 pub trait PaymentStore: Outbox {
     /// Writes a new PENDING payment AND its `payment.initiated` outbox event atomically: both or
@@ -52,6 +62,26 @@ pub trait PaymentStore: Outbox {
         headers: &[(String, String)],
         idempotency: Option<&IdempotencyCompletion>,
     ) -> PortResult<()>;
+
+    /// Group commit: inserts every item of `batch` (at most [`PAYMENT_BATCH_LEN_MAX`]) exactly as
+    /// `insert_with_event` of each would, answering per item (`answers[i]` for `batch[i]`); a
+    /// refused item takes nothing else down. A store writes the batch in ONE transaction where it
+    /// can (one commit, one WAL flush for all), and falls back to one transaction per item when the
+    /// batch's transaction is refused, so a refusal is pinned on its own item. `Err` means nothing
+    /// was written (`Unavailable`: the caller answers every item with it). The default is the
+    /// one-by-one loop.
+    async fn insert_many(&self, batch: &[NewPayment]) -> PortResult<Vec<PortResult<()>>> {
+        if batch.len() > PAYMENT_BATCH_LEN_MAX {
+            return Err(PortError::Refused { rule: "payments_batch_len_max" });
+        }
+        let mut answers = Vec::with_capacity(batch.len());
+        for item in batch {
+            answers.push(
+                self.insert_with_event(&item.payment, &item.event, &item.headers, item.idempotency.as_ref()).await,
+            );
+        }
+        Ok(answers)
+    }
 
     /// The payment with its transition history, if any.
     async fn get(&self, id: PaymentId) -> PortResult<Option<Payment>>;

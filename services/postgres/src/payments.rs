@@ -46,7 +46,8 @@ use securepay_ports::payments::{
     decide_transitions,
 };
 use securepay_ports::{
-    IdempotencyCompletion, IdempotencyStore, Outbox, OutboxEvent, PaymentStore, PortError, PortResult, TransitionRecord,
+    IdempotencyCompletion, IdempotencyStore, NewPayment, Outbox, OutboxEvent, PaymentStore, PortError, PortResult,
+    TransitionRecord,
 };
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgRow};
@@ -137,6 +138,79 @@ impl PgPaymentStore {
             .await?
             .rows_affected();
             if completed == 0 {
+                tx.rollback().await?;
+                return Err(Failure::Refused("idempotency_claim_lost"));
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One attempt of a group commit (see the module docs): the whole batch in one transaction,
+    /// or nothing (`Refused` when any item's constraint or idempotency claim does not hold).
+    async fn insert_batch_once(&self, batch: &[&NewPayment]) -> Result<(), Failure> {
+        let payments: Vec<&Payment> = batch.iter().map(|item| &item.payment).collect();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO payments.transactions \
+             (payment_id, subject, from_account, to_account, amount, currency, status, created_at, updated_at) \
+             SELECT payment_id, subject, from_account, to_account, amount, currency, 'PENDING', created_at, updated_at \
+             FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::numeric[], $6::text[], \
+                         $7::timestamptz[], $8::timestamptz[]) WITH ORDINALITY \
+                  AS p(payment_id, subject, from_account, to_account, amount, currency, created_at, updated_at, n) \
+             ORDER BY n",
+        )
+        .bind(payments.iter().map(|p| p.id.as_uuid()).collect::<Vec<Uuid>>())
+        .bind(payments.iter().map(|p| p.subject.as_str()).collect::<Vec<&str>>())
+        .bind(payments.iter().map(|p| p.from.as_uuid()).collect::<Vec<Uuid>>())
+        .bind(payments.iter().map(|p| p.to.as_uuid()).collect::<Vec<Uuid>>())
+        .bind(payments.iter().map(|p| p.amount.value()).collect::<Vec<Decimal>>())
+        .bind(payments.iter().map(|p| p.amount.currency().code()).collect::<Vec<&str>>())
+        .bind(payments.iter().map(|p| p.created_at).collect::<Vec<OffsetDateTime>>())
+        .bind(payments.iter().map(|p| p.updated_at).collect::<Vec<OffsetDateTime>>())
+        .execute(&mut *tx)
+        .await?;
+        // In batch order, so the relay publishes in the order the payments were accepted.
+        sqlx::query(
+            "INSERT INTO payments.outbox (event_id, topic, key, payload, headers, created_at) \
+             SELECT event_id, $1, key, payload, headers, created_at \
+             FROM unnest($2::uuid[], $3::text[], $4::bytea[], $5::jsonb[], $6::timestamptz[]) WITH ORDINALITY \
+                  AS e(event_id, key, payload, headers, created_at, n) \
+             ORDER BY n",
+        )
+        .bind(topic::PAYMENT_INITIATED)
+        .bind(batch.iter().map(|item| item.event.event_id.as_uuid()).collect::<Vec<Uuid>>())
+        .bind(payments.iter().map(|p| p.id.to_string()).collect::<Vec<String>>())
+        .bind(
+            batch.iter().map(|item| securepay_proto::convert::encode_initiated(&item.event)).collect::<Vec<Vec<u8>>>(),
+        )
+        .bind(batch.iter().map(|item| headers_json(&item.headers)).collect::<Vec<_>>())
+        .bind(payments.iter().map(|p| p.created_at).collect::<Vec<OffsetDateTime>>())
+        .execute(&mut *tx)
+        .await?;
+        let keyed: Vec<(&Payment, &IdempotencyCompletion)> =
+            batch.iter().filter_map(|item| item.idempotency.as_ref().map(|c| (&item.payment, c))).collect();
+        if !keyed.is_empty() {
+            let completed = sqlx::query(
+                "UPDATE payments.idempotency_keys AS k \
+                 SET state = 'COMPLETED', locked_until = NULL, response = c.response, payment_id = c.payment_id, \
+                     updated_at = c.at \
+                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::bytea[], $6::timestamptz[]) \
+                      AS c(subject, key, response, payment_id, fingerprint, at) \
+                 WHERE k.subject = c.subject AND k.key = c.key AND k.state = 'IN_FLIGHT' \
+                   AND k.request_fingerprint = c.fingerprint",
+            )
+            .bind(keyed.iter().map(|(_, c)| c.subject.as_str()).collect::<Vec<&str>>())
+            .bind(keyed.iter().map(|(_, c)| c.key.as_str()).collect::<Vec<&str>>())
+            .bind(keyed.iter().map(|(_, c)| c.response.as_slice()).collect::<Vec<&[u8]>>())
+            .bind(keyed.iter().map(|(p, _)| p.id.as_uuid()).collect::<Vec<Uuid>>())
+            .bind(keyed.iter().map(|(_, c)| c.fingerprint.0.as_slice()).collect::<Vec<&[u8]>>())
+            .bind(keyed.iter().map(|(p, _)| p.created_at).collect::<Vec<OffsetDateTime>>())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if completed != keyed.len() as u64 {
+                // A claim was lost (or one key named twice): the one-by-one path says whose.
                 tx.rollback().await?;
                 return Err(Failure::Refused("idempotency_claim_lost"));
             }
@@ -314,9 +388,37 @@ impl PaymentStore for PgPaymentStore {
         idempotency: Option<&IdempotencyCompletion>,
     ) -> PortResult<()> {
         check_insert(payment, event, idempotency)?;
-        // A JSON object: one value per header name (the last given).
-        let headers = Json(headers.iter().cloned().collect::<BTreeMap<String, String>>());
+        let headers = headers_json(headers);
         retrying(|| self.insert_once(payment, event, &headers, idempotency)).await
+    }
+
+    async fn insert_many(&self, batch: &[NewPayment]) -> PortResult<Vec<PortResult<()>>> {
+        if batch.len() > PAYMENT_BATCH_LEN_MAX {
+            return Err(PortError::Refused { rule: "payments_batch_len_max" });
+        }
+        let mut answers: Vec<PortResult<()>> =
+            batch.iter().map(|item| check_insert(&item.payment, &item.event, item.idempotency.as_ref())).collect();
+        let valid: Vec<&NewPayment> =
+            batch.iter().zip(&answers).filter(|(_, answer)| answer.is_ok()).map(|(item, _)| item).collect();
+        if valid.is_empty() {
+            return Ok(answers);
+        }
+        match retrying(|| self.insert_batch_once(&valid)).await {
+            Ok(()) => Ok(answers),
+            Err(PortError::Unavailable { component }) => Err(PortError::Unavailable { component }),
+            // Some item is refused (a taken payment id, a lost claim): nothing of the batch was
+            // written; one transaction per item pins the refusal on its own item.
+            Err(_) => {
+                for (item, answer) in batch.iter().zip(answers.iter_mut()) {
+                    if answer.is_ok() {
+                        *answer = self
+                            .insert_with_event(&item.payment, &item.event, &item.headers, item.idempotency.as_ref())
+                            .await;
+                    }
+                }
+                Ok(answers)
+            }
+        }
     }
 
     async fn get(&self, id: PaymentId) -> PortResult<Option<Payment>> {
@@ -502,6 +604,11 @@ impl IdempotencyStore for PgPaymentStore {
             .rows_affected();
         Ok(purged)
     }
+}
+
+/// The outbox row's headers: a JSON object, one value per header name (the last given).
+fn headers_json(headers: &[(String, String)]) -> Json<BTreeMap<String, String>> {
+    Json(headers.iter().cloned().collect())
 }
 
 /// Amounts read back are bounded by the schema (`amount < 1e18`), not by today's payment policy.

@@ -20,7 +20,9 @@ use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::{Payment, PaymentRequest, PaymentStatus, Transition};
 use securepay_memory::MemoryPaymentStore;
 use securepay_ports::payments::{IDEMPOTENCY_LEASE_S, PAYMENT_BATCH_LEN_MAX};
-use securepay_ports::{IdempotencyCompletion, IdempotencyStore, Outbox, PaymentStore, PortError, TransitionRecord};
+use securepay_ports::{
+    IdempotencyCompletion, IdempotencyStore, NewPayment, Outbox, PaymentStore, PortError, TransitionRecord,
+};
 use securepay_postgres::PgPaymentStore;
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
@@ -611,6 +613,62 @@ async fn contract_of_concurrent_inserts_completing_one_claim_exactly_one_writes<
     assert_eq!(h.store().unpublished(100).await.unwrap().len(), 1);
 }
 
+async fn contract_a_group_commit_answers_per_item_as_the_items_one_by_one<H: Harness>(h: H) {
+    let s = h.store();
+    let item = |(payment, event): (Payment, PaymentInitiated), idempotency: Option<IdempotencyCompletion>| NewPayment {
+        payment,
+        event,
+        headers: vec![("traceparent".to_owned(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned())],
+        idempotency,
+    };
+    // All good: written together, keys completed, events in batch order.
+    let mut good = Vec::new();
+    for i in 0..5 {
+        let fp = fingerprint(&format!("good-{i}"));
+        assert_eq!(s.claim(&subject(), &key(&format!("good-{i}")), fp, t0()).await.unwrap(), None);
+        good.push(item(payment(), Some(completion(&format!("good-{i}"), fp, format!("r{i}").as_bytes()))));
+    }
+    good.push(item(payment(), None));
+    assert_eq!(s.insert_many(&good).await.unwrap(), vec![Ok(()); 6]);
+    for (i, g) in good.iter().enumerate() {
+        assert_eq!(s.get(g.payment.id).await.unwrap().as_ref(), Some(&g.payment));
+        if i < 5 {
+            assert_eq!(h.payment_of_key(&subject(), &key(&format!("good-{i}"))).await, Some(g.payment.id));
+        }
+    }
+    let events = s.unpublished(100).await.unwrap();
+    let keys: Vec<String> = events.iter().map(|e| e.key.clone()).collect();
+    assert_eq!(keys, good.iter().map(|g| g.payment.id.to_string()).collect::<Vec<_>>(), "in batch order");
+    assert_eq!(events[0].headers, good[0].headers);
+
+    // Bad neighbours: a taken payment id, a lost claim, an invalid event; the good ones are written.
+    let taken = item((good[0].payment.clone(), initiated(&good[0].payment)), None);
+    let (p, e) = payment();
+    let lost = item((p, e), Some(completion("never-claimed", fingerprint("x"), b"r")));
+    let (p, _) = payment();
+    let (_, other_event) = payment();
+    let invalid = item((p, other_event), None);
+    let fp = fingerprint("mixed");
+    assert_eq!(s.claim(&subject(), &key("mixed"), fp, t0()).await.unwrap(), None);
+    let fine = item(payment(), Some(completion("mixed", fp, b"fine")));
+    let plain = item(payment(), None);
+    let batch = vec![taken, fine.clone(), lost.clone(), invalid.clone(), plain.clone()];
+    assert_eq!(
+        s.insert_many(&batch).await.unwrap(),
+        vec![refused("payment_exists"), Ok(()), refused("idempotency_claim_lost"), refused("invalid_event"), Ok(())]
+    );
+    assert_eq!(s.get(fine.payment.id).await.unwrap(), Some(fine.payment.clone()));
+    assert_eq!(s.get(plain.payment.id).await.unwrap(), Some(plain.payment.clone()));
+    assert_eq!(s.get(lost.payment.id).await.unwrap(), None);
+    assert_eq!(s.get(invalid.payment.id).await.unwrap(), None);
+    assert_eq!(h.payment_of_key(&subject(), &key("mixed")).await, Some(fine.payment.id));
+    assert_eq!(s.unpublished(100).await.unwrap().len(), 8, "one event per written payment");
+
+    assert_eq!(s.insert_many(&[]).await.unwrap(), Vec::new());
+    let too_long: Vec<NewPayment> = (0..=PAYMENT_BATCH_LEN_MAX).map(|_| plain.clone()).collect();
+    assert_eq!(s.insert_many(&too_long).await, Err(PortError::Refused { rule: "payments_batch_len_max" }));
+}
+
 // ---------------------------------------------------------------------------------------------
 // The relay's view.
 
@@ -664,6 +722,7 @@ securepay_testkit::contract_suite! {
         contract_an_insert_completes_its_claim_with_the_response_and_the_payment,
         contract_an_insert_whose_claim_was_lost_writes_no_payment_and_no_event,
         contract_of_concurrent_inserts_completing_one_claim_exactly_one_writes,
+        contract_a_group_commit_answers_per_item_as_the_items_one_by_one,
         contract_of_concurrent_takeovers_of_an_expired_lease_exactly_one_wins,
         contract_a_released_claim_lets_a_new_claim_in,
         contract_purge_deletes_only_records_created_before_the_cutoff,
