@@ -102,11 +102,14 @@ impl<L: LedgerStore, C: BalanceCache> AccountGrpc<L, C> {
         let currency = Currency::from_code(&m.currency).map_err(money_error)?;
         let amount = Amount::parse(&m.amount, currency, amount_policy()).map_err(money_error)?;
 
-        let (payer, _) = self.account(from).await?.ok_or_else(unknown_account)?;
+        // Both reads at once (each a cache round trip, maybe a database read and a cache fill);
+        // judged in the same order as one after the other: the payer's answer first.
+        let (payer, payee) = tokio::join!(self.account(from), self.account(to));
+        let (payer, _) = payer?.ok_or_else(unknown_account)?;
         if payer.owner != caller.subject {
             return Err(forbidden(&caller.subject, from));
         }
-        let (payee, _) = self.account(to).await?.ok_or_else(unknown_account)?;
+        let (payee, _) = payee?.ok_or_else(unknown_account)?;
         if payer.currency != currency || payee.currency != currency {
             return Err(status(
                 Code::FailedPrecondition,
