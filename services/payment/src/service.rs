@@ -217,7 +217,8 @@ where
             headers.push((TRACEPARENT.to_owned(), traceparent(trace, self.ids.as_ref())));
         }
         let completion = claim.map(|claim| claim.completion(bytes.clone()));
-        let item = NewPayment { payment: payment.clone(), event, headers, idempotency: completion };
+        let status = payment.status;
+        let item = NewPayment { payment, event, headers, idempotency: completion };
         match self.commits.insert(item).await {
             Ok(()) => {}
             Err(PortError::Refused { rule: "payment_exists" }) => {
@@ -234,7 +235,7 @@ where
             tracing::error!(payment_id = %id, "FAILPOINT crash_after_commit: aborting after the commit (test only)");
             std::process::abort();
         }
-        metrics::payment_status(payment.status);
+        metrics::payment_status(status);
         tracing::info!(payment_id = %id, "payment accepted");
         Ok((response, bytes))
     }

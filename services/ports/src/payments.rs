@@ -74,13 +74,7 @@ pub trait PaymentStore: Outbox {
         if batch.len() > PAYMENT_BATCH_LEN_MAX {
             return Err(PortError::Refused { rule: "payments_batch_len_max" });
         }
-        let mut answers = Vec::with_capacity(batch.len());
-        for item in batch {
-            answers.push(
-                self.insert_with_event(&item.payment, &item.event, &item.headers, item.idempotency.as_ref()).await,
-            );
-        }
-        Ok(answers)
+        Ok(insert_each(self, batch).await)
     }
 
     /// The payment with its transition history, if any.
@@ -111,6 +105,18 @@ pub trait PaymentStore: Outbox {
     /// `Corrupt` the store could not pin on one item (record the items one by one to isolate it);
     /// longer than [`PAYMENT_BATCH_LEN_MAX`]: `Refused { rule: "payments_batch_len_max" }`.
     async fn record_transitions(&self, batch: &[TransitionRecord]) -> PortResult<Vec<PortResult<()>>>;
+}
+
+/// `insert_with_event` of each item of `batch` in order, one answer per item: the one-by-one path
+/// of [`PaymentStore::insert_many`] (its default, and a store's fallback when the batch's
+/// transaction is refused).
+pub async fn insert_each<S: PaymentStore + ?Sized>(store: &S, batch: &[NewPayment]) -> Vec<PortResult<()>> {
+    let mut answers = Vec::with_capacity(batch.len());
+    for item in batch {
+        answers
+            .push(store.insert_with_event(&item.payment, &item.event, &item.headers, item.idempotency.as_ref()).await);
+    }
+    answers
 }
 
 /// How long an IN_FLIGHT idempotency claim is held before a retry of the same request may take it

@@ -43,7 +43,7 @@ use securepay_core::payment::{FailureReason, Payment, PaymentStatus, Transition}
 use securepay_core::topology::topic;
 use securepay_ports::payments::{
     IDEMPOTENCY_LEASE_S, IDEMPOTENCY_RESPONSE_LEN_MAX, IDEMPOTENCY_RETENTION_H, PAYMENT_BATCH_LEN_MAX, check_insert,
-    decide_transitions,
+    decide_transitions, insert_each,
 };
 use securepay_ports::{
     IdempotencyCompletion, IdempotencyStore, NewPayment, Outbox, OutboxEvent, PaymentStore, PortError, PortResult,
@@ -396,7 +396,7 @@ impl PaymentStore for PgPaymentStore {
         if batch.len() > PAYMENT_BATCH_LEN_MAX {
             return Err(PortError::Refused { rule: "payments_batch_len_max" });
         }
-        let mut answers: Vec<PortResult<()>> =
+        let answers: Vec<PortResult<()>> =
             batch.iter().map(|item| check_insert(&item.payment, &item.event, item.idempotency.as_ref())).collect();
         let valid: Vec<&NewPayment> =
             batch.iter().zip(&answers).filter(|(_, answer)| answer.is_ok()).map(|(item, _)| item).collect();
@@ -407,17 +407,9 @@ impl PaymentStore for PgPaymentStore {
             Ok(()) => Ok(answers),
             Err(PortError::Unavailable { component }) => Err(PortError::Unavailable { component }),
             // Some item is refused (a taken payment id, a lost claim): nothing of the batch was
-            // written; one transaction per item pins the refusal on its own item.
-            Err(_) => {
-                for (item, answer) in batch.iter().zip(answers.iter_mut()) {
-                    if answer.is_ok() {
-                        *answer = self
-                            .insert_with_event(&item.payment, &item.event, &item.headers, item.idempotency.as_ref())
-                            .await;
-                    }
-                }
-                Ok(answers)
-            }
+            // written; one transaction per item pins the refusal on its own item (an item that
+            // failed `check_insert` above gets the same refusal again, without IO).
+            Err(_) => Ok(insert_each(self, batch).await),
         }
     }
 
