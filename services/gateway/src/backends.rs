@@ -18,6 +18,7 @@ use securepay_identity::x509::WorkloadIdentity;
 use securepay_proto::account::v1::account_service_client::AccountServiceClient;
 use securepay_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use tonic::service::Interceptor;
+#[cfg(madsim)]
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
@@ -52,16 +53,26 @@ impl Interceptor for CallInterceptor {
     }
 }
 
+/// The channel the clients send over: for real, one that resends a call its connection closed
+/// before sending (`securepay_identity::grpc::ResendingChannel`; a plain [`Channel`] converts
+/// into it); madsim-tonic's own channel in simulation.
+///
+/// [`Channel`]: tonic::transport::Channel
+#[cfg(not(madsim))]
+pub type BackendChannel = securepay_identity::grpc::ResendingChannel;
+#[cfg(madsim)]
+pub type BackendChannel = Channel;
+
 /// The generated clients with an interceptor: real tonic wraps the channel, madsim-tonic keeps the
 /// interceptor beside it.
 #[cfg(not(madsim))]
 pub type PaymentClient =
-    PaymentServiceClient<tonic::service::interceptor::InterceptedService<Channel, CallInterceptor>>;
+    PaymentServiceClient<tonic::service::interceptor::InterceptedService<BackendChannel, CallInterceptor>>;
 #[cfg(madsim)]
 pub type PaymentClient = PaymentServiceClient<Channel, CallInterceptor>;
 #[cfg(not(madsim))]
 pub type AccountClient =
-    AccountServiceClient<tonic::service::interceptor::InterceptedService<Channel, CallInterceptor>>;
+    AccountServiceClient<tonic::service::interceptor::InterceptedService<BackendChannel, CallInterceptor>>;
 #[cfg(madsim)]
 pub type AccountClient = AccountServiceClient<Channel, CallInterceptor>;
 
@@ -75,10 +86,14 @@ pub struct Backends {
 impl Backends {
     /// Clients over `payment` and `account`, every call passing through `interceptor`. The binary
     /// calls it only through [`Backends::connect`].
-    pub fn new(payment: Channel, account: Channel, interceptor: CallInterceptor) -> Backends {
+    pub fn new(
+        payment: impl Into<BackendChannel>,
+        account: impl Into<BackendChannel>,
+        interceptor: CallInterceptor,
+    ) -> Backends {
         Backends {
-            payment: PaymentServiceClient::with_interceptor(payment, interceptor.clone()),
-            account: AccountServiceClient::with_interceptor(account, interceptor),
+            payment: PaymentServiceClient::with_interceptor(payment.into(), interceptor.clone()),
+            account: AccountServiceClient::with_interceptor(account.into(), interceptor),
         }
     }
 

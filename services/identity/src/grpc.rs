@@ -7,7 +7,8 @@
 //!   verified peer (SPIFFE ID from the URI SAN, the leaf's `notAfter`) reaches every request as a
 //!   [`PeerSvid`] extension, and handlers authorize per method with `securepay_kit::authorize`.
 //! - [`channel`] dials a service over mTLS and refuses any server whose SVID is not exactly the
-//!   expected workload's.
+//!   expected workload's. It is a [`ResendingChannel`]: a call that its connection closed before
+//!   sending (the server's GOAWAY racing the dispatch) is sent again on a new connection.
 //!
 //! Rotation: both sides resolve the current SVID and bundle at each handshake, so rotated SVIDs
 //! take effect without a restart. A connection is never used past the certificates it was opened
@@ -94,14 +95,104 @@ where
 
 /// A lazily connecting channel to `addr` (`host:port`) that accepts only a server presenting
 /// `server`'s SVID. Each new connection presents `workload`'s current SVID.
-pub fn channel(addr: &str, server: ServiceIdentity, workload: &WorkloadIdentity) -> Result<Channel, TransportError> {
+pub fn channel(
+    addr: &str,
+    server: ServiceIdentity,
+    workload: &WorkloadIdentity,
+) -> Result<ResendingChannel, TransportError> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| TransportError::Address(addr.to_owned()))?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     let config = client_config(server, workload)?;
-    Ok(endpoint.connect_with_connector_lazy(SpiffeConnector { tls: TlsConnector::from(Arc::new(config)) }))
+    let channel = endpoint.connect_with_connector_lazy(SpiffeConnector { tls: TlsConnector::from(Arc::new(config)) });
+    Ok(ResendingChannel::from(channel))
+}
+
+/// How often one call is handed to a connection before its "connection closed" is the answer.
+pub const SEND_ATTEMPTS: usize = 3;
+
+/// A tonic [`Channel`] that sends a call again when its HTTP/2 connection closed before the call
+/// was written to it. Servers close connections on purpose (each one lives a quarter of the SVID
+/// lifetime, see [`serve`]); a call dispatched to a connection just as its GOAWAY arrives is
+/// dropped unsent (tonic reports `Cancelled: connection closed`), and one that opened a stream the
+/// server's GOAWAY declares unprocessed fails with `h2 protocol error: ... NO_ERROR`. Only those
+/// two errors are resent (see [`never_sent`]): both prove the server never saw the call, so
+/// resending is safe for every method, idempotent or not.
+///
+/// Unary calls only (all SecurePay RPCs are): the request body is buffered to be resendable.
+#[derive(Clone, Debug)]
+pub struct ResendingChannel {
+    inner: Channel,
+}
+
+impl From<Channel> for ResendingChannel {
+    /// Wraps any channel: production's mTLS one (from [`channel`]) or a test's plaintext one.
+    fn from(inner: Channel) -> Self {
+        ResendingChannel { inner }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for ResendingChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        tower_service::Service::poll_ready(&mut self.inner, cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        // The ready channel goes with the call; `self` keeps a fresh clone for the next one.
+        let fresh = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, fresh);
+        Box::pin(async move {
+            use http_body_util::BodyExt as _;
+            let (parts, body) = request.into_parts();
+            let body = body.collect().await.map_err(BoxError::from)?.to_bytes();
+            let mut attempt = 1;
+            loop {
+                let request = http::Request::from_parts(parts.clone(), resendable(body.clone()));
+                match tower_service::Service::call(&mut ready, request).await {
+                    Err(error) if attempt < SEND_ATTEMPTS && never_sent(&error) => {
+                        tracing::debug!(attempt, %error, "the connection closed before sending the call; resending");
+                        attempt += 1;
+                        std::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut ready, cx)).await?;
+                    }
+                    answer => return answer.map_err(Into::into),
+                }
+            }
+        })
+    }
+}
+
+fn resendable(body: bytes::Bytes) -> tonic::body::Body {
+    tonic::body::Body::new(http_body_util::Full::new(body))
+}
+
+/// Whether `error` proves the call never reached the server, so sending it again cannot apply it
+/// twice:
+/// - hyper's "canceled": the request was dropped before it was written to the connection;
+/// - h2's graceful remote GOAWAY (`NO_ERROR`): h2 fails with it only the streams the server
+///   declared unprocessed (ids above the GOAWAY's last stream id, RFC 9113 §6.8) and the streams
+///   opened after it; a stream the server may have processed ends with a broken pipe instead.
+fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(hyper) = e.downcast_ref::<hyper::Error>()
+            && hyper.is_canceled()
+        {
+            return true;
+        }
+        if let Some(stream) = e.downcast_ref::<h2::Error>() {
+            return stream.is_go_away() && stream.is_remote() && stream.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn trust_domain() -> Result<TrustDomain, TransportError> {

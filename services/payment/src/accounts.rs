@@ -10,8 +10,9 @@
 //! `x-securepay-error-code`) come back typed. Each attempt carries the current span's trace
 //! context in its metadata (`securepay_kit::trace`).
 //!
-//! The client takes a ready [`Channel`]: in production the mTLS channel of
-//! `securepay_identity::grpc::channel` (the transport proves who we are, so [`AccountClient::new`]
+//! The client takes a ready [`AccountChannel`]: in production the mTLS channel of
+//! `securepay_identity::grpc::channel`, which also resends a call a closing connection never
+//! sent (the transport proves who we are, so [`AccountClient::new`]
 //! adds nothing to the calls); the simulator and plaintext tests pass their own [`Interceptor`] to
 //! [`AccountClient::with_interceptor`].
 
@@ -89,10 +90,18 @@ impl Default for AccountClientConfig {
     }
 }
 
+/// The channel the client sends over: for real, one that resends a call its connection closed
+/// before sending (`securepay_identity::grpc::ResendingChannel`; a plain [`Channel`] converts
+/// into it); madsim-tonic's own channel in simulation.
+#[cfg(not(madsim))]
+pub type AccountChannel = securepay_identity::grpc::ResendingChannel;
+#[cfg(madsim)]
+pub type AccountChannel = Channel;
+
 /// The generated client with an interceptor: real tonic wraps the channel, madsim-tonic keeps the
 /// interceptor beside it.
 #[cfg(not(madsim))]
-type InterceptedClient<I> = AccountServiceClient<tonic::service::interceptor::InterceptedService<Channel, I>>;
+type InterceptedClient<I> = AccountServiceClient<tonic::service::interceptor::InterceptedService<AccountChannel, I>>;
 #[cfg(madsim)]
 type InterceptedClient<I> = AccountServiceClient<Channel, I>;
 
@@ -126,15 +135,20 @@ pub struct AccountClient<I: Interceptor = NoInterceptor> {
 
 impl AccountClient<NoInterceptor> {
     /// A client over `channel` (the mTLS channel to the account service).
-    pub fn new(channel: Channel, config: AccountClientConfig, ids: Arc<dyn Ids>) -> Self {
+    pub fn new(channel: impl Into<AccountChannel>, config: AccountClientConfig, ids: Arc<dyn Ids>) -> Self {
         Self::with_interceptor(channel, NoInterceptor, config, ids)
     }
 }
 
 impl<I: Interceptor + Clone + Send + Sync + 'static> AccountClient<I> {
     /// A client over `channel` whose calls pass through `interceptor` first.
-    pub fn with_interceptor(channel: Channel, interceptor: I, config: AccountClientConfig, ids: Arc<dyn Ids>) -> Self {
-        let client = AccountServiceClient::with_interceptor(channel, interceptor);
+    pub fn with_interceptor(
+        channel: impl Into<AccountChannel>,
+        interceptor: I,
+        config: AccountClientConfig,
+        ids: Arc<dyn Ids>,
+    ) -> Self {
+        let client = AccountServiceClient::with_interceptor(channel.into(), interceptor);
         let breaker = CircuitBreaker::new(config.breaker_threshold, config.breaker_cool_down);
         AccountClient { client, config, breaker, ids }
     }

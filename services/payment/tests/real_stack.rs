@@ -42,7 +42,7 @@ use securepay_testkit::{component, var};
 use sqlx::postgres::PgPoolOptions;
 use support::Spire;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use uuid::Uuid;
 
 const ALICE_EUR: &str = "a11ce000-0000-4000-8000-000000000001";
@@ -243,7 +243,7 @@ impl World {
     }
 }
 
-type Client = PaymentServiceClient<Channel>;
+type Client = PaymentServiceClient<grpc::ResendingChannel>;
 
 impl World {
     /// A payment.v1 client over mTLS as the API gateway, accepting only the payment service.

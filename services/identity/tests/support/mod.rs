@@ -201,8 +201,10 @@ pub fn check_balance(account: &str) -> Request<CheckBalanceRequest> {
     request
 }
 
-pub fn client(channel: tonic::transport::Channel) -> AccountServiceClient<tonic::transport::Channel> {
-    AccountServiceClient::new(channel)
+pub fn client(
+    channel: impl Into<securepay_identity::grpc::ResendingChannel>,
+) -> AccountServiceClient<securepay_identity::grpc::ResendingChannel> {
+    AccountServiceClient::new(channel.into())
 }
 
 /// A client certificate resolver that always presents one fixed SVID (or none): lets a test
