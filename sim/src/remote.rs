@@ -47,10 +47,10 @@ use securepay_memory::{
     MemoryNotificationStore, MemoryPaymentStore,
 };
 use securepay_ports::{
-    AccountView, BalanceCache, CachedBalance, ClaimRequest, ConsumedRecord, EventConsumer, EventLog,
-    IdempotencyCompletion, IdempotencyStore, LedgerStore, NewPayment, Notification, NotificationStore, Outbox,
-    OutboxEvent, OutgoingRecord, PaymentStore, PortError, PortResult, Recorded, SettlementRequest, SettlementResult,
-    TopicPartitionOffset, TransitionRecord,
+    AccountView, BalanceCache, CachedBalance, ConsumedRecord, EventConsumer, EventLog, IdempotencyCompletion,
+    IdempotencyStore, LedgerStore, NewPayment, Notification, NotificationStore, Outbox, OutboxEvent, OutgoingRecord,
+    PaymentStore, PortError, PortResult, Recorded, SettlementRequest, SettlementResult, TopicPartitionOffset,
+    TransitionRecord,
 };
 use time::OffsetDateTime;
 use tokio::time::{Instant, sleep, timeout};
@@ -375,12 +375,6 @@ impl IdempotencyStore for RemotePaymentStore {
     ) -> PortResult<Option<Record<Vec<u8>>>> {
         let (subject, key) = (subject.clone(), key.clone());
         self.0.call(move |db| async move { db.payments.claim(&subject, &key, fingerprint, now).await }).await?
-    }
-
-    /// One round trip for the whole batch, as with PostgreSQL: a partition or crash loses it whole.
-    async fn claim_many(&self, claims: &[ClaimRequest]) -> PortResult<Vec<PortResult<Option<Record<Vec<u8>>>>>> {
-        let claims = claims.to_vec();
-        self.0.call(move |db| async move { db.payments.claim_many(&claims).await }).await?
     }
 
     async fn complete(&self, subject: &Subject, key: &IdempotencyKey, response: &[u8]) -> PortResult<()> {

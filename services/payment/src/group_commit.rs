@@ -1,8 +1,12 @@
 //! Group commit of accepted payments (issue #13): concurrent InitiatePayment requests share one
 //! store transaction — one commit and one WAL flush for many payments — instead of one each.
 //!
-//! The batching itself is [`crate::batcher`]: a request waits for no timer, batches grow with load,
-//! and the queue is bounded.
+//! Each request puts its payment into a bounded queue and waits for its own answer. A dispatcher
+//! takes a write slot (at most [`GroupCommitConfig::writers`] transactions in flight), then
+//! everything queued (up to [`GroupCommitConfig::batch_max`]), and hands it to
+//! `PaymentStore::insert_many` in a task of its own. While every slot is busy, arrivals queue up and
+//! the next transaction takes them together, so batches grow with load and a lone request waits for
+//! no timer.
 //!
 //! Guarantees kept:
 //! - a request is answered `Ok` only after the transaction holding its payment committed; a failed
@@ -17,66 +21,105 @@ use std::sync::Arc;
 
 use securepay_ports::payments::PAYMENT_BATCH_LEN_MAX;
 use securepay_ports::{NewPayment, PaymentStore, PortError, PortResult};
-
-use crate::batcher::{BatchConfig, Batcher, Unanswered};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 const COMPONENT: &str = "payment group commit";
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GroupCommitConfig {
-    /// Most payments in one transaction, transactions in flight, payments waiting.
-    pub batching: BatchConfig,
+    /// Most payments in one transaction.
+    pub batch_max: usize,
+    /// Transactions in flight at once.
+    pub writers: usize,
+    /// Most payments waiting for a transaction; one more is refused at once.
+    pub queue_max: usize,
     /// PLANTED BUG, simulator only (feature `planted-bugs`, `group_commit_ignores_failure`): a
     /// batch whose transaction failed is answered as committed.
     #[cfg(feature = "planted-bugs")]
     pub planted_ignore_failure: bool,
 }
 
+impl Default for GroupCommitConfig {
+    fn default() -> Self {
+        GroupCommitConfig {
+            batch_max: 256,
+            writers: 2,
+            queue_max: 4096,
+            #[cfg(feature = "planted-bugs")]
+            planted_ignore_failure: false,
+        }
+    }
+}
+
+struct Pending {
+    item: NewPayment,
+    reply: oneshot::Sender<PortResult<()>>,
+}
+
 /// The request side: cheap to clone, shared by every InitiatePayment.
 #[derive(Clone)]
 pub struct GroupCommit {
-    batcher: Batcher<NewPayment, PortResult<()>>,
+    queue: mpsc::Sender<Pending>,
 }
 
 impl GroupCommit {
     /// Starts the dispatcher over `store` (a task of the current runtime, ending when the last
     /// `GroupCommit` clone is dropped).
     pub fn start<S: PaymentStore + 'static>(store: Arc<S>, config: GroupCommitConfig) -> GroupCommit {
-        assert!(config.batching.batch_max <= PAYMENT_BATCH_LEN_MAX, "batch_max out of range");
-        #[cfg(feature = "planted-bugs")]
-        let planted = config.planted_ignore_failure;
-        #[cfg(not(feature = "planted-bugs"))]
-        let planted = false;
-        let batcher = Batcher::start(&config.batching, move |items: Vec<NewPayment>| {
-            let store = Arc::clone(&store);
-            async move { write(store.as_ref(), items, planted).await }
-        });
-        GroupCommit { batcher }
+        assert!(config.batch_max >= 1 && config.batch_max <= PAYMENT_BATCH_LEN_MAX, "batch_max out of range");
+        assert!(config.writers >= 1 && config.queue_max >= 1, "a group commit needs a writer and a queue");
+        let (queue, pending) = mpsc::channel(config.queue_max);
+        tokio::task::spawn(dispatch(store, pending, config));
+        GroupCommit { queue }
     }
 
     /// Writes `item` as `PaymentStore::insert_with_event` would, in a transaction shared with the
     /// payments queued alongside it; answers once that transaction committed or failed.
     pub async fn insert(&self, item: NewPayment) -> PortResult<()> {
-        match self.batcher.submit(item).await {
-            Ok(answer) => answer,
-            Err(Unanswered::QueueFull) => {
-                tracing::warn!("group commit queue full; refusing the payment");
-                Err(PortError::Unavailable { component: COMPONENT })
-            }
-            // The writer's task died with its transaction's outcome unknown.
-            Err(Unanswered::Lost) => Err(PortError::Unavailable { component: COMPONENT }),
+        let (reply, answer) = oneshot::channel();
+        if self.queue.try_send(Pending { item, reply }).is_err() {
+            tracing::warn!("group commit queue full; refusing the payment");
+            return Err(PortError::Unavailable { component: COMPONENT });
         }
+        // A dropped reply means the writer's task died with its transaction's outcome unknown.
+        answer.await.unwrap_or(Err(PortError::Unavailable { component: COMPONENT }))
     }
 }
 
-/// One transaction for `items`: every item's answer.
-async fn write<S: PaymentStore>(
-    store: &S,
-    items: Vec<NewPayment>,
-    planted_ignore_failure: bool,
-) -> Vec<PortResult<()>> {
+async fn dispatch<S: PaymentStore + 'static>(
+    store: Arc<S>,
+    mut pending: mpsc::Receiver<Pending>,
+    config: GroupCommitConfig,
+) {
+    let slots = Arc::new(Semaphore::new(config.writers));
+    loop {
+        let slot = Arc::clone(&slots).acquire_owned().await.expect("the semaphore is never closed");
+        let Some(first) = pending.recv().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < config.batch_max {
+            match pending.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let store = Arc::clone(&store);
+        #[cfg(feature = "planted-bugs")]
+        let planted = config.planted_ignore_failure;
+        #[cfg(not(feature = "planted-bugs"))]
+        let planted = false;
+        tokio::task::spawn(async move {
+            write(store.as_ref(), batch, planted).await;
+            drop(slot);
+        });
+    }
+}
+
+/// One transaction for `batch`, then every item's answer.
+async fn write<S: PaymentStore>(store: &S, batch: Vec<Pending>, planted_ignore_failure: bool) {
+    let (items, replies): (Vec<NewPayment>, Vec<oneshot::Sender<PortResult<()>>>) =
+        batch.into_iter().map(|p| (p.item, p.reply)).unzip();
     metrics::histogram!(BATCH_LEN).record(items.len() as f64);
-    match store.insert_many(&items).await {
+    let answers = match store.insert_many(&items).await {
         Ok(answers) if answers.len() == items.len() => answers,
         Ok(answers) => {
             tracing::error!(items = items.len(), answers = answers.len(), "insert_many answered a wrong count");
@@ -84,6 +127,10 @@ async fn write<S: PaymentStore>(
         }
         Err(_) if planted_ignore_failure => vec![Ok(()); items.len()],
         Err(error) => vec![Err(error); items.len()],
+    };
+    for (reply, answer) in replies.into_iter().zip(answers) {
+        // The requester may be gone (its process is stopping); its payment's fate is decided.
+        let _ = reply.send(answer);
     }
 }
 
@@ -171,11 +218,6 @@ mod tests {
         }
     }
 
-    #[allow(clippy::needless_update)] // the `planted-bugs` feature adds a field
-    fn config(batching: BatchConfig) -> GroupCommitConfig {
-        GroupCommitConfig { batching, ..GroupCommitConfig::default() }
-    }
-
     fn new_payment() -> NewPayment {
         let request = PaymentRequest::new(
             Subject::parse("alice").unwrap(),
@@ -219,8 +261,7 @@ mod tests {
     #[tokio::test]
     async fn arrivals_during_a_transaction_share_the_next_one_and_each_gets_its_own_answer() {
         let store = Gated::new(false, false);
-        let commits =
-            GroupCommit::start(Arc::clone(&store), config(BatchConfig { writers: 1, ..BatchConfig::default() }));
+        let commits = GroupCommit::start(Arc::clone(&store), GroupCommitConfig { writers: 1, ..Default::default() });
         let first = new_payment();
         let mut tasks = spawn_inserts(&commits, vec![first.clone()]);
         settle().await;
@@ -247,7 +288,8 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_refuses_at_once_instead_of_piling_up() {
         let store = Gated::new(false, false);
-        let config = config(BatchConfig { writers: 1, queue_max: 3, batch_max: 1 });
+        let mut config = GroupCommitConfig::default();
+        (config.writers, config.queue_max, config.batch_max) = (1, 3, 1);
         let commits = GroupCommit::start(Arc::clone(&store), config);
         // One in the open transaction, three queued behind it, the fifth refused.
         let mut tasks = spawn_inserts(&commits, vec![new_payment()]);

@@ -17,9 +17,6 @@
 //!   - a fast claim we made ourselves is always resolved before we return: completed with the
 //!     response the truth holds for OUR fingerprint, or released. We never touch another
 //!     request's fast record.
-//! - **Batching**: concurrent claims of the truth share one `claim_many` call
-//!   ([`crate::batcher`]; PostgreSQL takes all their free keys in one statement), each answered
-//!   exactly as its own `claim` would be.
 //! - **Decision**: always `securepay_core::idempotency::decide`, on whichever record is believed.
 //! - **Waiting**: while the truth says the same request is in flight, the duplicate polls it for a
 //!   bounded time ([`Idempotency::new`]'s `in_flight_wait`) and replays the first response when it
@@ -31,9 +28,8 @@ use std::time::Duration;
 
 use securepay_core::idempotency::{Decision, Fingerprint, IdempotencyKey, Record, decide};
 use securepay_core::ids::Subject;
-use securepay_ports::{ClaimRequest, Clock, IdempotencyCompletion, IdempotencyStore, PortError, PortResult};
+use securepay_ports::{Clock, IdempotencyCompletion, IdempotencyStore};
 
-use crate::batcher::{BatchConfig, Batcher, Unanswered};
 use crate::error::ServiceError;
 
 /// The fast-path value: the request fingerprint followed by the response bytes.
@@ -85,13 +81,9 @@ impl Claim {
     }
 }
 
-type ClaimAnswer = PortResult<Option<Record<Vec<u8>>>>;
-
 /// The orchestration over a truth `T` and a fast path `F`.
 pub struct Idempotency<T, F> {
     truth: Arc<T>,
-    /// The truth's claims, batched.
-    claims: Batcher<ClaimRequest, ClaimAnswer>,
     fast: Arc<F>,
     clock: Arc<dyn Clock>,
     in_flight_wait: Duration,
@@ -101,7 +93,6 @@ impl<T, F> Clone for Idempotency<T, F> {
     fn clone(&self) -> Self {
         Idempotency {
             truth: self.truth.clone(),
-            claims: self.claims.clone(),
             fast: self.fast.clone(),
             clock: self.clock.clone(),
             in_flight_wait: self.in_flight_wait,
@@ -109,44 +100,12 @@ impl<T, F> Clone for Idempotency<T, F> {
     }
 }
 
-const COMPONENT: &str = "idempotency claim batch";
-
-/// Claims per `claim_many` call.
-pub const CLAIM_BATCH_LEN: &str = "securepay_payment_idempotency_claim_batch_len";
-
 const POLL_MIN: Duration = Duration::from_millis(10);
 const POLL_MAX: Duration = Duration::from_millis(200);
 
 impl<T: IdempotencyStore, F: IdempotencyStore> Idempotency<T, F> {
-    /// Starts the claim batcher (a task of the current runtime).
-    pub fn new(
-        truth: Arc<T>,
-        fast: Arc<F>,
-        clock: Arc<dyn Clock>,
-        in_flight_wait: Duration,
-        batching: &BatchConfig,
-    ) -> Self {
-        let store = Arc::clone(&truth);
-        let claims = Batcher::start(batching, move |claims: Vec<ClaimRequest>| {
-            let store = Arc::clone(&store);
-            async move {
-                metrics::histogram!(CLAIM_BATCH_LEN).record(claims.len() as f64);
-                match store.claim_many(&claims).await {
-                    Ok(answers) => answers,
-                    Err(error) => vec![Err(error); claims.len()],
-                }
-            }
-        });
-        Idempotency { truth, claims, fast, clock, in_flight_wait }
-    }
-
-    /// The truth's `claim`, sharing one `claim_many` with the claims made at the same moment.
-    async fn claim_truth(&self, subject: &Subject, key: &IdempotencyKey, fingerprint: Fingerprint) -> ClaimAnswer {
-        let request = ClaimRequest { subject: subject.clone(), key: key.clone(), fingerprint, now: self.clock.now() };
-        match self.claims.submit(request).await {
-            Ok(answer) => answer,
-            Err(Unanswered::QueueFull | Unanswered::Lost) => Err(PortError::Unavailable { component: COMPONENT }),
-        }
+    pub fn new(truth: Arc<T>, fast: Arc<F>, clock: Arc<dyn Clock>, in_flight_wait: Duration) -> Self {
+        Idempotency { truth, fast, clock, in_flight_wait }
     }
 
     /// Decides a keyed request: execute (holding the key), replay, or a refusal
@@ -175,7 +134,7 @@ impl<T: IdempotencyStore, F: IdempotencyStore> Idempotency<T, F> {
         let started = tokio::time::Instant::now();
         let mut pause = POLL_MIN;
         loop {
-            let existing = match self.claim_truth(subject, key, fingerprint).await {
+            let existing = match self.truth.claim(subject, key, fingerprint, self.clock.now()).await {
                 Ok(existing) => existing,
                 Err(error) => {
                     tracing::warn!(%error, "idempotency truth unavailable");

@@ -3,8 +3,7 @@
 //!
 //! - [`service`]: payment.v1 InitiatePayment / GetPayment — authorize, validate, idempotency,
 //!   balance pre-check, then ONE store transaction (payment + outbox event + idempotency
-//!   completion), shared by concurrent accepts through [`group_commit`]; [`batcher`] is how
-//!   concurrent store calls share one.
+//!   completion), shared by concurrent accepts through [`group_commit`].
 //! - [`idempotency`]: how the PostgreSQL truth and the Redis fast path are consulted (SPEC §6.1).
 //! - [`accounts`]: the account-service port and its gRPC client (deadline, jittered retries,
 //!   [`breaker`]).
@@ -17,7 +16,6 @@
 //! The outbox relay is `securepay_kit::relay` (the same for both money services).
 
 pub mod accounts;
-pub mod batcher;
 pub mod breaker;
 pub mod consumer;
 pub mod error;

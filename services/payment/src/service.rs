@@ -36,7 +36,6 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
 use crate::accounts::{AccountError, Accounts, BalanceCheck};
-use crate::batcher::BatchConfig;
 use crate::error::ServiceError;
 use crate::group_commit::{GroupCommit, GroupCommitConfig};
 use crate::idempotency::{Begin, Claim, Idempotency};
@@ -57,8 +56,6 @@ pub struct ServiceConfig {
     pub crash_after_commit: bool,
     /// How accepted payments share store transactions ([`crate::group_commit`]).
     pub group_commit: GroupCommitConfig,
-    /// How concurrent idempotency claims share one statement of the truth ([`crate::idempotency`]).
-    pub claim_batching: BatchConfig,
 }
 
 impl Default for ServiceConfig {
@@ -73,7 +70,6 @@ impl Default for ServiceConfig {
             in_flight_wait: Duration::from_secs(7),
             crash_after_commit: false,
             group_commit: GroupCommitConfig::default(),
-            claim_batching: BatchConfig::default(),
         }
     }
 }
@@ -126,8 +122,7 @@ where
         ids: Arc<dyn Ids>,
         config: ServiceConfig,
     ) -> Self {
-        let idempotency =
-            Idempotency::new(store.clone(), fast, clock.clone(), config.in_flight_wait, &config.claim_batching);
+        let idempotency = Idempotency::new(store.clone(), fast, clock.clone(), config.in_flight_wait);
         let commits = GroupCommit::start(store.clone(), config.group_commit.clone());
         PaymentService { store, idempotency, commits, accounts, clock, ids, config }
     }

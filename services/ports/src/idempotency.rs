@@ -6,19 +6,7 @@ use securepay_core::idempotency::{Fingerprint, IdempotencyKey, Record};
 use securepay_core::ids::Subject;
 use time::OffsetDateTime;
 
-use crate::error::{PortError, PortResult};
-
-/// Most claims in one [`IdempotencyStore::claim_many`].
-pub const CLAIM_BATCH_LEN_MAX: usize = 1024;
-
-/// One [`IdempotencyStore::claim`]'s arguments, for [`IdempotencyStore::claim_many`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClaimRequest {
-    pub subject: Subject,
-    pub key: IdempotencyKey,
-    pub fingerprint: Fingerprint,
-    pub now: OffsetDateTime,
-}
+use crate::error::PortResult;
 
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync + 'static {
@@ -37,22 +25,6 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         fingerprint: Fingerprint,
         now: OffsetDateTime,
     ) -> PortResult<Option<Record<Vec<u8>>>>;
-
-    /// [`claim`](Self::claim) of every item of `claims` (at most [`CLAIM_BATCH_LEN_MAX`], else
-    /// `Refused { rule: "idempotency_batch_len_max" }`), answered per item exactly as the items
-    /// claimed one by one in batch order would be (of two items naming one key, the first claims
-    /// it and the second sees the first's record), in as few round trips as the store can:
-    /// PostgreSQL takes every free key in one statement. One item's failure answers only itself.
-    async fn claim_many(&self, claims: &[ClaimRequest]) -> PortResult<Vec<PortResult<Option<Record<Vec<u8>>>>>> {
-        if claims.len() > CLAIM_BATCH_LEN_MAX {
-            return Err(PortError::Refused { rule: "idempotency_batch_len_max" });
-        }
-        let mut answers = Vec::with_capacity(claims.len());
-        for c in claims {
-            answers.push(self.claim(&c.subject, &c.key, c.fingerprint, c.now).await);
-        }
-        Ok(answers)
-    }
 
     /// Stores the response for replay. Only the claimer calls it.
     async fn complete(&self, subject: &Subject, key: &IdempotencyKey, response: &[u8]) -> PortResult<()>;

@@ -21,7 +21,7 @@ pub mod payments;
 pub use clock::{Clock, Ids, RandomIds, SystemClock};
 pub use error::{PortError, PortResult};
 pub use event_log::{ConsumedRecord, EventConsumer, EventLog, Header, OutgoingRecord, TopicPartitionOffset};
-pub use idempotency::{ClaimRequest, IdempotencyStore};
+pub use idempotency::IdempotencyStore;
 pub use identity::{PeerRefusal, Svid, SvidSource, authorize_peer};
 pub use ledger::{AccountView, BalanceCache, CachedBalance, LedgerStore, SettlementRequest, SettlementResult};
 pub use notifications::{Notification, NotificationKind, NotificationStore, Recorded};

@@ -21,12 +21,7 @@
 //! - `claim`: `INSERT ... ON CONFLICT DO NOTHING` (the primary key makes exactly one concurrent
 //!   claimer win); otherwise a conditional UPDATE takes over an IN_FLIGHT claim whose lease
 //!   ([`IDEMPOTENCY_LEASE_S`]) ended, only for the same fingerprint (row-locked, so one taker wins);
-//!   otherwise the record is returned unchanged;
-//! - `claim_many`: ONE `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING RETURNING` takes
-//!   every free key of the batch (rows in (subject, key) order, so racing batches lock in one order
-//!   and never deadlock; of two items naming one key, the first in batch order gets it); every other
-//!   item — a taken key, or all of them if that statement failed — then goes the `claim` way, one
-//!   by one in batch order.
+//!   otherwise the record is returned unchanged.
 //!
 //! Decisions never read the database clock: times come from the arguments (`now`, `transition.at`,
 //! `payment.created_at`); PostgreSQL's `now()` only stamps bookkeeping columns the port passes no
@@ -46,14 +41,13 @@ use securepay_core::ids::{AccountId, PaymentId, Subject};
 use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::{FailureReason, Payment, PaymentStatus, Transition};
 use securepay_core::topology::topic;
-use securepay_ports::idempotency::CLAIM_BATCH_LEN_MAX;
 use securepay_ports::payments::{
     IDEMPOTENCY_LEASE_S, IDEMPOTENCY_RESPONSE_LEN_MAX, IDEMPOTENCY_RETENTION_H, PAYMENT_BATCH_LEN_MAX, check_insert,
     decide_transitions, insert_each,
 };
 use securepay_ports::{
-    ClaimRequest, IdempotencyCompletion, IdempotencyStore, NewPayment, Outbox, OutboxEvent, PaymentStore, PortError,
-    PortResult, TransitionRecord,
+    IdempotencyCompletion, IdempotencyStore, NewPayment, Outbox, OutboxEvent, PaymentStore, PortError, PortResult,
+    TransitionRecord,
 };
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgRow};
@@ -362,39 +356,6 @@ impl PgPaymentStore {
             None => Err(Failure::Vanished),
         }
     }
-    /// The batch INSERT of `claim_many`: which items it claimed (batch positions).
-    async fn claim_free_keys_once(&self, claims: &[ClaimRequest]) -> Result<Vec<bool>, Failure> {
-        let rows = sqlx::query(
-            "INSERT INTO payments.idempotency_keys \
-             (subject, key, request_fingerprint, state, locked_until, created_at, updated_at, expires_at) \
-             SELECT subject, key, fingerprint, 'IN_FLIGHT', locked_until, at, at, expires_at \
-             FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[], $5::timestamptz[], \
-                         $6::timestamptz[]) WITH ORDINALITY \
-                  AS c(subject, key, fingerprint, locked_until, at, expires_at, n) \
-             ORDER BY subject, key, n \
-             ON CONFLICT (subject, key) DO NOTHING \
-             RETURNING subject, key",
-        )
-        .bind(claims.iter().map(|c| c.subject.as_str()).collect::<Vec<&str>>())
-        .bind(claims.iter().map(|c| c.key.as_str()).collect::<Vec<&str>>())
-        .bind(claims.iter().map(|c| c.fingerprint.0.as_slice()).collect::<Vec<&[u8]>>())
-        .bind(claims.iter().map(|c| c.now + Duration::seconds(IDEMPOTENCY_LEASE_S)).collect::<Vec<OffsetDateTime>>())
-        .bind(claims.iter().map(|c| c.now).collect::<Vec<OffsetDateTime>>())
-        .bind(claims.iter().map(|c| c.now + Duration::hours(IDEMPOTENCY_RETENTION_H)).collect::<Vec<OffsetDateTime>>())
-        .fetch_all(&self.pool)
-        .await?;
-        let mut inserted = std::collections::HashSet::with_capacity(rows.len());
-        for row in &rows {
-            let subject: String = row.try_get("subject")?;
-            let key: String = row.try_get("key")?;
-            inserted.insert((subject, key));
-        }
-        // Each inserted key belongs to the first item naming it.
-        Ok(claims
-            .iter()
-            .map(|c| inserted.remove(&(c.subject.as_str().to_owned(), c.key.as_str().to_owned())))
-            .collect())
-    }
 }
 
 /// Runs one attempt of a write until it commits, is refused, or has lost [`WRITE_ATTEMPTS_MAX`]
@@ -583,22 +544,6 @@ impl IdempotencyStore for PgPaymentStore {
         now: OffsetDateTime,
     ) -> PortResult<Option<Record<Vec<u8>>>> {
         retrying(|| self.claim_once(subject, key, fingerprint, now)).await
-    }
-
-    async fn claim_many(&self, claims: &[ClaimRequest]) -> PortResult<Vec<PortResult<Option<Record<Vec<u8>>>>>> {
-        if claims.len() > CLAIM_BATCH_LEN_MAX {
-            return Err(PortError::Refused { rule: "idempotency_batch_len_max" });
-        }
-        let claimed = match retrying(|| self.claim_free_keys_once(claims)).await {
-            Ok(claimed) => claimed,
-            // Whatever failed the statement, each item gets its own answer below.
-            Err(_) => vec![false; claims.len()],
-        };
-        let mut answers = Vec::with_capacity(claims.len());
-        for (c, claimed) in claims.iter().zip(claimed) {
-            answers.push(if claimed { Ok(None) } else { self.claim(&c.subject, &c.key, c.fingerprint, c.now).await });
-        }
-        Ok(answers)
     }
 
     async fn complete(&self, subject: &Subject, key: &IdempotencyKey, response: &[u8]) -> PortResult<()> {

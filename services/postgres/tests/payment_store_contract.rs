@@ -19,11 +19,9 @@ use securepay_core::ids::{AccountId, EventId, PaymentId, Subject};
 use securepay_core::money::{Amount, AmountPolicy, Currency};
 use securepay_core::payment::{Payment, PaymentRequest, PaymentStatus, Transition};
 use securepay_memory::MemoryPaymentStore;
-use securepay_ports::idempotency::CLAIM_BATCH_LEN_MAX;
 use securepay_ports::payments::{IDEMPOTENCY_LEASE_S, PAYMENT_BATCH_LEN_MAX};
 use securepay_ports::{
-    ClaimRequest, IdempotencyCompletion, IdempotencyStore, NewPayment, Outbox, PaymentStore, PortError,
-    TransitionRecord,
+    IdempotencyCompletion, IdempotencyStore, NewPayment, Outbox, PaymentStore, PortError, TransitionRecord,
 };
 use securepay_postgres::PgPaymentStore;
 use time::{Duration, OffsetDateTime};
@@ -426,79 +424,6 @@ async fn contract_of_fifty_concurrent_claims_exactly_one_wins<H: Harness>(h: H) 
     assert_eq!(winners, 1);
 }
 
-fn claim_request(k: &str, fp: Fingerprint, now: OffsetDateTime) -> ClaimRequest {
-    ClaimRequest { subject: subject(), key: key(k), fingerprint: fp, now }
-}
-
-/// A batch of claims answers per item what the items claimed one by one in batch order would:
-/// free keys are taken (the first of two items naming one key gets it), held, completed and
-/// expired keys answer as `claim` does.
-async fn contract_a_batch_of_claims_answers_per_item_as_the_claims_one_by_one<H: Harness>(h: H) {
-    let s = h.store();
-    let (a, b) = (fingerprint("a"), fingerprint("b"));
-    assert_eq!(s.claim(&subject(), &key("held"), a, t0()).await.unwrap(), None);
-    assert_eq!(s.claim(&subject(), &key("expired"), a, t0()).await.unwrap(), None);
-    assert_eq!(s.claim(&subject(), &key("done"), a, t0()).await.unwrap(), None);
-    s.complete(&subject(), &key("done"), b"first response").await.unwrap();
-    let later = t0() + Duration::seconds(IDEMPOTENCY_LEASE_S);
-    let batch = [
-        claim_request("free", a, later),
-        claim_request("twice", a, later),
-        claim_request("twice", b, later),
-        claim_request("held", b, t0()),
-        claim_request("expired", a, later),
-        claim_request("done", a, later),
-        claim_request("free-too", b, later),
-    ];
-    let answers = s.claim_many(&batch).await.unwrap();
-    assert_eq!(
-        answers,
-        vec![
-            Ok(None),
-            Ok(None),
-            Ok(Some(Record::InFlight { fingerprint: a })),
-            Ok(Some(Record::InFlight { fingerprint: a })),
-            Ok(None),
-            Ok(Some(Record::Completed { fingerprint: a, response: b"first response".to_vec() })),
-            Ok(None),
-        ]
-    );
-    // What the batch claimed is held, as after `claim`.
-    for (k, fp) in [("free", a), ("twice", a), ("expired", a), ("free-too", b)] {
-        assert_eq!(s.claim(&subject(), &key(k), fp, later).await.unwrap(), Some(Record::InFlight { fingerprint: fp }));
-    }
-    let too_long = vec![claim_request("k", a, t0()); CLAIM_BATCH_LEN_MAX + 1];
-    assert_eq!(s.claim_many(&too_long).await, Err(PortError::Refused { rule: "idempotency_batch_len_max" }));
-}
-
-/// Concurrent batches naming the same keys in opposite orders neither deadlock nor double-claim:
-/// every key has exactly one winner.
-async fn contract_of_concurrent_batches_of_claims_each_key_has_one_winner<H: Harness>(h: H) {
-    const KEYS: usize = 20;
-    let mut tasks = Vec::new();
-    for batch in 0..8 {
-        let store = h.store().clone();
-        let mut claims: Vec<ClaimRequest> =
-            (0..KEYS).map(|i| claim_request(&format!("k-{i}"), fingerprint("a"), t0())).collect();
-        if batch % 2 == 1 {
-            claims.reverse();
-        }
-        tasks.push(tokio::spawn(async move { (store.claim_many(&claims).await, claims) }));
-    }
-    let mut winners: std::collections::BTreeMap<String, usize> = Default::default();
-    for task in tasks {
-        let (answers, claims) = task.await.unwrap();
-        for (answer, claim) in answers.expect("claim_many").into_iter().zip(claims) {
-            match answer.expect("claim") {
-                None => *winners.entry(claim.key.as_str().to_owned()).or_default() += 1,
-                Some(record) => assert_eq!(record, Record::InFlight { fingerprint: fingerprint("a") }),
-            }
-        }
-    }
-    assert_eq!(winners.len(), KEYS, "{winners:?}");
-    assert!(winners.values().all(|&n| n == 1), "{winners:?}");
-}
-
 /// After the lease ends, of many retries of the same request racing to take the claim over,
 /// exactly one wins.
 async fn contract_of_concurrent_takeovers_of_an_expired_lease_exactly_one_wins<H: Harness>(h: H) {
@@ -792,8 +717,6 @@ securepay_testkit::contract_suite! {
         contract_a_batch_of_transitions_longer_than_the_maximum_is_refused_and_writes_nothing,
         contract_concurrent_batches_over_the_same_payments_move_each_payment_once,
         contract_of_fifty_concurrent_claims_exactly_one_wins,
-        contract_a_batch_of_claims_answers_per_item_as_the_claims_one_by_one,
-        contract_of_concurrent_batches_of_claims_each_key_has_one_winner,
         contract_a_completed_record_is_replayed_unchanged_and_a_different_request_is_key_reused,
         contract_an_expired_lease_is_taken_over_by_the_same_request_only,
         contract_an_insert_completes_its_claim_with_the_response_and_the_payment,
