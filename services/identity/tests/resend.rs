@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 
+/// Answers anyone: support's `EchoAccount` authorizes the mTLS peer, and this server is plaintext.
 struct Echo;
 
 #[tonic::async_trait]

@@ -11,10 +11,9 @@
 //! context in its metadata (`securepay_kit::trace`).
 //!
 //! The client takes a ready [`AccountChannel`]: in production the mTLS channel of
-//! `securepay_identity::grpc::channel`, which also resends a call a closing connection never
-//! sent (the transport proves who we are, so [`AccountClient::new`]
-//! adds nothing to the calls); the simulator and plaintext tests pass their own [`Interceptor`] to
-//! [`AccountClient::with_interceptor`].
+//! `securepay_identity::grpc::channel`, which also resends a call a closing connection never sent
+//! (the transport proves who we are, so [`AccountClient::new`] adds nothing to the calls); the
+//! simulator and plaintext tests pass their own [`Interceptor`] to [`AccountClient::with_interceptor`].
 
 use std::sync::Arc;
 use std::time::Duration;
