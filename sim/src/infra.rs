@@ -109,6 +109,8 @@ pub struct Infra {
     ///   [`ServerInterceptor::trust_expired_svid`]);
     /// - [`PlantedBug::SkipSettlementDedupe`]: the database's ledger skips the replay check
     ///   (`MemoryLedgerStore::plant_skip_dedupe`);
+    /// - [`PlantedBug::FreshKeyUnchecked`]: the database's payment store writes a key's record
+    ///   without looking for an existing one (`MemoryPaymentStore::plant_fresh_key_unchecked`);
     /// - [`PlantedBug::CommitOffsetBeforeDbCommit`], [`PlantedBug::CacheDecidedDebit`]: the account
     ///   node's settlement (`crate::planted::plant_settlement`, from [`ServicePorts::planted`]).
     pub planted: Option<PlantedBug>,
@@ -191,6 +193,7 @@ impl Infra {
         Fut: Future<Output = ()> + Send + 'static,
     {
         self.database.ledger.plant_skip_dedupe(self.planted == Some(PlantedBug::SkipSettlementDedupe));
+        self.database.payments.plant_fresh_key_unchecked(self.planted == Some(PlantedBug::FreshKeyUnchecked));
         let planted = self.planted;
         let service = Arc::new(service);
         let clock = self.clock(node);

@@ -3,11 +3,12 @@
 //! (`platform::run_seed(&plan, Some(bug))`); nothing here is reachable from a service binary.
 //!
 //! Where each lives: `trust_expired_svid` in the simulated SVID interceptor (`spire`); the other
-//! five in the production libraries behind their cargo feature `planted-bugs`, which only this
+//! six in the production libraries behind their cargo feature `planted-bugs`, which only this
 //! crate's madsim-only dependency lines enable (no production build compiles them) and which is
 //! off at run time unless [`crate::infra::Infra::planted`] names the bug:
 //! `skip_settlement_dedupe` in the ledger twin the database node serves
-//! (`MemoryLedgerStore::plant_skip_dedupe`), `commit_offset_before_db_commit` and
+//! (`MemoryLedgerStore::plant_skip_dedupe`), `fresh_key_unchecked` in its payment twin
+//! (`MemoryPaymentStore::plant_fresh_key_unchecked`), `commit_offset_before_db_commit` and
 //! `cache_decided_debit` in the account service's settlement (`SettlementConfig::planted`, see
 //! `plant_settlement`; the latter settles through `LedgerStore::settle_funds_checked_by_caller`),
 //! `ack_batch_before_commit` in the payment service's outcome consumer
@@ -34,17 +35,21 @@ pub enum PlantedBug {
     /// The payment service's group commit answers a batch whose transaction failed as committed
     /// (clients are told 201 for payments that were never written).
     GroupCommitIgnoresFailure,
+    /// The payment store writes a key's record on a payment insert without looking for one the
+    /// key already has (a duplicate the Redis fast path missed writes a second payment).
+    FreshKeyUnchecked,
 }
 
 impl PlantedBug {
     /// Every planted bug, in a fixed order.
-    pub const ALL: [PlantedBug; 6] = [
+    pub const ALL: [PlantedBug; 7] = [
         PlantedBug::TrustExpiredSvid,
         PlantedBug::SkipSettlementDedupe,
         PlantedBug::CommitOffsetBeforeDbCommit,
         PlantedBug::CacheDecidedDebit,
         PlantedBug::AckBatchBeforeCommit,
         PlantedBug::GroupCommitIgnoresFailure,
+        PlantedBug::FreshKeyUnchecked,
     ];
 
     /// The switch's name (snake_case), as reports and the README spell it.
@@ -56,6 +61,7 @@ impl PlantedBug {
             PlantedBug::CacheDecidedDebit => "cache_decided_debit",
             PlantedBug::AckBatchBeforeCommit => "ack_batch_before_commit",
             PlantedBug::GroupCommitIgnoresFailure => "group_commit_ignores_failure",
+            PlantedBug::FreshKeyUnchecked => "fresh_key_unchecked",
         }
     }
 }

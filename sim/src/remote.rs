@@ -377,6 +377,11 @@ impl IdempotencyStore for RemotePaymentStore {
         self.0.call(move |db| async move { db.payments.claim(&subject, &key, fingerprint, now).await }).await?
     }
 
+    async fn lookup(&self, subject: &Subject, key: &IdempotencyKey) -> PortResult<Option<Record<Vec<u8>>>> {
+        let (subject, key) = (subject.clone(), key.clone());
+        self.0.call(move |db| async move { db.payments.lookup(&subject, &key).await }).await?
+    }
+
     async fn complete(&self, subject: &Subject, key: &IdempotencyKey, response: &[u8]) -> PortResult<()> {
         let (subject, key, response) = (subject.clone(), key.clone(), response.to_vec());
         self.0.call(move |db| async move { db.payments.complete(&subject, &key, &response).await }).await?
@@ -474,6 +479,11 @@ impl IdempotencyStore for RemoteIdempotencyStore {
     ) -> PortResult<Option<Record<Vec<u8>>>> {
         let (subject, key) = (subject.clone(), key.clone());
         self.0.call(move |c| async move { c.idempotency.claim(&subject, &key, fingerprint, now).await }).await?
+    }
+
+    async fn lookup(&self, subject: &Subject, key: &IdempotencyKey) -> PortResult<Option<Record<Vec<u8>>>> {
+        let (subject, key) = (subject.clone(), key.clone());
+        self.0.call(move |c| async move { c.idempotency.lookup(&subject, &key).await }).await?
     }
 
     async fn complete(&self, subject: &Subject, key: &IdempotencyKey, response: &[u8]) -> PortResult<()> {

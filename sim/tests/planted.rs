@@ -67,3 +67,8 @@ fn planted_ack_batch_before_commit_is_caught() {
 fn planted_group_commit_ignores_failure_is_caught() {
     hunt(PlantedBug::GroupCommitIgnoresFailure, "partition-database", ", the store has {}");
 }
+
+#[test]
+fn planted_fresh_key_unchecked_is_caught() {
+    hunt(PlantedBug::FreshKeyUnchecked, "cache-faults", "idempotency keys");
+}

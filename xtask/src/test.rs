@@ -53,8 +53,8 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 5)]
     seeds: u64,
     /// Plant a known bug: trust_expired_svid, skip_settlement_dedupe,
-    /// commit_offset_before_db_commit, cache_decided_debit, ack_batch_before_commit or
-    /// group_commit_ignores_failure.
+    /// commit_offset_before_db_commit, cache_decided_debit, ack_batch_before_commit,
+    /// group_commit_ignores_failure or fresh_key_unchecked.
     #[arg(long)]
     plant: Option<String>,
     /// Run every (plan, seed) twice and fail if the two runs differ.

@@ -2,7 +2,9 @@
 //!
 //! Keeps the promises of `RedisIdempotencyStore` (and of the PostgreSQL store): a claim is atomic
 //! (one `std::sync::Mutex`, never held across an `.await`, so exactly one concurrent claimer gets
-//! `None`); records are keyed by the (subject, key) pair itself, so no two pairs can share one;
+//! `None`); an IN_FLIGHT claim holds a lease of `IDEMPOTENCY_LEASE_S` from its `now`, after which
+//! the same fingerprint takes it over; records are keyed by the (subject, key) pair itself, so no
+//! two pairs can share one;
 //! `complete` needs the in-flight claim; `release` never deletes a completed record. Records are
 //! kept until `purge_before` (the Redis store lets its TTL do that instead).
 
@@ -12,8 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use securepay_core::idempotency::{Fingerprint, IdempotencyKey, Record};
 use securepay_core::ids::Subject;
+use securepay_ports::payments::IDEMPOTENCY_LEASE_S;
 use securepay_ports::{IdempotencyStore, PortError, PortResult};
-use time::OffsetDateTime;
+use time::{Duration, OffsetDateTime};
 
 /// Most bytes of one stored response (as `RedisIdempotencyStore`).
 const RESPONSE_LEN_MAX: usize = 64 * 1024;
@@ -34,6 +37,8 @@ struct IdempotencyState {
 struct Stored {
     record: Record<Vec<u8>>,
     created_at: OffsetDateTime,
+    /// When an IN_FLIGHT claim's lease ends ([`IDEMPOTENCY_LEASE_S`] after it was taken).
+    lease_end: OffsetDateTime,
 }
 
 impl MemoryIdempotencyStore {
@@ -73,11 +78,26 @@ impl IdempotencyStore for MemoryIdempotencyStore {
     ) -> PortResult<Option<Record<Vec<u8>>>> {
         let mut state = self.up()?;
         let pair = (subject.clone(), key.clone());
-        if let Some(existing) = state.records.get(&pair) {
-            return Ok(Some(existing.record.clone()));
+        let lease_end = now + Duration::seconds(IDEMPOTENCY_LEASE_S);
+        match state.records.get_mut(&pair) {
+            Some(existing) => match existing.record {
+                Record::InFlight { fingerprint: held } if held == fingerprint && existing.lease_end <= now => {
+                    existing.lease_end = lease_end;
+                    Ok(None)
+                }
+                _ => Ok(Some(existing.record.clone())),
+            },
+            None => {
+                let stored = Stored { record: Record::InFlight { fingerprint }, created_at: now, lease_end };
+                state.records.insert(pair, stored);
+                Ok(None)
+            }
         }
-        state.records.insert(pair, Stored { record: Record::InFlight { fingerprint }, created_at: now });
-        Ok(None)
+    }
+
+    async fn lookup(&self, subject: &Subject, key: &IdempotencyKey) -> PortResult<Option<Record<Vec<u8>>>> {
+        let state = self.up()?;
+        Ok(state.records.get(&(subject.clone(), key.clone())).map(|stored| stored.record.clone()))
     }
 
     async fn complete(&self, subject: &Subject, key: &IdempotencyKey, response: &[u8]) -> PortResult<()> {

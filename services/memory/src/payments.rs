@@ -48,6 +48,9 @@ const COMPONENT: &str = "postgresql";
 #[derive(Debug, Clone, Default)]
 pub struct MemoryPaymentStore {
     state: Arc<Mutex<State>>,
+    /// PLANTED BUG `fresh_key_unchecked` (see [`MemoryPaymentStore::plant_fresh_key_unchecked`]).
+    #[cfg(feature = "planted-bugs")]
+    fresh_key_unchecked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug, Default)]
@@ -123,7 +126,30 @@ impl MemoryPaymentStore {
 
     /// A store whose state is `snapshot` (a restart from a copied disk).
     pub fn restore(snapshot: PaymentSnapshot) -> MemoryPaymentStore {
-        MemoryPaymentStore { state: Arc::new(Mutex::new(State { unavailable: false, committed: snapshot })) }
+        MemoryPaymentStore {
+            state: Arc::new(Mutex::new(State { unavailable: false, committed: snapshot })),
+            #[cfg(feature = "planted-bugs")]
+            fresh_key_unchecked: Arc::default(),
+        }
+    }
+
+    /// PLANTED BUG `fresh_key_unchecked`, simulator only: while on, an insert that writes its key's
+    /// record afresh (`IdempotencyCompletion::claimed == false`) does not look for an existing
+    /// record and overwrites it — so a duplicate the fast path missed writes a second payment.
+    /// Shared by every clone.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_fresh_key_unchecked(&self, on: bool) {
+        self.fresh_key_unchecked.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    #[cfg(feature = "planted-bugs")]
+    fn fresh_key_unchecked(&self) -> bool {
+        self.fresh_key_unchecked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[cfg(not(feature = "planted-bugs"))]
+    fn fresh_key_unchecked(&self) -> bool {
+        false
     }
 
     /// A copy of everything committed so far.
@@ -168,29 +194,33 @@ impl PaymentStore for MemoryPaymentStore {
         idempotency: Option<&IdempotencyCompletion>,
     ) -> PortResult<()> {
         check_insert(payment, event, idempotency)?;
+        let fresh_key_unchecked = self.fresh_key_unchecked();
         let mut state = self.up()?;
         let committed = &mut state.committed;
-        // Every rule first, in the order PostgreSQL meets them; nothing is written on a refusal.
+        // Every rule first, in the order PostgreSQL meets them (the key's record, then the
+        // payment, then its event); nothing is written on a refusal.
+        let claim = match idempotency {
+            None => None,
+            Some(completion) => {
+                let pair = (completion.subject.clone(), completion.key.clone());
+                match (completion.claimed, committed.keys.get(&pair)) {
+                    (true, Some(KeyRow { fingerprint, state: KeyState::InFlight { .. }, .. }))
+                        if *fingerprint == completion.fingerprint =>
+                    {
+                        Some((pair, completion))
+                    }
+                    (false, None) => Some((pair, completion)),
+                    (false, Some(_)) if fresh_key_unchecked => Some((pair, completion)),
+                    _ => return Err(refused("idempotency_claim_lost")),
+                }
+            }
+        };
         if committed.payments.contains_key(&payment.id) {
             return Err(refused("payment_exists"));
         }
         if committed.event_ids.contains(&event.event_id) {
             return Err(refused("outbox_event_id_unique"));
         }
-        let claim = match idempotency {
-            None => None,
-            Some(completion) => {
-                let pair = (completion.subject.clone(), completion.key.clone());
-                match committed.keys.get(&pair) {
-                    Some(KeyRow { fingerprint, state: KeyState::InFlight { .. }, .. })
-                        if *fingerprint == completion.fingerprint =>
-                    {
-                        Some((pair, completion))
-                    }
-                    _ => return Err(refused("idempotency_claim_lost")),
-                }
-            }
-        };
 
         let mut stored = payment.clone();
         stored.created_at = at_pg_precision(payment.created_at);
@@ -211,8 +241,18 @@ impl PaymentStore for MemoryPaymentStore {
             published: false,
         });
         if let Some((pair, completion)) = claim {
-            let row = committed.keys.get_mut(&pair).expect("the claim was checked under this lock");
-            row.state = KeyState::Completed { response: completion.response.clone(), payment_id: Some(payment.id) };
+            let completed = KeyState::Completed { response: completion.response.clone(), payment_id: Some(payment.id) };
+            match committed.keys.get_mut(&pair) {
+                Some(row) if completion.claimed => row.state = completed,
+                _ => {
+                    let row = KeyRow {
+                        fingerprint: completion.fingerprint,
+                        state: completed,
+                        created_at: at_pg_precision(payment.created_at),
+                    };
+                    committed.keys.insert(pair, row);
+                }
+            }
         }
         Ok(())
     }
@@ -297,6 +337,11 @@ impl Outbox for MemoryPaymentStore {
 
 #[async_trait]
 impl IdempotencyStore for MemoryPaymentStore {
+    async fn lookup(&self, subject: &Subject, key: &IdempotencyKey) -> PortResult<Option<Record<Vec<u8>>>> {
+        let state = self.up()?;
+        Ok(state.committed.keys.get(&(subject.clone(), key.clone())).map(KeyRow::record))
+    }
+
     async fn claim(
         &self,
         subject: &Subject,
@@ -408,7 +453,13 @@ mod tests {
     }
 
     fn completion(k: &str, fingerprint: Fingerprint) -> IdempotencyCompletion {
-        IdempotencyCompletion { subject: subject(), key: key(k), fingerprint, response: b"first".to_vec() }
+        IdempotencyCompletion {
+            subject: subject(),
+            key: key(k),
+            fingerprint,
+            response: b"first".to_vec(),
+            claimed: true,
+        }
     }
 
     #[tokio::test]

@@ -135,39 +135,42 @@ where
         trace: Option<&str>,
     ) -> Result<Initiated, ServiceError> {
         let request = validate::initiate_request(subject, request, self.config.amount_policy)?;
-        let claim = match &request.idempotency_key {
+        let mut claim = match &request.idempotency_key {
             None => None,
             Some(key) => match self.idempotency.begin(&request.subject, key, request.fingerprint()).await? {
                 Begin::Replay(bytes) => return decode_replay(&bytes),
                 Begin::Execute(claim) => Some(claim),
             },
         };
-        match self.execute(&request, claim.as_ref(), trace).await {
-            Ok((response, bytes)) => {
-                if let Some(claim) = claim {
-                    self.idempotency.committed(claim, &bytes).await;
+        for _ in 0..EXECUTIONS_MAX {
+            match self.execute(&request, claim.as_ref(), trace).await {
+                Ok((response, bytes)) => {
+                    if let Some(claim) = claim {
+                        self.idempotency.committed(claim, &bytes).await;
+                    }
+                    return Ok(Initiated { response, replayed: false });
                 }
-                Ok(Initiated { response, replayed: false })
-            }
-            Err(Executed::Refused(error)) => {
-                if let Some(claim) = claim {
-                    self.idempotency.release(claim).await;
+                Err(Executed::Refused(error)) => {
+                    if let Some(claim) = claim {
+                        self.idempotency.release(claim).await;
+                    }
+                    return Err(error);
                 }
-                Err(error)
-            }
-            Err(Executed::ClaimLost) => {
-                // A request with the same key and fingerprint completed first (our lease had run
-                // out): the truth holds its response.
-                let claim = claim.expect("a claim can only be lost when there was one");
-                match self.idempotency.after_claim_lost(claim).await? {
-                    Begin::Replay(bytes) => decode_replay(&bytes),
-                    Begin::Execute(again) => {
-                        self.idempotency.release(again).await;
-                        Err(ServiceError::RequestInProgress)
+                Err(Executed::ClaimLost) => {
+                    // A request with the same key was recorded first (one the fast path did not
+                    // see, or ours completed it after our lease ran out): the truth decides.
+                    let lost = claim.take().expect("a claim can only be lost when there was one");
+                    match self.idempotency.after_claim_lost(lost).await? {
+                        Begin::Replay(bytes) => return decode_replay(&bytes),
+                        Begin::Execute(again) => claim = Some(again),
                     }
                 }
             }
         }
+        if let Some(claim) = claim {
+            self.idempotency.release(claim).await;
+        }
+        Err(ServiceError::RequestInProgress)
     }
 
     /// Pre-check, then the one transaction. Returns the response and its encoding.
@@ -276,6 +279,11 @@ where
         }
     }
 }
+
+/// How often one request may execute (balance check and insert) before its key's races make it
+/// give up with `request_in_progress`: the first try, and a retry each time the truth's record of
+/// the key vanished between the lost insert and the truth's answer.
+const EXECUTIONS_MAX: usize = 3;
 
 /// How long idempotency keys are kept at least (SPEC §6.1).
 pub const IDEMPOTENCY_RETENTION_H: i64 = 24;

@@ -130,6 +130,36 @@ async fn fifty_concurrent_identical_requests_make_one_payment_and_identical_resp
     assert!(!other_subject.unwrap().replayed, "keys are scoped per subject");
 }
 
+/// The fast path is what lets a request run while Redis is up; when it missed the first request
+/// (flushed under it, or down when it claimed), the duplicate runs too, loses at the truth's
+/// unique key and replays the first response: still one payment, identical bytes.
+#[tokio::test]
+async fn a_duplicate_the_fast_path_missed_loses_at_the_truth_and_replays_the_first() {
+    for missed_by in ["flush", "outage"] {
+        let f = fixture(Duration::from_millis(200));
+        let key = format!("k-{missed_by}");
+        if missed_by == "outage" {
+            f.fast.set_available(false);
+        }
+        let (service, first_request) = (f.service.clone(), request("3.00", &key));
+        let first = tokio::spawn(async move { service.initiate(alice(), &first_request, None).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match missed_by {
+            "flush" => f.fast.flush(),
+            _ => f.fast.set_available(true),
+        }
+        let second = f.service.initiate(alice(), &request("3.00", &key), None).await.unwrap();
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(f.accounts.calls.load(Ordering::SeqCst), 2, "{missed_by}: both ran");
+        assert_eq!(usize::from(first.replayed) + usize::from(second.replayed), 1, "{missed_by}: one executed");
+        assert_eq!(first.response.encode_to_vec(), second.response.encode_to_vec(), "{missed_by}");
+        assert_eq!(rows(&f.store), (1, 1), "{missed_by}: one payment, one event");
+        let third = f.service.initiate(alice(), &request("3.00", &key), None).await.unwrap();
+        assert!(third.replayed, "{missed_by}");
+        assert_eq!(f.accounts.calls.load(Ordering::SeqCst), 2, "{missed_by}: the replay ran nothing");
+    }
+}
+
 #[tokio::test]
 async fn a_duplicate_past_the_wait_is_request_in_progress() {
     let f = fixture(Duration::from_secs(60));

@@ -33,6 +33,12 @@ pub struct IdempotencyCompletion {
     pub fingerprint: Fingerprint,
     /// The encoded first response, replayed byte for byte to identical retries.
     pub response: Vec<u8>,
+    /// `true`: the request holds this store's IN_FLIGHT claim (made through its
+    /// `IdempotencyStore::claim`) and the insert completes it. `false`: the request claimed the
+    /// key only in the fast path, and the insert writes the key's COMPLETED record itself — so the
+    /// unique (subject, key) of the store is what lets exactly one request with a key write a
+    /// payment, in the payment's own transaction (one transaction per accepted payment).
+    pub claimed: bool,
 }
 
 /// One payment of a [`PaymentStore::insert_many`] batch: the arguments of one
@@ -49,12 +55,15 @@ pub struct NewPayment {
 pub trait PaymentStore: Outbox {
     /// Writes a new PENDING payment AND its `payment.initiated` outbox event atomically: both or
     /// neither (the transactional outbox — no accepted payment without its event). With
-    /// `idempotency`, the same transaction also completes that key's IN_FLIGHT claim (made through
-    /// this store's `IdempotencyStore::claim`) with the response to replay and the payment id, so a
-    /// key can never name a payment that was not written, nor be left claimable after one was.
-    /// Refusals (nothing written): `payment_exists` if the id is taken; `idempotency_claim_lost` if
-    /// the key's record is not an IN_FLIGHT claim with `completion.fingerprint` (completed by a
-    /// racing request, or purged).
+    /// `idempotency`, the same transaction also records that key as COMPLETED with the response to
+    /// replay and the payment id — completing its IN_FLIGHT claim (`claimed`, made through this
+    /// store's `IdempotencyStore::claim`), or writing the record afresh (`!claimed`) — so a key can
+    /// never name a payment that was not written, nor be left claimable after one was.
+    /// Refusals (nothing written): `idempotency_claim_lost` if the key's record is not what the
+    /// completion expects — `claimed`: an IN_FLIGHT claim with `completion.fingerprint` (it was
+    /// completed by a racing request, or purged); `!claimed`: absent (any record of the key, in
+    /// flight or completed, refuses it) — checked before `payment_exists` (the id is taken), so a
+    /// retry that lost its key's race learns that first.
     async fn insert_with_event(
         &self,
         payment: &Payment,

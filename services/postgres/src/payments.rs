@@ -95,6 +95,37 @@ impl PgPaymentStore {
         completion: Option<&IdempotencyCompletion>,
     ) -> Result<(), Failure> {
         let mut tx = self.pool.begin().await?;
+        // The key first: a request that lost its key's race learns that before `payment_exists`.
+        if let Some(completion) = completion {
+            let recorded = if completion.claimed {
+                sqlx::query(
+                    "UPDATE payments.idempotency_keys \
+                     SET state = 'COMPLETED', locked_until = NULL, response = $3, payment_id = $4, updated_at = $6 \
+                     WHERE subject = $1 AND key = $2 AND state = 'IN_FLIGHT' AND request_fingerprint = $5",
+                )
+            } else {
+                sqlx::query(
+                    "INSERT INTO payments.idempotency_keys \
+                     (subject, key, request_fingerprint, state, locked_until, response, payment_id, \
+                      created_at, updated_at, expires_at) \
+                     VALUES ($1, $2, $5, 'COMPLETED', NULL, $3, $4, $6, $6, $6 + interval '24 hours') \
+                     ON CONFLICT (subject, key) DO NOTHING",
+                )
+            }
+            .bind(completion.subject.as_str())
+            .bind(completion.key.as_str())
+            .bind(&completion.response)
+            .bind(payment.id.as_uuid())
+            .bind(completion.fingerprint.0.as_slice())
+            .bind(payment.created_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if recorded == 0 {
+                tx.rollback().await?;
+                return Err(Failure::Refused("idempotency_claim_lost"));
+            }
+        }
         sqlx::query(
             "INSERT INTO payments.transactions \
              (payment_id, subject, from_account, to_account, amount, currency, status, created_at, updated_at) \
@@ -122,26 +153,6 @@ impl PgPaymentStore {
         .bind(payment.created_at)
         .execute(&mut *tx)
         .await?;
-        if let Some(completion) = completion {
-            let completed = sqlx::query(
-                "UPDATE payments.idempotency_keys \
-                 SET state = 'COMPLETED', locked_until = NULL, response = $3, payment_id = $4, updated_at = $6 \
-                 WHERE subject = $1 AND key = $2 AND state = 'IN_FLIGHT' AND request_fingerprint = $5",
-            )
-            .bind(completion.subject.as_str())
-            .bind(completion.key.as_str())
-            .bind(&completion.response)
-            .bind(payment.id.as_uuid())
-            .bind(completion.fingerprint.0.as_slice())
-            .bind(payment.created_at)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if completed == 0 {
-                tx.rollback().await?;
-                return Err(Failure::Refused("idempotency_claim_lost"));
-            }
-        }
         tx.commit().await?;
         Ok(())
     }
@@ -188,8 +199,38 @@ impl PgPaymentStore {
         .bind(payments.iter().map(|p| p.created_at).collect::<Vec<OffsetDateTime>>())
         .execute(&mut *tx)
         .await?;
-        let keyed: Vec<(&Payment, &IdempotencyCompletion)> =
-            batch.iter().filter_map(|item| item.idempotency.as_ref().map(|c| (&item.payment, c))).collect();
+        let (claimed, fresh): (Vec<_>, Vec<_>) = batch
+            .iter()
+            .filter_map(|item| item.idempotency.as_ref().map(|c| (&item.payment, c)))
+            .partition(|(_, c)| c.claimed);
+        if !fresh.is_empty() {
+            let recorded = sqlx::query(
+                "INSERT INTO payments.idempotency_keys \
+                 (subject, key, request_fingerprint, state, locked_until, response, payment_id, \
+                  created_at, updated_at, expires_at) \
+                 SELECT subject, key, fingerprint, 'COMPLETED', NULL, response, payment_id, at, at, \
+                        at + interval '24 hours' \
+                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::bytea[], $6::timestamptz[]) \
+                      AS c(subject, key, response, payment_id, fingerprint, at) \
+                 ORDER BY subject, key \
+                 ON CONFLICT (subject, key) DO NOTHING",
+            )
+            .bind(fresh.iter().map(|(_, c)| c.subject.as_str()).collect::<Vec<&str>>())
+            .bind(fresh.iter().map(|(_, c)| c.key.as_str()).collect::<Vec<&str>>())
+            .bind(fresh.iter().map(|(_, c)| c.response.as_slice()).collect::<Vec<&[u8]>>())
+            .bind(fresh.iter().map(|(p, _)| p.id.as_uuid()).collect::<Vec<Uuid>>())
+            .bind(fresh.iter().map(|(_, c)| c.fingerprint.0.as_slice()).collect::<Vec<&[u8]>>())
+            .bind(fresh.iter().map(|(p, _)| p.created_at).collect::<Vec<OffsetDateTime>>())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if recorded != fresh.len() as u64 {
+                // A key already has a record (or is named twice): the one-by-one path says whose.
+                tx.rollback().await?;
+                return Err(Failure::Refused("idempotency_claim_lost"));
+            }
+        }
+        let keyed = claimed;
         if !keyed.is_empty() {
             let completed = sqlx::query(
                 "UPDATE payments.idempotency_keys AS k \
@@ -546,6 +587,27 @@ impl IdempotencyStore for PgPaymentStore {
         retrying(|| self.claim_once(subject, key, fingerprint, now)).await
     }
 
+    async fn lookup(&self, subject: &Subject, key: &IdempotencyKey) -> PortResult<Option<Record<Vec<u8>>>> {
+        let row = sqlx::query(
+            "SELECT request_fingerprint, state, response FROM payments.idempotency_keys \
+             WHERE subject = $1 AND key = $2",
+        )
+        .bind(subject.as_str())
+        .bind(key.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(port_error)?;
+        match row {
+            Some(row) => match read_record(&row) {
+                Ok(record) => Ok(Some(record)),
+                Err(Failure::Corrupt(what)) => Err(PortError::Corrupt { what }),
+                Err(Failure::Sql(error)) => Err(port_error(error)),
+                Err(_) => Err(PortError::Corrupt { what: "idempotency record".into() }),
+            },
+            None => Ok(None),
+        }
+    }
+
     async fn complete(&self, subject: &Subject, key: &IdempotencyKey, response: &[u8]) -> PortResult<()> {
         if response.len() > IDEMPOTENCY_RESPONSE_LEN_MAX {
             return Err(PortError::Refused { rule: "idempotency_response_len_max" });
@@ -704,7 +766,9 @@ const CONSTRAINTS: &[(&str, &str)] = &[
     ("transactions_failure_reason_iff_failed", "illegal_transition"),
     ("transactions_failure_reason_bounded", "transactions_failure_reason_bounded"),
     ("idempotency_keys_response_bounded", "idempotency_response_len_max"),
-    ("idempotency_keys_payment_unique", "idempotency_keys_payment_unique"),
+    // A key names only a payment that was written, so a payment id already named is a taken one
+    // (a fresh key record meets this before the payment's own primary key).
+    ("idempotency_keys_payment_unique", "payment_exists"),
     ("idempotency_keys_payment_fkey", "idempotency_keys_payment_fkey"),
     ("idempotency_keys_subject_bounded", "idempotency_keys_subject_bounded"),
     ("idempotency_keys_key_format", "idempotency_keys_key_format"),

@@ -100,7 +100,18 @@ fn transition(from: PaymentStatus, to: PaymentStatus, cause: &str, at: OffsetDat
 }
 
 fn completion(k: &str, fp: Fingerprint, response: &[u8]) -> IdempotencyCompletion {
-    IdempotencyCompletion { subject: subject(), key: key(k), fingerprint: fp, response: response.to_vec() }
+    IdempotencyCompletion {
+        subject: subject(),
+        key: key(k),
+        fingerprint: fp,
+        response: response.to_vec(),
+        claimed: true,
+    }
+}
+
+/// A completion of a key claimed only in the fast path: the insert writes its record.
+fn fresh(k: &str, fp: Fingerprint, response: &[u8]) -> IdempotencyCompletion {
+    IdempotencyCompletion { claimed: false, ..completion(k, fp, response) }
 }
 
 async fn insert<H: Harness>(h: &H) -> Payment {
@@ -542,6 +553,96 @@ async fn contract_an_insert_whose_claim_was_lost_writes_no_payment_and_no_event<
     assert_eq!(h.payment_of_key(&subject(), &key("other-request")).await, None);
 }
 
+async fn contract_an_insert_with_a_fresh_key_writes_its_completed_record_only_if_the_key_has_none<H: Harness>(h: H) {
+    let s = h.store();
+    let fp = fingerprint("a");
+    let (p, e) = payment();
+    s.insert_with_event(&p, &e, &[], Some(&fresh("k", fp, b"accepted"))).await.unwrap();
+    assert_eq!(
+        s.claim(&subject(), &key("k"), fp, t0()).await.unwrap(),
+        Some(Record::Completed { fingerprint: fp, response: b"accepted".to_vec() })
+    );
+    assert_eq!(h.payment_of_key(&subject(), &key("k")).await, Some(p.id));
+    s.release(&subject(), &key("k")).await.unwrap();
+    assert!(matches!(s.claim(&subject(), &key("k"), fp, t0()).await.unwrap(), Some(Record::Completed { .. })));
+
+    // The key has a record: completed (a retry that lost the race), or in flight (a request that
+    // went through the store's claim) — nothing is written, whatever the payment id.
+    let (q, f) = payment();
+    assert_eq!(
+        s.insert_with_event(&q, &f, &[], Some(&fresh("k", fp, b"second"))).await,
+        refused("idempotency_claim_lost")
+    );
+    assert_eq!(s.claim(&subject(), &key("held"), fp, t0()).await.unwrap(), None);
+    assert_eq!(
+        s.insert_with_event(&q, &f, &[], Some(&fresh("held", fp, b"r"))).await,
+        refused("idempotency_claim_lost")
+    );
+    assert_eq!(
+        s.insert_with_event(&p, &initiated(&p), &[], Some(&fresh("k", fp, b"again"))).await,
+        refused("idempotency_claim_lost"),
+        "the key's race is told before the taken payment id"
+    );
+    assert_eq!(s.get(q.id).await.unwrap(), None);
+    assert_eq!(s.claim(&subject(), &key("held"), fp, t0()).await.unwrap(), Some(Record::InFlight { fingerprint: fp }));
+
+    // A free key with a taken payment id: refused, and the key stays free.
+    assert_eq!(
+        s.insert_with_event(&p, &initiated(&p), &[], Some(&fresh("free", fp, b"r"))).await,
+        refused("payment_exists")
+    );
+    assert_eq!(s.claim(&subject(), &key("free"), fp, t0()).await.unwrap(), None, "nothing was recorded");
+    assert_eq!(s.unpublished(100).await.unwrap().len(), 1, "one event: the first payment's");
+}
+
+async fn contract_of_concurrent_fresh_inserts_of_one_key_exactly_one_writes<H: Harness>(h: H) {
+    let fp = fingerprint("a");
+    let mut tasks = Vec::new();
+    for i in 0..10u8 {
+        let store = h.store().clone();
+        tasks.push(tokio::spawn(async move {
+            let (p, e) = payment();
+            let result = store.insert_with_event(&p, &e, &[], Some(&fresh("k", fp, &[i]))).await;
+            (result, p.id, i)
+        }));
+    }
+    let mut written = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (Ok(()), id, i) => written.push((id, i)),
+            (result, id, _) => {
+                assert_eq!(result, refused("idempotency_claim_lost"));
+                assert_eq!(h.store().get(id).await.unwrap(), None);
+            }
+        }
+    }
+    assert_eq!(written.len(), 1, "one payment per key");
+    let (id, i) = written[0];
+    assert_eq!(h.payment_of_key(&subject(), &key("k")).await, Some(id));
+    assert_eq!(
+        h.store().claim(&subject(), &key("k"), fp, t0()).await.unwrap(),
+        Some(Record::Completed { fingerprint: fp, response: vec![i] })
+    );
+    assert_eq!(h.store().unpublished(100).await.unwrap().len(), 1);
+}
+
+async fn contract_lookup_reads_the_record_and_never_claims_nor_takes_over<H: Harness>(h: H) {
+    let s = h.store();
+    let fp = fingerprint("a");
+    assert_eq!(s.lookup(&subject(), &key("k")).await.unwrap(), None);
+    assert_eq!(s.claim(&subject(), &key("k"), fp, t0()).await.unwrap(), None, "the lookup claimed nothing");
+    assert_eq!(s.lookup(&subject(), &key("k")).await.unwrap(), Some(Record::InFlight { fingerprint: fp }));
+    let ended = t0() + Duration::seconds(IDEMPOTENCY_LEASE_S);
+    assert_eq!(s.lookup(&subject(), &key("k")).await.unwrap(), Some(Record::InFlight { fingerprint: fp }));
+    assert_eq!(s.claim(&subject(), &key("k"), fp, ended).await.unwrap(), None, "the lease was still there to take");
+    let (p, e) = payment();
+    s.insert_with_event(&p, &e, &[], Some(&completion("k", fp, b"done"))).await.unwrap();
+    assert_eq!(
+        s.lookup(&subject(), &key("k")).await.unwrap(),
+        Some(Record::Completed { fingerprint: fp, response: b"done".to_vec() })
+    );
+}
+
 async fn contract_a_released_claim_lets_a_new_claim_in<H: Harness>(h: H) {
     let s = h.store();
     assert_eq!(s.claim(&subject(), &key("k"), fingerprint("a"), t0()).await.unwrap(), None);
@@ -652,17 +753,38 @@ async fn contract_a_group_commit_answers_per_item_as_the_items_one_by_one<H: Har
     assert_eq!(s.claim(&subject(), &key("mixed"), fp, t0()).await.unwrap(), None);
     let fine = item(payment(), Some(completion("mixed", fp, b"fine")));
     let plain = item(payment(), None);
-    let batch = vec![taken, fine.clone(), lost.clone(), invalid.clone(), plain.clone()];
+    let new_key = item(payment(), Some(fresh("fresh", fingerprint("f"), b"f")));
+    let same_key = item(payment(), Some(fresh("fresh", fingerprint("f"), b"g")));
+    let batch =
+        vec![taken, fine.clone(), lost.clone(), invalid.clone(), plain.clone(), new_key.clone(), same_key.clone()];
     assert_eq!(
         s.insert_many(&batch).await.unwrap(),
-        vec![refused("payment_exists"), Ok(()), refused("idempotency_claim_lost"), refused("invalid_event"), Ok(())]
+        vec![
+            refused("payment_exists"),
+            Ok(()),
+            refused("idempotency_claim_lost"),
+            refused("invalid_event"),
+            Ok(()),
+            Ok(()),
+            refused("idempotency_claim_lost")
+        ]
     );
+    assert_eq!(h.payment_of_key(&subject(), &key("fresh")).await, Some(new_key.payment.id));
+    assert_eq!(s.get(same_key.payment.id).await.unwrap(), None);
     assert_eq!(s.get(fine.payment.id).await.unwrap(), Some(fine.payment.clone()));
     assert_eq!(s.get(plain.payment.id).await.unwrap(), Some(plain.payment.clone()));
     assert_eq!(s.get(lost.payment.id).await.unwrap(), None);
     assert_eq!(s.get(invalid.payment.id).await.unwrap(), None);
     assert_eq!(h.payment_of_key(&subject(), &key("mixed")).await, Some(fine.payment.id));
-    assert_eq!(s.unpublished(100).await.unwrap().len(), 8, "one event per written payment");
+    assert_eq!(s.unpublished(100).await.unwrap().len(), 9, "one event per written payment");
+
+    // A batch of fresh keys only, all new: one transaction.
+    let fresh_only: Vec<NewPayment> =
+        (0..4).map(|i| item(payment(), Some(fresh(&format!("fresh-{i}"), fingerprint("f"), b"f")))).collect();
+    assert_eq!(s.insert_many(&fresh_only).await.unwrap(), vec![Ok(()); 4]);
+    for (i, g) in fresh_only.iter().enumerate() {
+        assert_eq!(h.payment_of_key(&subject(), &key(&format!("fresh-{i}"))).await, Some(g.payment.id));
+    }
 
     assert_eq!(s.insert_many(&[]).await.unwrap(), Vec::new());
     let too_long: Vec<NewPayment> = (0..=PAYMENT_BATCH_LEN_MAX).map(|_| plain.clone()).collect();
@@ -722,9 +844,12 @@ securepay_testkit::contract_suite! {
         contract_an_insert_completes_its_claim_with_the_response_and_the_payment,
         contract_an_insert_whose_claim_was_lost_writes_no_payment_and_no_event,
         contract_of_concurrent_inserts_completing_one_claim_exactly_one_writes,
+        contract_an_insert_with_a_fresh_key_writes_its_completed_record_only_if_the_key_has_none,
+        contract_of_concurrent_fresh_inserts_of_one_key_exactly_one_writes,
         contract_a_group_commit_answers_per_item_as_the_items_one_by_one,
         contract_of_concurrent_takeovers_of_an_expired_lease_exactly_one_wins,
         contract_a_released_claim_lets_a_new_claim_in,
+        contract_lookup_reads_the_record_and_never_claims_nor_takes_over,
         contract_purge_deletes_only_records_created_before_the_cutoff,
         contract_two_relays_see_every_event_at_least_once_and_marking_is_idempotent,
     ],

@@ -62,15 +62,17 @@ const IN_FLIGHT: u8 = b'I';
 const COMPLETED: u8 = b'C';
 const FINGERPRINT_LEN: usize = 32;
 
-/// `I<fingerprint>`: a claim. The Lua scripts read the first byte, so it is the record's state.
-pub(crate) fn encode_in_flight(fingerprint: Fingerprint) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(1 + FINGERPRINT_LEN);
+/// `I<fingerprint><lease end, unix ms as decimal digits>`: a claim. The Lua scripts read the first
+/// byte, so it is the record's state, and the lease end as a number.
+pub(crate) fn encode_in_flight(fingerprint: Fingerprint, lease_end_ms: i64) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(1 + FINGERPRINT_LEN + 20);
     bytes.push(IN_FLIGHT);
     bytes.extend_from_slice(&fingerprint.0);
+    bytes.extend_from_slice(lease_end_ms.to_string().as_bytes());
     bytes
 }
 
-/// `I<fingerprint>` or `C<fingerprint><response bytes>`.
+/// `I<fingerprint>[<lease end>]` or `C<fingerprint><response bytes>`.
 pub(crate) fn decode_record(bytes: &[u8]) -> PortResult<Record<Vec<u8>>> {
     let corrupt = |what: &str| PortError::Corrupt { what: format!("idempotency record: {what}") };
     let (&state, rest) = bytes.split_first().ok_or_else(|| corrupt("empty"))?;
@@ -80,7 +82,7 @@ pub(crate) fn decode_record(bytes: &[u8]) -> PortResult<Record<Vec<u8>>> {
     let (fingerprint, response) = rest.split_at(FINGERPRINT_LEN);
     let fingerprint = Fingerprint(fingerprint.try_into().expect("split at the fingerprint length"));
     match state {
-        IN_FLIGHT if response.is_empty() => Ok(Record::InFlight { fingerprint }),
+        IN_FLIGHT if response.iter().all(u8::is_ascii_digit) => Ok(Record::InFlight { fingerprint }),
         COMPLETED => Ok(Record::Completed { fingerprint, response: response.to_vec() }),
         _ => Err(corrupt("unknown state")),
     }
@@ -130,7 +132,10 @@ mod tests {
     #[test]
     fn records_read_back_and_garbage_is_corrupt() {
         let fingerprint = Fingerprint::of(&["request"]);
-        assert_eq!(decode_record(&encode_in_flight(fingerprint)).unwrap(), Record::InFlight { fingerprint });
+        assert_eq!(
+            decode_record(&encode_in_flight(fingerprint, 1_800_000_030_000)).unwrap(),
+            Record::InFlight { fingerprint }
+        );
         let mut completed = vec![COMPLETED];
         completed.extend_from_slice(&fingerprint.0);
         completed.extend_from_slice(b"\x00response");

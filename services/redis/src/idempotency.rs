@@ -1,9 +1,11 @@
 //! `RedisIdempotencyStore`: the fast path of SPEC §6.1. PostgreSQL's unique constraint is the
-//! truth; this store answers most retries without touching it and may lose records (flush, crash).
+//! truth; this store answers most retries and in-flight duplicates without touching it and may
+//! lose records (flush, crash).
 //!
 //! One key per (subject, idempotency key): `securepay:idem:<hex sha256 of the length-prefixed
 //! pair>`, so neither a `:` in a subject or key nor any length can make two pairs share a key.
-//! Values are `codec`'s records: `I<fingerprint>` (in flight) or `C<fingerprint><response>`.
+//! Values are `codec`'s records: `I<fingerprint><lease end>` (in flight, with the lease of
+//! `IDEMPOTENCY_LEASE_S` every store keeps) or `C<fingerprint><response>`.
 //! Each operation is one atomic step on the server (a `SET NX` inside a Lua script), so concurrent
 //! callers see one order.
 
@@ -12,6 +14,7 @@ use std::sync::LazyLock;
 use async_trait::async_trait;
 use securepay_core::idempotency::{Fingerprint, IdempotencyKey, Record};
 use securepay_core::ids::Subject;
+use securepay_ports::payments::IDEMPOTENCY_LEASE_S;
 use securepay_ports::{IdempotencyStore, PortError, PortResult};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -39,11 +42,19 @@ pub fn idempotency_key(subject: &Subject, key: &IdempotencyKey) -> String {
     format!("securepay:idem:{hex}")
 }
 
-/// Claims the key if free (returns nil), else returns the record held, in one atomic step.
+/// Claims the key if free, or takes over an in-flight claim of the SAME fingerprint whose lease
+/// ended by `now` (ARGV[3], unix ms) — returns nil; else returns the record held, in one atomic
+/// step. A claim is `I<fingerprint><lease end, unix ms>`; a claim without a lease end (an older
+/// writer's) counts as ended.
 static CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
-        r"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
-          return redis.call('GET', KEYS[1])",
+        r"local v = redis.call('GET', KEYS[1])
+          if v and (string.sub(v, 1, 1) ~= 'I' or string.sub(v, 2, 33) ~= string.sub(ARGV[1], 2, 33)
+                    or (tonumber(string.sub(v, 34)) or 0) > tonumber(ARGV[3])) then
+            return v
+          end
+          redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+          return false",
     )
 });
 
@@ -68,6 +79,11 @@ static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     )
 });
 
+/// `at` in whole unix milliseconds (a Lua number holds it exactly).
+fn unix_ms(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).expect("a plausible instant fits i64 ms")
+}
+
 #[derive(Debug, Clone)]
 pub struct RedisIdempotencyStore {
     redis: Redis,
@@ -86,16 +102,28 @@ impl IdempotencyStore for RedisIdempotencyStore {
         subject: &Subject,
         key: &IdempotencyKey,
         fingerprint: Fingerprint,
-        _now: OffsetDateTime,
+        now: OffsetDateTime,
     ) -> PortResult<Option<Record<Vec<u8>>>> {
         let redis_key = idempotency_key(subject, key);
-        let value = encode_in_flight(fingerprint);
+        let now_ms = unix_ms(now);
+        let value = encode_in_flight(fingerprint, now_ms + IDEMPOTENCY_LEASE_S * 1_000);
         let existing: Option<Vec<u8>> = self
             .redis
             .call("idempotency_claim", |mut c| async move {
-                CLAIM.key(redis_key).arg(value).arg(IDEMPOTENCY_TTL_S).invoke_async(&mut c).await
+                CLAIM.key(redis_key).arg(value).arg(IDEMPOTENCY_TTL_S).arg(now_ms).invoke_async(&mut c).await
             })
             .await?;
+        existing.map(|bytes| decode_record(&bytes)).transpose()
+    }
+
+    async fn lookup(&self, subject: &Subject, key: &IdempotencyKey) -> PortResult<Option<Record<Vec<u8>>>> {
+        let redis_key = idempotency_key(subject, key);
+        let existing: Option<Vec<u8>> =
+            self.redis
+                .call("idempotency_lookup", |mut c| async move {
+                    redis::cmd("GET").arg(redis_key).query_async(&mut c).await
+                })
+                .await?;
         existing.map(|bytes| decode_record(&bytes)).transpose()
     }
 

@@ -140,6 +140,37 @@ async fn contract_of_concurrent_claims_of_one_key_exactly_one_gets_none<S: Idemp
     assert!(seen.iter().all(|f| *f == winner), "every loser sees the winner's claim");
 }
 
+async fn contract_an_ended_lease_is_taken_over_by_the_same_request_only<S: IdempotencyStore>(store: S) {
+    let (s, k) = (subject(), key("order-lease"));
+    let lease = time::Duration::seconds(securepay_ports::payments::IDEMPOTENCY_LEASE_S);
+    let held = Some(Record::InFlight { fingerprint: fingerprint("a") });
+    assert_eq!(store.claim(&s, &k, fingerprint("a"), now()).await.unwrap(), None);
+    let almost = now() + lease - time::Duration::seconds(1);
+    assert_eq!(store.claim(&s, &k, fingerprint("a"), almost).await.unwrap(), held, "the lease holds");
+    let ended = now() + lease;
+    assert_eq!(store.claim(&s, &k, fingerprint("b"), ended).await.unwrap(), held, "another request never takes over");
+    assert_eq!(store.claim(&s, &k, fingerprint("a"), ended).await.unwrap(), None, "the same request takes over");
+    assert_eq!(store.claim(&s, &k, fingerprint("a"), ended).await.unwrap(), held, "with a new lease");
+    store.complete(&s, &k, b"done").await.unwrap();
+    let much_later = ended + lease * 10;
+    assert!(
+        matches!(store.claim(&s, &k, fingerprint("a"), much_later).await.unwrap(), Some(Record::Completed { .. })),
+        "a completed record has no lease"
+    );
+}
+
+async fn contract_lookup_reads_the_record_and_never_claims<S: IdempotencyStore>(store: S) {
+    let (s, k) = (subject(), key("order-lookup"));
+    assert_eq!(store.lookup(&s, &k).await.unwrap(), None);
+    assert_eq!(store.claim(&s, &k, fingerprint("a"), now()).await.unwrap(), None, "the lookup claimed nothing");
+    assert_eq!(store.lookup(&s, &k).await.unwrap(), Some(Record::InFlight { fingerprint: fingerprint("a") }));
+    store.complete(&s, &k, &response()).await.unwrap();
+    assert_eq!(
+        store.lookup(&s, &k).await.unwrap(),
+        Some(Record::Completed { fingerprint: fingerprint("a"), response: response() })
+    );
+}
+
 async fn contract_subjects_are_isolated<S: IdempotencyStore>(store: S) {
     let (alice, bob, k) = (subject(), subject(), key("shared-key"));
     assert_eq!(store.claim(&alice, &k, fingerprint("a"), now()).await.unwrap(), None);
@@ -176,6 +207,8 @@ securepay_testkit::contract_suite! {
         contract_release_frees_an_in_flight_claim_for_a_retry,
         contract_release_never_frees_a_completed_record,
         contract_of_concurrent_claims_of_one_key_exactly_one_gets_none,
+        contract_an_ended_lease_is_taken_over_by_the_same_request_only,
+        contract_lookup_reads_the_record_and_never_claims,
         contract_subjects_are_isolated,
         contract_hostile_keys_do_not_collide,
     ],
