@@ -5,6 +5,9 @@
 //! account cache-aside, authorize the object (only the owner: `PERMISSION_DENIED` `forbidden`;
 //! absent: `NOT_FOUND` `unknown_account`), answer. Every call is counted (RED).
 //!
+//! A payee's existence and currency (all CheckBalance needs of it; fixed when the account is
+//! opened) are remembered in process for the balance cache's TTL, so most checks read one balance.
+//!
 //! Balances served here are advisory: a stale cached balance may say "sufficient" for a payment
 //! that settlement then fails with `insufficient_funds` — settlement decides, from the store of
 //! record, inside its transaction. The transport (mTLS: `securepay_identity::grpc::serve` in the
@@ -39,12 +42,38 @@ pub const GET_BALANCE_SPAN: &str = "account.get_balance";
 /// invalidation after a settlement is lost.
 pub const CACHE_TTL_S: u32 = 5;
 
+/// Most payees [`Payees`] remembers; when full it starts over (a bound, not an eviction policy).
+pub const PAYEES_MAX: usize = 100_000;
+
+/// What CheckBalance needs of a payee — that it exists, and its currency — remembered in process
+/// for as long as the balance cache would keep it ([`CACHE_TTL_S`]), so the payee costs no cache or
+/// database round trip on most payments. Both facts are fixed when the account is opened; the
+/// payee's balance is never read from here.
+#[derive(Debug, Default)]
+struct Payees(std::sync::Mutex<std::collections::BTreeMap<AccountId, (Currency, OffsetDateTime)>>);
+
+impl Payees {
+    fn get(&self, id: AccountId, now: OffsetDateTime) -> Option<Currency> {
+        let known = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        known.get(&id).filter(|(_, until)| now < *until).map(|(currency, _)| *currency)
+    }
+
+    fn remember(&self, id: AccountId, currency: Currency, until: OffsetDateTime) {
+        let mut known = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known.len() >= PAYEES_MAX {
+            known.clear();
+        }
+        known.insert(id, (currency, until));
+    }
+}
+
 /// The gRPC service. Cheap to clone (shared handles).
 pub struct AccountGrpc<L, C> {
     ledger: Arc<L>,
     cache: Arc<C>,
     clock: Arc<dyn Clock>,
     cache_ttl_s: u32,
+    payees: Arc<Payees>,
 }
 
 impl<L, C> Clone for AccountGrpc<L, C> {
@@ -54,13 +83,27 @@ impl<L, C> Clone for AccountGrpc<L, C> {
             cache: Arc::clone(&self.cache),
             clock: Arc::clone(&self.clock),
             cache_ttl_s: self.cache_ttl_s,
+            payees: Arc::clone(&self.payees),
         }
     }
 }
 
 impl<L: LedgerStore, C: BalanceCache> AccountGrpc<L, C> {
     pub fn new(ledger: Arc<L>, cache: Arc<C>, clock: Arc<dyn Clock>) -> AccountGrpc<L, C> {
-        AccountGrpc { ledger, cache, clock, cache_ttl_s: CACHE_TTL_S }
+        AccountGrpc { ledger, cache, clock, cache_ttl_s: CACHE_TTL_S, payees: Arc::default() }
+    }
+
+    /// The payee's currency (`None`: no such account): remembered ([`Payees`]) or read as any
+    /// account is, then remembered.
+    async fn payee_currency(&self, id: AccountId) -> Result<Option<Currency>, Status> {
+        let now = self.clock.now();
+        if let Some(currency) = self.payees.get(id, now) {
+            return Ok(Some(currency));
+        }
+        let Some((view, _)) = self.account(id).await? else { return Ok(None) };
+        let until = now + time::Duration::seconds(i64::from(self.cache_ttl_s));
+        self.payees.remember(id, view.currency, until);
+        Ok(Some(view.currency))
     }
 
     /// The account as last known: from the cache, else from the store (then cached). A cache that
@@ -102,15 +145,16 @@ impl<L: LedgerStore, C: BalanceCache> AccountGrpc<L, C> {
         let currency = Currency::from_code(&m.currency).map_err(money_error)?;
         let amount = Amount::parse(&m.amount, currency, amount_policy()).map_err(money_error)?;
 
-        // Both reads at once (each a cache round trip, maybe a database read and a cache fill);
-        // judged in the same order as one after the other: the payer's answer first.
-        let (payer, payee) = tokio::join!(self.account(from), self.account(to));
+        // Both reads at once (the payer's a cache round trip, maybe a database read and a cache
+        // fill; the payee's usually remembered); judged in the same order as one after the other:
+        // the payer's answer first.
+        let (payer, payee) = tokio::join!(self.account(from), self.payee_currency(to));
         let (payer, _) = payer?.ok_or_else(unknown_account)?;
         if payer.owner != caller.subject {
             return Err(forbidden(&caller.subject, from));
         }
-        let (payee, _) = payee?.ok_or_else(unknown_account)?;
-        if payer.currency != currency || payee.currency != currency {
+        let payee_currency = payee?.ok_or_else(unknown_account)?;
+        if payer.currency != currency || payee_currency != currency {
             return Err(status(
                 Code::FailedPrecondition,
                 "currency_mismatch",

@@ -124,6 +124,21 @@ async fn check_balance_answers_from_the_balance() {
     }
 }
 
+/// What a check needs of the payee (it exists; its currency) is remembered for the cache's TTL:
+/// a second check reads the payer's balance again but not the payee at all.
+#[tokio::test]
+async fn a_checked_payee_is_remembered_and_not_read_again() {
+    let Some(f) = fixture().await else { return };
+    let mut payment = client(&f.url, ServiceIdentity::PaymentService).await;
+    let (alice, bob) = (f.alice_eur.to_string(), f.bob_eur.to_string());
+    assert!(payment.check_balance(check(&alice, &bob, "1.00", "EUR", "alice")).await.unwrap().into_inner().sufficient);
+    assert!(f.cache.get(f.bob_eur).await.unwrap().is_some(), "the first check read the payee (and cached it)");
+    f.cache.invalidate(&[f.alice_eur, f.bob_eur]).await.unwrap();
+    assert!(payment.check_balance(check(&alice, &bob, "1.00", "EUR", "alice")).await.unwrap().into_inner().sufficient);
+    assert!(f.cache.get(f.alice_eur).await.unwrap().is_some(), "the payer's balance is read every time");
+    assert!(f.cache.get(f.bob_eur).await.unwrap().is_none(), "the payee was not read again");
+}
+
 #[tokio::test]
 async fn only_the_owner_may_read_or_pay_from_an_account() {
     let Some(f) = fixture().await else { return };
