@@ -104,6 +104,10 @@ enum Command {
     Sim(test::SimArgs),
 }
 
+/// The load generator runs on the machine it measures: mimalloc keeps its share small.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {

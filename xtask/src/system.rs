@@ -98,7 +98,9 @@ pub const STOCK: &[(&str, Option<&str>)] = &[
 #[cfg_attr(not(test), allow(dead_code))] // read by the tests below
 pub const NATIVE_CRATES: &[(&str, &[&str])] = &[
     ("rdkafka-sys", &["cmake", "curl-config"]),
-    // Bundled C (sqlite for sqlx's unused driver list, zlib for librdkafka): built with cc alone.
+    // Bundled C (sqlite for sqlx's unused driver list, zlib for librdkafka, the mimalloc
+    // allocator): built with cc alone.
+    ("libmimalloc-sys", &[]),
     ("libsqlite3-sys", &[]),
     ("libz-sys", &[]),
     // Pure Rust bindings or other platforms' crates: no build needs here.
