@@ -28,6 +28,7 @@ use crate::services::SERVICES;
 
 mod pgbench;
 mod procs;
+mod rebalance;
 mod report;
 mod server;
 mod svg;
@@ -57,6 +58,10 @@ pub struct Args {
     /// Leave out the pgbench baseline.
     #[arg(long)]
     skip_pgbench: bool,
+    /// Seconds of load at the first rate before the ramp, not measured (a freshly started broker
+    /// JIT-compiles for its first minute); 0 leaves it out.
+    #[arg(long, default_value_t = 20)]
+    warmup_secs: u64,
     /// How many load accounts (`load-user-<i>`, 1000.00 EUR opening balance each) pay each other;
     /// each is its own client (own source address), so the per-user limit (10/s by default)
     /// needs rate / accounts well below it.
@@ -88,6 +93,9 @@ impl Args {
             bail!("--pgbench-secs must be 1 to 3600");
         }
         // PostgreSQL runs with max_connections=200, and the services hold pools of their own.
+        if self.warmup_secs > 600 {
+            bail!("--warmup-secs must be 0 to 600");
+        }
         if !(1..=100).contains(&self.pgbench_clients) {
             bail!("--pgbench-clients must be 1 to 100");
         }
@@ -143,7 +151,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<ExitCode> {
         if args.skip_pgbench { None } else { Some(pgbench::run(ctx, args.pgbench_clients, args.pgbench_secs)?) };
 
     // Tokens outlive the whole ramp, each step's drain included.
-    let ttl = args.rates.len() as u64 * (args.step_secs + 15) + FINAL_DRAIN.as_secs() + 600;
+    let ttl = args.warmup_secs + args.rates.len() as u64 * (args.step_secs + 15) + FINAL_DRAIN.as_secs() + 600;
     let Prepared { target, mut db, tokens } = load::prepare(ctx, &runtime, "bench", args.accounts, ttl)?;
     let (fsync, synchronous_commit) = runtime.block_on(server::durability(&mut db))?;
     let header = report::Header {
@@ -172,13 +180,41 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<ExitCode> {
         println!("{}\n", report::pgbench_text(p));
     }
 
+    let client = Arc::new(Gateway::new(target.clone(), args.accounts, false));
+    let run_id = format!("{}-{}", args.seed, std::process::id());
+    let rebalanced = ctx.progress.step("bench", "rebalance the load accounts to their opening balances", || {
+        runtime.block_on(rebalance::run(&mut db, &client, &tokens, args.accounts, &run_id))
+    })?;
+    ctx.progress.note("bench", &format!("{rebalanced} payments between load accounts, all settled"));
+    if args.warmup_secs > 0 {
+        let rate = args.rates[0];
+        let info = RunInfo {
+            target: target.clone(),
+            rate,
+            duration: Duration::from_secs(args.warmup_secs),
+            accounts: args.accounts,
+            concurrency: args.concurrency,
+            unaffordable_share: 0.0,
+            seed: args.seed.wrapping_sub(1),
+            poll_interval: None,
+            drain: Duration::ZERO,
+            one_source_ip: false,
+        };
+        let label = format!("[bench warm-up {} /s]", report::fmt_rate(rate));
+        let options = DriveOptions {
+            run_id: format!("bench-{}-{}-warmup", started_unix as u64, std::process::id()),
+            progress: Arc::new(move |elapsed, s: &Stats| step_progress(&label, elapsed, s)),
+        };
+        runtime.block_on(load::drive(&info, client.clone(), tokens.clone(), 1, options));
+        // Its last payments settle before the first measured window opens.
+        std::thread::sleep(COMMIT_GRACE);
+    }
     let before = runtime.block_on(accounts::audit(&mut db))?;
     let watched = procs::watched(ctx);
     let missing: Vec<&str> = watched.iter().filter(|w| w.pid.is_none()).map(|w| w.name.as_str()).collect();
     if !missing.is_empty() {
         ctx.progress.note("bench", &format!("not running (no CPU/memory for them): {}", missing.join(", ")));
     }
-    let client = Arc::new(Gateway::new(target.clone(), args.accounts, false));
     let profiling = runtime.block_on(server::statements_reset(&mut db));
     if !profiling {
         ctx.progress.note("bench", "pg_stat_statements is not preloaded: no statement profile");

@@ -34,7 +34,7 @@ use crate::services::SERVICES;
 
 pub mod accounts;
 pub mod api;
-mod schedule;
+pub mod schedule;
 pub mod stats;
 
 use api::{Answer, Gateway};
