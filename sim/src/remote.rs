@@ -273,6 +273,11 @@ impl LedgerStore for RemoteLedgerStore {
         self.0.call(move |db| async move { db.ledger.account(id).await }).await?
     }
 
+    async fn accounts(&self, ids: &[AccountId]) -> PortResult<Vec<Option<AccountView>>> {
+        let ids = ids.to_vec();
+        self.0.call(move |db| async move { db.ledger.accounts(&ids).await }).await?
+    }
+
     /// The planted bug `cache_decided_debit` reaches the database's twin this way (see
     /// `securepay_sim::planted`).
     async fn settle_funds_checked_by_caller(
@@ -463,6 +468,17 @@ impl BalanceCache for RemoteBalanceCache {
         self.0
             .call(move |c| async move {
                 if c.faults.loses_invalidation() { Ok(()) } else { c.balances.invalidate(&ids).await }
+            })
+            .await?
+    }
+
+    /// The settlement's refresh (its invalidation by overwriting): one call to the node, lost like
+    /// an invalidation under the `stale_cache` fault.
+    async fn put_many(&self, balances: &[CachedBalance], ttl_s: u32) -> PortResult<()> {
+        let balances = balances.to_vec();
+        self.0
+            .call(move |c| async move {
+                if c.faults.loses_invalidation() { Ok(()) } else { c.balances.put_many(&balances, ttl_s).await }
             })
             .await?
     }

@@ -11,7 +11,9 @@
 //!    others; the ones refused alone become dead letters with the store's rule as reason;
 //! 3. publish the dead letters to the dead-letter topic (original key, payload and headers, plus
 //!    [`DLQ_REASON_HEADER`] and [`DLQ_SOURCE_HEADER`]), retried until the broker has them;
-//! 4. invalidate the cached balances of every account a new settlement touched (after the commit);
+//! 4. invalidate the cached balances of every account a new settlement touched (after the commit)
+//!    by overwriting them with the balances committed by then (read in one statement), or by
+//!    deleting them if that read fails;
 //! 5. only then commit the offsets (per partition the highest offset of the round).
 //!
 //! Tracing (SPEC §8): every consumed record gets an `account.settle` consumer span whose parent is
@@ -44,10 +46,10 @@ use securepay_core::money::AmountPolicy;
 use securepay_core::payment::Outcome;
 use securepay_core::topology::topic;
 use securepay_kit::trace::{self, names};
-use securepay_ports::ledger::SETTLE_BATCH_LEN_MAX;
+use securepay_ports::ledger::{ACCOUNTS_LEN_MAX, SETTLE_BATCH_LEN_MAX};
 use securepay_ports::{
-    BalanceCache, Clock, ConsumedRecord, EventConsumer, EventLog, Ids, LedgerStore, OutgoingRecord, PortError,
-    PortResult, SettlementRequest, SettlementResult, TopicPartitionOffset,
+    BalanceCache, CachedBalance, Clock, ConsumedRecord, EventConsumer, EventLog, Ids, LedgerStore, OutgoingRecord,
+    PortError, PortResult, SettlementRequest, SettlementResult, TopicPartitionOffset,
 };
 use securepay_proto::convert::decode_initiated;
 use time::OffsetDateTime;
@@ -327,7 +329,7 @@ impl<L: LedgerStore, C: BalanceCache> Settler<L, C> {
 
         self.dead_letter(&dead, stop).await?;
         round.dead_lettered = dead.iter().map(|(record, reason)| (record.position.clone(), *reason)).collect();
-        self.invalidate(touched).await;
+        self.refresh_cache(touched).await;
         round.commit = highest_per_partition(records);
         drop(spans);
         Ok(round)
@@ -453,17 +455,35 @@ impl<L: LedgerStore, C: BalanceCache> Settler<L, C> {
         Ok(())
     }
 
-    /// Drops the cached balances of `accounts` (after their settlement committed). A failure only
-    /// leaves a stale advisory balance until the cache's short TTL expires.
-    async fn invalidate(&self, accounts: BTreeSet<AccountId>) {
+    /// Invalidates the cached balances of `accounts` (after their settlement committed) by
+    /// overwriting them with the balances committed now — read in one statement AFTER the commit,
+    /// so never older than it — which keeps the next balance checks of busy accounts cache hits;
+    /// if that read fails, the entries are deleted instead. A failure of both only leaves a stale
+    /// advisory balance until the cache's short TTL expires.
+    async fn refresh_cache(&self, accounts: BTreeSet<AccountId>) {
         if accounts.is_empty() {
             return;
         }
         let accounts: Vec<AccountId> = accounts.into_iter().collect();
-        for chunk in accounts.chunks(512) {
-            if let Err(error) = self.cache.invalidate(chunk).await {
-                metrics::cache_invalidation_failed();
-                tracing::warn!(%error, accounts = chunk.len(), "balance cache not invalidated; stale until its TTL");
+        for chunk in accounts.chunks(ACCOUNTS_LEN_MAX) {
+            let read_at = self.clock.now();
+            let refreshed = match self.ledger.accounts(chunk).await {
+                Ok(views) => {
+                    let balances: Vec<CachedBalance> = views
+                        .into_iter()
+                        .flatten()
+                        .map(|account| CachedBalance { account, cached_at: read_at })
+                        .collect();
+                    self.cache.put_many(&balances, crate::CACHE_TTL_S).await
+                }
+                Err(error) => Err(error),
+            };
+            if let Err(error) = refreshed {
+                tracing::debug!(%error, accounts = chunk.len(), "cached balances not refreshed; deleting them");
+                if let Err(error) = self.cache.invalidate(chunk).await {
+                    metrics::cache_invalidation_failed();
+                    tracing::warn!(%error, accounts = chunk.len(), "balance cache not invalidated; stale until its TTL");
+                }
             }
         }
     }
@@ -697,7 +717,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_loop_commits_after_settling_and_invalidates_the_cache() {
+    async fn the_loop_commits_after_settling_and_refreshes_the_cache() {
         let w = world();
         let stale = CachedBalance {
             account: AccountView {
@@ -728,7 +748,41 @@ mod tests {
             .await
             .expect("the loop settled, committed and stopped");
         assert_eq!(w.store.ledger().balance(w.bob), Some(Decimal::from(3)));
-        assert_eq!(w.cache.get(w.bob).await.unwrap(), None, "invalidated after the commit");
+        let cached = w.cache.get(w.bob).await.unwrap().expect("refreshed after the commit");
+        assert_eq!(cached.account.balance, Decimal::from(3), "the stale balance was overwritten by the committed one");
+
+        // A cache that cannot take the refresh still loses the stale entry: it is deleted.
+        w.cache.put(&stale, 60).await.unwrap();
+        let s = settler(&w, 1, None);
+        let failing = Settler {
+            ledger: s.ledger,
+            cache: Arc::new(NoPutMany(Arc::clone(&w.cache))),
+            dlq: s.dlq,
+            ids: s.ids,
+            clock: s.clock,
+            config: s.config,
+        };
+        failing.refresh_cache([w.bob].into_iter().collect()).await;
+        assert_eq!(w.cache.get(w.bob).await.unwrap(), None, "invalidated when the refresh failed");
+    }
+
+    /// A cache whose `put_many` fails (and whose other calls reach the twin).
+    struct NoPutMany(Arc<MemoryBalanceCache>);
+
+    #[async_trait::async_trait]
+    impl BalanceCache for NoPutMany {
+        async fn get(&self, id: AccountId) -> PortResult<Option<CachedBalance>> {
+            self.0.get(id).await
+        }
+        async fn put(&self, balance: &CachedBalance, ttl_s: u32) -> PortResult<()> {
+            self.0.put(balance, ttl_s).await
+        }
+        async fn invalidate(&self, ids: &[AccountId]) -> PortResult<()> {
+            self.0.invalidate(ids).await
+        }
+        async fn put_many(&self, _balances: &[CachedBalance], _ttl_s: u32) -> PortResult<()> {
+            Err(PortError::Unavailable { component: "redis" })
+        }
     }
 
     #[cfg(feature = "planted-bugs")]

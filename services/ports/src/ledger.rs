@@ -15,6 +15,10 @@ use crate::outbox::Outbox;
 /// Most requests one `settle` call accepts: bounds a batch's locks and its transaction's duration.
 pub const SETTLE_BATCH_LEN_MAX: usize = 256;
 
+/// Most accounts one `LedgerStore::accounts` read or `BalanceCache::put_many` takes (a full
+/// settlement batch touches twice [`SETTLE_BATCH_LEN_MAX`]).
+pub const ACCOUNTS_LEN_MAX: usize = 2 * SETTLE_BATCH_LEN_MAX;
+
 /// The preconditions every `LedgerStore::settle` checks before touching state: a batch of at most
 /// [`SETTLE_BATCH_LEN_MAX`] requests, none paying an account to itself (upstream refuses such a
 /// payment, so an event carrying one is invalid input for the dead-letter queue, not a verdict).
@@ -75,6 +79,19 @@ pub trait LedgerStore: Outbox {
     /// The committed balance, currency and owner of an account.
     async fn account(&self, id: AccountId) -> PortResult<Option<AccountView>>;
 
+    /// `account` of each of `ids` (at most [`ACCOUNTS_LEN_MAX`]), answer `i` for `ids[i]`; a store
+    /// reads them in one statement where it can. The default asks one by one.
+    async fn accounts(&self, ids: &[AccountId]) -> PortResult<Vec<Option<AccountView>>> {
+        if ids.len() > ACCOUNTS_LEN_MAX {
+            return Err(PortError::Refused { rule: "accounts_len_max" });
+        }
+        let mut views = Vec::with_capacity(ids.len());
+        for id in ids {
+            views.push(self.account(*id).await?);
+        }
+        Ok(views)
+    }
+
     /// PLANTED BUG `cache_decided_debit`, simulator only (feature `planted-bugs`, never in a
     /// production build): [`LedgerStore::settle`], except that a request whose `funded` flag is
     /// set is debited WITHOUT the store's funds check (the caller decided it can pay). `funded`
@@ -116,4 +133,15 @@ pub trait BalanceCache: Send + Sync + 'static {
     async fn put(&self, balance: &CachedBalance, ttl_s: u32) -> PortResult<()>;
     /// Called after every committed balance change.
     async fn invalidate(&self, ids: &[AccountId]) -> PortResult<()>;
+    /// `put` of each of `balances` (at most [`ACCOUNTS_LEN_MAX`]); a cache writes them in one round
+    /// trip where it can. The default puts one by one.
+    async fn put_many(&self, balances: &[CachedBalance], ttl_s: u32) -> PortResult<()> {
+        if balances.len() > ACCOUNTS_LEN_MAX {
+            return Err(PortError::Refused { rule: "accounts_len_max" });
+        }
+        for balance in balances {
+            self.put(balance, ttl_s).await?;
+        }
+        Ok(())
+    }
 }

@@ -153,6 +153,36 @@ impl LedgerStore for PgLedgerStore {
             balance,
         }))
     }
+
+    async fn accounts(&self, ids: &[AccountId]) -> PortResult<Vec<Option<AccountView>>> {
+        if ids.len() > securepay_ports::ledger::ACCOUNTS_LEN_MAX {
+            return Err(PortError::Refused { rule: "accounts_len_max" });
+        }
+        let uuids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+        // One statement, one snapshot.
+        let rows = sqlx::query(
+            "SELECT account_id, owner, currency, balance FROM accounts.accounts WHERE account_id = ANY($1)",
+        )
+        .bind(&uuids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(port_error)?;
+        let mut found = std::collections::BTreeMap::new();
+        for row in &rows {
+            let id = AccountId::from_uuid(row.try_get("account_id").map_err(port_error)?);
+            let owner: String = row.try_get("owner").map_err(port_error)?;
+            let currency: String = row.try_get("currency").map_err(port_error)?;
+            let balance: Decimal = row.try_get("balance").map_err(port_error)?;
+            let view = AccountView {
+                id,
+                owner: Subject::parse(&owner).map_err(|_| corrupt("account owner"))?,
+                currency: parse_currency(&currency)?,
+                balance,
+            };
+            found.insert(id, view);
+        }
+        Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
+    }
 }
 
 #[async_trait]

@@ -141,6 +141,20 @@ async fn contract_an_unaffordable_settlement_fails_with_insufficient_funds_and_m
     assert_eq!((event.event_id, event.reason), (r.outcome_event_id.to_string(), "insufficient_funds".to_owned()));
 }
 
+async fn contract_accounts_reads_each_as_account_would<H: Harness>(h: H) {
+    let (a, b) = (h.open("EUR", "50.00").await, h.open("TRY", "7.5").await);
+    let ids = [b, unknown_account(), a, b];
+    let mut expected = Vec::new();
+    for id in ids {
+        expected.push(h.store().account(id).await.unwrap());
+    }
+    assert_eq!(h.store().accounts(&ids).await.unwrap(), expected);
+    assert!(expected[0].is_some() && expected[1].is_none());
+    assert_eq!(h.store().accounts(&[]).await.unwrap(), Vec::new());
+    let too_many = vec![a; securepay_ports::ledger::ACCOUNTS_LEN_MAX + 1];
+    assert_eq!(h.store().accounts(&too_many).await, Err(PortError::Refused { rule: "accounts_len_max" }));
+}
+
 async fn contract_an_unknown_account_fails_with_unknown_account<H: Harness>(h: H) {
     let known = h.open("EUR", "50.00").await;
     for r in [request(known, unknown_account(), "1.00", "EUR"), request(unknown_account(), known, "1.00", "EUR")] {
@@ -314,6 +328,7 @@ securepay_testkit::contract_suite! {
         contract_a_completed_settlement_moves_exactly_the_amount_and_writes_two_ledger_rows_and_one_outcome_event,
         contract_an_unaffordable_settlement_fails_with_insufficient_funds_and_moves_nothing,
         contract_an_unknown_account_fails_with_unknown_account,
+        contract_accounts_reads_each_as_account_would,
         contract_a_currency_mismatch_fails_with_currency_mismatch,
         contract_the_same_event_delivered_twice_and_ten_times_changes_balances_once,
         contract_a_redelivery_returns_the_first_verdict_even_when_it_would_now_differ,

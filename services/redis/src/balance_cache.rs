@@ -71,6 +71,23 @@ impl BalanceCache for RedisBalanceCache {
         self.redis.call("balance_put", |mut c| async move { c.set_ex(key, value, u64::from(ttl_s)).await }).await
     }
 
+    async fn put_many(&self, balances: &[CachedBalance], ttl_s: u32) -> PortResult<()> {
+        if ttl_s == 0 {
+            return Err(PortError::Refused { rule: "cache_ttl_positive" });
+        }
+        if balances.len() > securepay_ports::ledger::ACCOUNTS_LEN_MAX {
+            return Err(PortError::Refused { rule: "accounts_len_max" });
+        }
+        if balances.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for balance in balances {
+            pipe.set_ex(self.key(balance.account.id), encode_balance(balance), u64::from(ttl_s)).ignore();
+        }
+        self.redis.call("balance_put_many", |mut c| async move { pipe.query_async::<()>(&mut c).await }).await
+    }
+
     async fn invalidate(&self, ids: &[AccountId]) -> PortResult<()> {
         if ids.len() > INVALIDATE_LEN_MAX {
             return Err(PortError::Refused { rule: "invalidate_len_max" });

@@ -81,6 +81,17 @@ async fn contract_invalidate_removes_exactly_the_given_accounts<C: BalanceCache>
     cache.invalidate(&[]).await.unwrap();
 }
 
+async fn contract_put_many_is_a_put_of_each<C: BalanceCache>(cache: C) {
+    let (a, b) = (account(), account());
+    cache.put(&cached(a, "1.00"), 60).await.unwrap();
+    cache.put_many(&[cached(a, "7.00"), cached(b, "8.50")], 60).await.unwrap();
+    assert_eq!(cache.get(a).await.unwrap(), Some(cached(a, "7.00")), "overwritten");
+    assert_eq!(cache.get(b).await.unwrap(), Some(cached(b, "8.50")));
+    cache.put_many(&[], 60).await.unwrap();
+    assert_eq!(cache.put_many(&[cached(a, "9.00")], 0).await, Err(PortError::Refused { rule: "cache_ttl_positive" }));
+    assert_eq!(cache.get(a).await.unwrap(), Some(cached(a, "7.00")), "a refused call writes nothing");
+}
+
 async fn contract_an_entry_expires_after_its_ttl<C: BalanceCache>(cache: C) {
     let id = account();
     cache.put(&cached(id, "5.00"), 1).await.unwrap();
@@ -108,6 +119,7 @@ securepay_testkit::contract_suite! {
         contract_a_put_balance_reads_back_exactly_with_its_decimal_balance,
         contract_a_put_overwrites_and_accounts_are_independent,
         contract_invalidate_removes_exactly_the_given_accounts,
+        contract_put_many_is_a_put_of_each,
         contract_an_entry_expires_after_its_ttl,
         contract_a_zero_ttl_is_refused,
     ],
