@@ -15,8 +15,9 @@
 //!     after a flush that may be another request's, so the check turns that race into a miss);
 //!   - an IN_FLIGHT fast record of the same request: the duplicate waits for it (below), reading
 //!     the truth at every round too — a first request that committed and died before telling
-//!     Redis is replayed at once from the truth; one of another request: the truth is asked, and if the truth has no record either, the key is
-//!     taken by that other request (`idempotency_key_reused`);
+//!     Redis is replayed at once from the truth;
+//!   - an IN_FLIGHT fast record of another request: the truth is asked, and if the truth has no
+//!     record either, the key is taken by that other request (`idempotency_key_reused`);
 //!   - a flushed or expired fast record only lets a duplicate run a second time: its insert then
 //!     loses at the truth's unique key, and the duplicate replays what the truth holds;
 //!   - `Unavailable` (or any error) → the truth alone, through its own claim (with its lease), as
