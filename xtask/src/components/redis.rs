@@ -12,6 +12,8 @@ use crate::install::which;
 use crate::{fsutil, net, process};
 
 pub const PORT: Port = Port { key: "REDIS", dev: 6379 };
+/// Redis's memory bound (see `configure`).
+const MAXMEMORY: &str = "1gb";
 
 pub struct Redis;
 
@@ -47,6 +49,12 @@ impl Component for Redis {
         crate::system::ensure(ctx, crate::system::Step::Redis)
     }
 
+    /// Everything in Redis may be lost by design — balances are advisory cache-aside entries,
+    /// idempotency records a fast path whose misses PostgreSQL answers (a duplicate that gets past a
+    /// lost record loses at PostgreSQL's unique key and replays) — so, as in compose.yaml, nothing
+    /// is saved to disk (an RDB dump of a busy cache every minute was a forked child eating CPU),
+    /// and memory is bounded ([`MAXMEMORY`], least recently used keys evicted first) instead of
+    /// growing with 25 h of idempotency records at full load.
     fn configure(&self, ctx: &Ctx) -> Result<()> {
         let data = ctx.data_dir(self.name());
         std::fs::create_dir_all(&data)?;
@@ -61,10 +69,13 @@ impl Component for Redis {
              logfile \"\"\n\
              dir {data}\n\
              dbfilename dump.rdb\n\
-             save 60 1000\n\
-             appendonly no\n",
+             save \"\"\n\
+             appendonly no\n\
+             maxmemory {maxmemory}\n\
+             maxmemory-policy allkeys-lru\n",
             port = ctx.port(PORT)?,
             data = data.display(),
+            maxmemory = MAXMEMORY,
         );
         fsutil::write_atomic(&ctx.config_dir().join("redis.conf"), &conf)
     }
