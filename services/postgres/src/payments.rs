@@ -57,6 +57,24 @@ use uuid::Uuid;
 
 use crate::ledger::OUTBOX_BATCH_LEN_MAX;
 
+/// A group commit's fresh key records (`IdempotencyCompletion::claimed == false`), in key order so
+/// racing batches wait on each other in one order. Parameters as [`COMPLETE_CLAIMED_KEYS`].
+const INSERT_FRESH_KEYS: &str = "INSERT INTO payments.idempotency_keys \
+     (subject, key, request_fingerprint, state, locked_until, response, payment_id, created_at, updated_at, expires_at) \
+     SELECT subject, key, fingerprint, 'COMPLETED', NULL, response, payment_id, at, at, at + interval '24 hours' \
+     FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::bytea[], $6::timestamptz[]) \
+          AS c(subject, key, response, payment_id, fingerprint, at) \
+     ORDER BY subject, key \
+     ON CONFLICT (subject, key) DO NOTHING";
+
+/// A group commit's completions of IN_FLIGHT claims with the same fingerprint. Parameters:
+/// subjects, keys, responses, payment ids, fingerprints, times.
+const COMPLETE_CLAIMED_KEYS: &str = "UPDATE payments.idempotency_keys AS k \
+     SET state = 'COMPLETED', locked_until = NULL, response = c.response, payment_id = c.payment_id, updated_at = c.at \
+     FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::bytea[], $6::timestamptz[]) \
+          AS c(subject, key, response, payment_id, fingerprint, at) \
+     WHERE k.subject = c.subject AND k.key = c.key AND k.state = 'IN_FLIGHT' AND k.request_fingerprint = c.fingerprint";
+
 /// Attempts of one write transaction before a deadlock/serialization failure is `Unavailable`.
 pub const WRITE_ATTEMPTS_MAX: u32 = 8;
 
@@ -203,55 +221,24 @@ impl PgPaymentStore {
             .iter()
             .filter_map(|item| item.idempotency.as_ref().map(|c| (&item.payment, c)))
             .partition(|(_, c)| c.claimed);
-        if !fresh.is_empty() {
-            let recorded = sqlx::query(
-                "INSERT INTO payments.idempotency_keys \
-                 (subject, key, request_fingerprint, state, locked_until, response, payment_id, \
-                  created_at, updated_at, expires_at) \
-                 SELECT subject, key, fingerprint, 'COMPLETED', NULL, response, payment_id, at, at, \
-                        at + interval '24 hours' \
-                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::bytea[], $6::timestamptz[]) \
-                      AS c(subject, key, response, payment_id, fingerprint, at) \
-                 ORDER BY subject, key \
-                 ON CONFLICT (subject, key) DO NOTHING",
-            )
-            .bind(fresh.iter().map(|(_, c)| c.subject.as_str()).collect::<Vec<&str>>())
-            .bind(fresh.iter().map(|(_, c)| c.key.as_str()).collect::<Vec<&str>>())
-            .bind(fresh.iter().map(|(_, c)| c.response.as_slice()).collect::<Vec<&[u8]>>())
-            .bind(fresh.iter().map(|(p, _)| p.id.as_uuid()).collect::<Vec<Uuid>>())
-            .bind(fresh.iter().map(|(_, c)| c.fingerprint.0.as_slice()).collect::<Vec<&[u8]>>())
-            .bind(fresh.iter().map(|(p, _)| p.created_at).collect::<Vec<OffsetDateTime>>())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if recorded != fresh.len() as u64 {
-                // A key already has a record (or is named twice): the one-by-one path says whose.
-                tx.rollback().await?;
-                return Err(Failure::Refused("idempotency_claim_lost"));
+        // Fresh keys get their COMPLETED record, claimed keys their claim completed; either way
+        // a key that is not as expected (or is named twice) refuses the whole batch, and the
+        // one-by-one path says whose.
+        for (statement, keyed) in [(INSERT_FRESH_KEYS, &fresh), (COMPLETE_CLAIMED_KEYS, &claimed)] {
+            if keyed.is_empty() {
+                continue;
             }
-        }
-        let keyed = claimed;
-        if !keyed.is_empty() {
-            let completed = sqlx::query(
-                "UPDATE payments.idempotency_keys AS k \
-                 SET state = 'COMPLETED', locked_until = NULL, response = c.response, payment_id = c.payment_id, \
-                     updated_at = c.at \
-                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[], $5::bytea[], $6::timestamptz[]) \
-                      AS c(subject, key, response, payment_id, fingerprint, at) \
-                 WHERE k.subject = c.subject AND k.key = c.key AND k.state = 'IN_FLIGHT' \
-                   AND k.request_fingerprint = c.fingerprint",
-            )
-            .bind(keyed.iter().map(|(_, c)| c.subject.as_str()).collect::<Vec<&str>>())
-            .bind(keyed.iter().map(|(_, c)| c.key.as_str()).collect::<Vec<&str>>())
-            .bind(keyed.iter().map(|(_, c)| c.response.as_slice()).collect::<Vec<&[u8]>>())
-            .bind(keyed.iter().map(|(p, _)| p.id.as_uuid()).collect::<Vec<Uuid>>())
-            .bind(keyed.iter().map(|(_, c)| c.fingerprint.0.as_slice()).collect::<Vec<&[u8]>>())
-            .bind(keyed.iter().map(|(p, _)| p.created_at).collect::<Vec<OffsetDateTime>>())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if completed != keyed.len() as u64 {
-                // A claim was lost (or one key named twice): the one-by-one path says whose.
+            let recorded = sqlx::query(statement)
+                .bind(keyed.iter().map(|(_, c)| c.subject.as_str()).collect::<Vec<&str>>())
+                .bind(keyed.iter().map(|(_, c)| c.key.as_str()).collect::<Vec<&str>>())
+                .bind(keyed.iter().map(|(_, c)| c.response.as_slice()).collect::<Vec<&[u8]>>())
+                .bind(keyed.iter().map(|(p, _)| p.id.as_uuid()).collect::<Vec<Uuid>>())
+                .bind(keyed.iter().map(|(_, c)| c.fingerprint.0.as_slice()).collect::<Vec<&[u8]>>())
+                .bind(keyed.iter().map(|(p, _)| p.created_at).collect::<Vec<OffsetDateTime>>())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if recorded != keyed.len() as u64 {
                 tx.rollback().await?;
                 return Err(Failure::Refused("idempotency_claim_lost"));
             }

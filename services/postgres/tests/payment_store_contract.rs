@@ -596,34 +596,7 @@ async fn contract_an_insert_with_a_fresh_key_writes_its_completed_record_only_if
 }
 
 async fn contract_of_concurrent_fresh_inserts_of_one_key_exactly_one_writes<H: Harness>(h: H) {
-    let fp = fingerprint("a");
-    let mut tasks = Vec::new();
-    for i in 0..10u8 {
-        let store = h.store().clone();
-        tasks.push(tokio::spawn(async move {
-            let (p, e) = payment();
-            let result = store.insert_with_event(&p, &e, &[], Some(&fresh("k", fp, &[i]))).await;
-            (result, p.id, i)
-        }));
-    }
-    let mut written = Vec::new();
-    for task in tasks {
-        match task.await.unwrap() {
-            (Ok(()), id, i) => written.push((id, i)),
-            (result, id, _) => {
-                assert_eq!(result, refused("idempotency_claim_lost"));
-                assert_eq!(h.store().get(id).await.unwrap(), None);
-            }
-        }
-    }
-    assert_eq!(written.len(), 1, "one payment per key");
-    let (id, i) = written[0];
-    assert_eq!(h.payment_of_key(&subject(), &key("k")).await, Some(id));
-    assert_eq!(
-        h.store().claim(&subject(), &key("k"), fp, t0()).await.unwrap(),
-        Some(Record::Completed { fingerprint: fp, response: vec![i] })
-    );
-    assert_eq!(h.store().unpublished(100).await.unwrap().len(), 1);
+    concurrent_inserts_of_one_key_exactly_one_writes(&h, fresh).await;
 }
 
 async fn contract_lookup_reads_the_record_and_never_claims_nor_takes_over<H: Harness>(h: H) {
@@ -683,14 +656,24 @@ async fn contract_purge_deletes_only_records_created_before_the_cutoff<H: Harnes
 /// A completion for a key another payment's insert is racing on: many inserts, each with its own
 /// payment, try to complete ONE claim at once; exactly one payment (and one event) exists after.
 async fn contract_of_concurrent_inserts_completing_one_claim_exactly_one_writes<H: Harness>(h: H) {
+    assert_eq!(h.store().claim(&subject(), &key("k"), fingerprint("a"), t0()).await.unwrap(), None);
+    concurrent_inserts_of_one_key_exactly_one_writes(&h, completion).await;
+}
+
+/// Ten inserts, each with its own payment and the completion `of` key "k" (fingerprint "a"), race;
+/// exactly one payment (and one event) exists after, the key names it and replays its response,
+/// and every loser was refused `idempotency_claim_lost` and wrote nothing.
+async fn concurrent_inserts_of_one_key_exactly_one_writes<H: Harness>(
+    h: &H,
+    of: fn(&str, Fingerprint, &[u8]) -> IdempotencyCompletion,
+) {
     let fp = fingerprint("a");
-    assert_eq!(h.store().claim(&subject(), &key("k"), fp, t0()).await.unwrap(), None);
     let mut tasks = Vec::new();
     for i in 0..10u8 {
         let store = h.store().clone();
         tasks.push(tokio::spawn(async move {
             let (p, e) = payment();
-            let result = store.insert_with_event(&p, &e, &[], Some(&completion("k", fp, &[i]))).await;
+            let result = store.insert_with_event(&p, &e, &[], Some(&of("k", fp, &[i]))).await;
             (result, p.id, i)
         }));
     }
