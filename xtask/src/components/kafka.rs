@@ -112,8 +112,9 @@ impl Component for Kafka {
         process::run(
             self.java(ctx)
                 .args(["kafka.tools.StorageTool", "format", "--standalone", "--ignore-formatted"])
-                .arg("--cluster-id")
-                .arg(cluster_id()?)
+                // One argument: a base64url id may start with `-` (1 in 64), which the tool's
+                // parser would otherwise read as an option (CI failed on such an id).
+                .arg(format!("--cluster-id={}", cluster_id()?))
                 .arg("--config")
                 .arg(self.properties(ctx)),
         )
