@@ -76,6 +76,8 @@ fn parse_request(wire: &wire::SettleRequest) -> Result<SettlementRequest, Status
             amount: Amount::parse(&wire.amount, currency, AmountPolicy::default()).map_err(|_| invalid("amount"))?,
         },
         outcome_event_id: EventId::parse(&wire.outcome_event_id).map_err(|_| invalid("outcome_event_id"))?,
+        // This node's tests settle without trace context.
+        outcome_headers: Vec::new(),
     })
 }
 
@@ -127,6 +129,7 @@ mod tests {
                 amount: Amount::parse("1.234", currency, AmountPolicy::default()).unwrap(),
             },
             outcome_event_id: EventId::from_uuid(id(5)),
+            outcome_headers: Vec::new(),
         };
         assert_eq!(parse_request(&to_wire(&request)).unwrap(), request);
         let bad = wire::SettleRequest { amount: "1.2345".into(), ..to_wire(&request) };

@@ -105,6 +105,7 @@ fn transfer(from: AccountId, to: AccountId, minor: i64) -> SettlementRequest {
             amount: Amount::new(Decimal::new(minor, 2), eur(), AmountPolicy::default()).expect("valid"),
         },
         outcome_event_id: SeededIds.event_id(),
+        outcome_headers: Vec::new(),
     }
 }
 

@@ -264,6 +264,7 @@ fn plan_transfers(accounts: &[(AccountId, Currency)]) -> Vec<SettlementRequest> 
                     amount: Amount::new(value, currency, AmountPolicy::default()).expect("valid amount"),
                 },
                 outcome_event_id: SeededIds.event_id(),
+                outcome_headers: Vec::new(),
             }
         })
         .collect()

@@ -18,7 +18,9 @@
 //!
 //! Tracing (SPEC §8): every consumed record gets an `account.settle` consumer span whose parent is
 //! the trace context in the record's headers (the payment service's publish), so a payment's trace
-//! runs on into its settlement. The spans live until the round's store transaction committed and
+//! runs on into its settlement; the outcome event it settles into carries that span's
+//! `traceparent` (`SettlementRequest::outcome_headers`), so the trace runs on into the outcome's
+//! consumers. The spans live until the round's store transaction committed and
 //! its dead letters are durable; the store calls of the round run in an `account.settle_batch`
 //! span of their own (one transaction covers events of many traces).
 //!
@@ -48,8 +50,8 @@ use securepay_core::topology::topic;
 use securepay_kit::trace::{self, names};
 use securepay_ports::ledger::{ACCOUNTS_LEN_MAX, SETTLE_BATCH_LEN_MAX};
 use securepay_ports::{
-    BalanceCache, CachedBalance, Clock, ConsumedRecord, EventConsumer, EventLog, Ids, LedgerStore, OutgoingRecord,
-    PortError, PortResult, SettlementRequest, SettlementResult, TopicPartitionOffset,
+    BalanceCache, CachedBalance, Clock, ConsumedRecord, EventConsumer, EventLog, Header, Ids, LedgerStore,
+    OutgoingRecord, PortError, PortResult, SettlementRequest, SettlementResult, TopicPartitionOffset,
 };
 use securepay_proto::convert::decode_initiated;
 use time::OffsetDateTime;
@@ -281,10 +283,9 @@ impl<L: LedgerStore, C: BalanceCache> Settler<L, C> {
         for record in records {
             match decode_initiated(&record.payload, self.config.amount_policy) {
                 Ok(event) => {
-                    if let Some(span) = spans.get(&record.position) {
-                        span.record("payment_id", tracing::field::display(event.payment_id));
-                        span.record("event_id", tracing::field::display(event.event_id));
-                    }
+                    let span = spans.get(&record.position).cloned().unwrap_or_else(tracing::Span::none);
+                    span.record("payment_id", tracing::field::display(event.payment_id));
+                    span.record("event_id", tracing::field::display(event.event_id));
                     requests.push(SettlementRequest {
                         event_id: event.event_id,
                         transfer: Transfer {
@@ -294,6 +295,7 @@ impl<L: LedgerStore, C: BalanceCache> Settler<L, C> {
                             amount: event.amount,
                         },
                         outcome_event_id: self.ids.event_id(),
+                        outcome_headers: outcome_headers(&span, record),
                     });
                     sources.push(record);
                 }
@@ -507,6 +509,18 @@ fn settle_span(record: &ConsumedRecord) -> tracing::Span {
     span
 }
 
+/// The headers of the outcome event that settling `record` writes: the trace context of its
+/// `account.settle` span, so the outcome's consumers (`payment.outcome`, `notification.record`)
+/// continue the payment's trace. Without an OpenTelemetry layer (simulation) the span has none;
+/// then the trace context `record` came with is passed on, so the outcome stays in its trace.
+fn outcome_headers(span: &tracing::Span, record: &ConsumedRecord) -> Vec<Header> {
+    let headers = trace::headers_for_span(span);
+    if !headers.is_empty() {
+        return headers;
+    }
+    record.headers.iter().filter(|(name, _)| trace::is_trace_header(name)).cloned().collect()
+}
+
 fn refusal_reason(error: &PortError) -> &'static str {
     match error {
         PortError::Refused { rule } => rule,
@@ -676,6 +690,10 @@ mod tests {
         assert_eq!(round.commit.len(), 1);
         assert_eq!(round.commit[0].offset, 4, "the highest offset of the round");
         assert_eq!(w.store.ledger().balance(w.bob), Some(Decimal::from(5)));
+        // No OpenTelemetry layer here (as in simulation): each outcome keeps its payment's trace.
+        let outcomes = w.store.unpublished(10).await.unwrap();
+        assert_eq!(outcomes.len(), 5);
+        assert!(outcomes.iter().all(|e| e.headers == [("traceparent".to_owned(), "00-t".to_owned())]), "{outcomes:?}");
     }
 
     #[tokio::test]

@@ -1,7 +1,9 @@
 //! The account service's spans (SPEC §8) as OpenTelemetry sees them: `account.check_balance` is a
 //! server span continuing the caller's `traceparent` from the gRPC metadata, with `cache.lookup`
 //! and (on a miss) `db.balance_read` as its children; each consumed `payment.initiated` record is
-//! settled in an `account.settle` consumer span continuing the trace in the record's headers.
+//! settled in an `account.settle` consumer span continuing the trace in the record's headers, and
+//! the outcome event it settles into carries THAT span's `traceparent`, so the outcome's consumers
+//! stay in the payment's trace.
 //!
 //! Own test binary: it installs a GLOBAL subscriber (the services' log and trace layers, the W3C
 //! propagator) that exports spans to memory. The service logic runs over the in-memory ports: the
@@ -22,7 +24,7 @@ use securepay_core::money::Currency;
 use securepay_kit::PeerSvid;
 use securepay_kit::trace::names;
 use securepay_memory::{MemoryBalanceCache, MemoryEventLog, MemoryLedgerStore, SeededIds, SimClock};
-use securepay_ports::{Clock, ConsumedRecord, Svid, TopicPartitionOffset};
+use securepay_ports::{Clock, ConsumedRecord, Outbox, Svid, TopicPartitionOffset};
 use securepay_proto::account::v1::CheckBalanceRequest;
 use securepay_proto::account::v1::account_service_server::AccountService;
 use tracing_subscriber::layer::SubscriberExt;
@@ -136,4 +138,52 @@ async fn each_settled_record_is_a_consumer_span_in_its_producers_trace() {
     let payment_id =
         settle[0].attributes.iter().find(|kv| kv.key.as_str() == "payment_id").map(|kv| kv.value.to_string());
     assert_eq!(payment_id, Some(payment.payment_id.to_string()));
+}
+
+#[tokio::test]
+async fn each_outcome_event_carries_the_traceparent_of_the_span_that_settled_it() {
+    spans();
+    let (alice, bob) = (AccountId::from_uuid(uuid::Uuid::new_v4()), AccountId::from_uuid(uuid::Uuid::new_v4()));
+    let ledger = ledger_with(&[(alice, "alice", "50.00"), (bob, "bob", "0.00")]);
+    let settler = Settler {
+        ledger: Arc::clone(&ledger),
+        cache: Arc::new(MemoryBalanceCache::new()),
+        dlq: Arc::new(MemoryEventLog::new()),
+        ids: Arc::new(SeededIds),
+        clock: Arc::new(SimClock),
+        config: SettlementConfig::production(),
+    };
+    // One round, two payments of two traces; the second cannot be afforded (a `payment.failed`).
+    let payments =
+        [Payment::new(alice, bob, "12.00", "EUR", "alice"), Payment::new(alice, bob, "99.00", "EUR", "alice")];
+    let traces: Vec<TraceId> =
+        payments.iter().map(|_| TraceId::from_hex(&uuid::Uuid::new_v4().simple().to_string()).unwrap()).collect();
+    let records: Vec<ConsumedRecord> = payments
+        .iter()
+        .zip(&traces)
+        .enumerate()
+        .map(|(offset, (payment, trace))| {
+            let outgoing = payment.record("payment.initiated");
+            ConsumedRecord {
+                position: TopicPartitionOffset { topic: outgoing.topic, partition: 0, offset: offset as i64 },
+                key: outgoing.key,
+                payload: outgoing.payload,
+                headers: vec![("traceparent".into(), format!("00-{trace}-{CALLER_SPAN}-01"))],
+            }
+        })
+        .collect();
+    let round = settler.settle_round(&records, &mut Shutdown::never()).await.unwrap();
+    assert_eq!(round.settled.len(), 2);
+
+    let outbox = ledger.unpublished(10).await.unwrap();
+    let topics: Vec<&str> = outbox.iter().map(|e| e.topic.as_str()).collect();
+    assert_eq!(topics, ["payment.completed", "payment.failed"]);
+    for (event, trace) in outbox.iter().zip(&traces) {
+        let settle = finished_in(*trace);
+        let settle = named(&settle, names::ACCOUNT_SETTLE);
+        assert_eq!(settle.len(), 1, "one settle span in trace {trace}");
+        let expected = format!("00-{trace}-{}-01", settle[0].span_context.span_id());
+        let carried = event.headers.iter().find(|(name, _)| name == "traceparent").map(|(_, value)| value.as_str());
+        assert_eq!(carried, Some(expected.as_str()), "{} continues its own settle span", event.topic);
+    }
 }

@@ -144,7 +144,8 @@ pub fn relay_headers(event_headers: &[Header], publish: &tracing::Span) -> Vec<H
     headers
 }
 
-fn is_trace_header(name: &str) -> bool {
+/// True for the W3C trace-context header names ([`TRACEPARENT`], [`TRACESTATE`]), in any case.
+pub fn is_trace_header(name: &str) -> bool {
     name.eq_ignore_ascii_case(TRACEPARENT) || name.eq_ignore_ascii_case(TRACESTATE)
 }
 

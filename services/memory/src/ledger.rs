@@ -11,7 +11,8 @@
 //!   before is `Settled::Duplicate(first verdict)` and writes nothing (no money, no outbox event);
 //! - the verdict is `securepay_core::ledger`'s, the one settlement rule;
 //! - each new settlement puts exactly one outcome event (`events.v1.PaymentCompleted` or
-//!   `PaymentFailed`, protobuf) in the outbox, in commit order.
+//!   `PaymentFailed`, protobuf) in the outbox, in commit order, with its request's
+//!   `outcome_headers` (one value per header name, the last given, as a PostgreSQL row holds them).
 //!
 //! PLANTED BUGS (feature `planted-bugs`, simulator only; off unless switched on): with
 //! [`MemoryLedgerStore::plant_skip_dedupe`] a redelivered event is applied again; with
@@ -181,11 +182,17 @@ impl LedgerSnapshot {
                 topic: event.topic().to_owned(),
                 key: event.payment_id.to_string(),
                 payload: securepay_proto::convert::encode_settled(&event),
-                headers: Vec::new(),
+                headers: outbox_headers(&request.outcome_headers),
             },
             published: false,
         });
     }
+}
+
+/// Headers as an outbox row keeps them: one value per name (the last given), in name order, the
+/// way `PgLedgerStore`'s JSON object column reads back.
+fn outbox_headers(headers: &[(String, String)]) -> Vec<(String, String)> {
+    headers.iter().cloned().collect::<BTreeMap<String, String>>().into_iter().collect()
 }
 
 #[async_trait]
@@ -297,6 +304,7 @@ mod tests {
                 amount: Amount::parse(amount, eur(), AmountPolicy::default()).unwrap(),
             },
             outcome_event_id: EventId::from_uuid(id(2000 + n)),
+            outcome_headers: vec![("traceparent".into(), format!("00-{:032x}-{:016x}-01", n, n))],
         }
     }
 
@@ -331,6 +339,7 @@ mod tests {
         );
         let event = wire::PaymentCompleted::decode(outbox[0].payload.as_slice()).unwrap();
         assert_eq!(event.event_id, r.outcome_event_id.to_string());
+        assert_eq!(outbox[0].headers, r.outcome_headers, "its settling span's trace context");
         assert_eq!(event.amount.map(|m| (m.amount, m.currency)), Some(("30.25".into(), "EUR".into())));
     }
 

@@ -10,6 +10,7 @@ use securepay_core::payment::Outcome;
 use time::OffsetDateTime;
 
 use crate::error::{PortError, PortResult};
+use crate::event_log::Header;
 use crate::outbox::Outbox;
 
 /// Most requests one `settle` call accepts: bounds a batch's locks and its transaction's duration.
@@ -40,6 +41,10 @@ pub struct SettlementRequest {
     /// Event id of the outcome event (`payment.completed`/`failed`) written if this settles now.
     /// Minted by the caller; when the request turns out to be a duplicate it is simply unused.
     pub outcome_event_id: EventId,
+    /// Headers stored with the outcome event and published with it: the W3C trace context
+    /// (`traceparent`) of the span that settled this request, so the outcome's consumers continue
+    /// the payment's trace. Empty when there is none.
+    pub outcome_headers: Vec<Header>,
 }
 
 impl SettlementRequest {
@@ -72,7 +77,8 @@ pub trait LedgerStore: Outbox {
     /// was processed before (`Settled::Duplicate` with the first verdict); else decide by
     /// `securepay_core::ledger::verdict` against the committed balances, debit the payer only if
     /// funds suffice (a CHECK ≥ 0 is the last guard), credit the payee, write two ledger rows,
-    /// record the event as processed and put the outcome event in the outbox. The whole batch
+    /// record the event as processed and put the outcome event in the outbox with the request's
+    /// `outcome_headers` (each request its own). The whole batch
     /// commits or none of it does; an `Err` means nothing was written. Results are in request order.
     async fn settle(&self, batch: &[SettlementRequest], now: OffsetDateTime) -> PortResult<Vec<SettlementResult>>;
 

@@ -12,7 +12,9 @@
 //! 4. then ONE statement per table for the whole batch: the net balance change of each touched
 //!    account (`UPDATE ... FROM unnest`, a payer's only `WHERE balance + delta >= 0`; every touched
 //!    row must be updated or the batch fails — the database wins over the model), the processed
-//!    rows, the two ledger rows of each COMPLETED settlement, and the outcome events in batch order.
+//!    rows, the two ledger rows of each COMPLETED settlement, and the outcome events in batch order,
+//!    each with its request's `outcome_headers` (its settling span's `traceparent`) as the row's
+//!    `headers` object.
 //!
 //! A request the rule refuses (unknown account, currency mismatch, no funds) gets its FAILED verdict
 //! and never aborts the batch. Deadlocks, serialization failures and a concurrent settlement of the
@@ -33,6 +35,7 @@ use securepay_ports::{
     AccountView, LedgerStore, Outbox, OutboxEvent, PortError, PortResult, SettlementRequest, SettlementResult,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::types::Json;
 use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -199,8 +202,7 @@ impl Outbox for PgLedgerStore {
         .map_err(port_error)?;
         rows.iter()
             .map(|row| {
-                let headers: sqlx::types::Json<BTreeMap<String, String>> =
-                    row.try_get("headers").map_err(|_| corrupt("outbox headers"))?;
+                let headers: HeadersJson = row.try_get("headers").map_err(|_| corrupt("outbox headers"))?;
                 Ok(OutboxEvent {
                     sequence: row.try_get("id").map_err(port_error)?,
                     topic: row.try_get("topic").map_err(port_error)?,
@@ -251,6 +253,9 @@ async fn lock_accounts(
     Ok(accounts)
 }
 
+/// An outbox row's headers as its `jsonb` object: one value per header name (the last given).
+type HeadersJson = Json<BTreeMap<String, String>>;
+
 /// The writes of a batch's new settlements, gathered while deciding them in order, then written
 /// as one statement per table ([`Writes::apply`]): a batch costs five statements, not five per
 /// payment.
@@ -261,8 +266,8 @@ struct Writes {
     processed: Vec<(Uuid, Uuid, &'static str, Option<&'static str>)>,
     /// (payment, account, direction, amount, currency).
     entries: Vec<(Uuid, Uuid, &'static str, Decimal, &'static str)>,
-    /// (event id, topic, key, payload).
-    outbox: Vec<(Uuid, &'static str, String, Vec<u8>)>,
+    /// (event id, topic, key, payload, headers).
+    outbox: Vec<(Uuid, &'static str, String, Vec<u8>, HeadersJson)>,
 }
 
 impl Writes {
@@ -299,6 +304,8 @@ impl Writes {
             event.topic(),
             event.payment_id.to_string(),
             securepay_proto::convert::encode_settled(&event),
+            // The settling span's trace context: the outcome's consumers continue the payment's trace.
+            Json(request.outcome_headers.iter().cloned().collect()),
         ));
         outcome
     }
@@ -360,16 +367,17 @@ impl Writes {
         }
         // In batch order, so the relay publishes the outcomes in the order they were decided.
         sqlx::query(
-            "INSERT INTO accounts.outbox (event_id, topic, key, payload, created_at) \
-             SELECT event_id, topic, key, payload, $5 \
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[]) WITH ORDINALITY \
-                  AS o(event_id, topic, key, payload, n) \
+            "INSERT INTO accounts.outbox (event_id, topic, key, payload, headers, created_at) \
+             SELECT event_id, topic, key, payload, headers, $6 \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::jsonb[]) WITH ORDINALITY \
+                  AS o(event_id, topic, key, payload, headers, n) \
              ORDER BY n",
         )
         .bind(self.outbox.iter().map(|o| o.0).collect::<Vec<Uuid>>())
         .bind(self.outbox.iter().map(|o| o.1).collect::<Vec<&str>>())
         .bind(self.outbox.iter().map(|o| o.2.as_str()).collect::<Vec<&str>>())
         .bind(self.outbox.iter().map(|o| o.3.as_slice()).collect::<Vec<&[u8]>>())
+        .bind(self.outbox.iter().map(|o| o.4.clone()).collect::<Vec<_>>())
         .bind(now)
         .execute(&mut **tx)
         .await?;

@@ -66,7 +66,13 @@ fn request(from: AccountId, to: AccountId, value: &str, currency: &str) -> Settl
             amount: amount(value, currency),
         },
         outcome_event_id: EventId::from_uuid(Uuid::new_v4()),
+        outcome_headers: vec![("traceparent".to_owned(), traceparent())],
     }
+}
+
+/// A fresh W3C traceparent: each request is settled in a span of its own trace.
+fn traceparent() -> String {
+    format!("00-{}-{}-01", Uuid::new_v4().simple(), &Uuid::new_v4().simple().to_string()[..16])
 }
 
 fn unknown_account() -> AccountId {
@@ -305,6 +311,41 @@ async fn contract_outbox_events_stay_unpublished_until_marked_in_sequence_order<
     assert!(h.store().unpublished(100).await.unwrap().is_empty());
 }
 
+async fn contract_each_outcome_event_carries_the_headers_of_its_own_request<H: Harness>(h: H) {
+    let payer = h.open("EUR", "10.00").await;
+    let payee = h.open("EUR", "0").await;
+    let mut batch = vec![
+        request(payer, payee, "4.00", "EUR"),
+        request(payer, payee, "7.00", "EUR"),
+        request(payer, payee, "6.00", "EUR"),
+    ];
+    batch[2].outcome_headers.push(("tracestate".to_owned(), "securepay=1".to_owned()));
+    // A second event of the first payment, settled in a span of another trace: a duplicate.
+    let again = SettlementRequest {
+        event_id: EventId::from_uuid(Uuid::new_v4()),
+        outcome_event_id: EventId::from_uuid(Uuid::new_v4()),
+        outcome_headers: vec![("traceparent".to_owned(), traceparent())],
+        ..batch[0].clone()
+    };
+    batch.push(again);
+    let settled: Vec<Settled> = h.store().settle(&batch, now()).await.unwrap().into_iter().map(|r| r.settled).collect();
+    let completed = Settled::New(Outcome::Completed);
+    assert_eq!(settled, [completed, Settled::New(INSUFFICIENT), completed, Settled::Duplicate(Outcome::Completed)]);
+
+    let outbox = h.store().unpublished(100).await.unwrap();
+    let topics: Vec<&str> = outbox.iter().map(|e| e.topic.as_str()).collect();
+    assert_eq!(topics, ["payment.completed", "payment.failed", "payment.completed"], "the duplicate writes none");
+    for (event, request) in outbox.iter().zip(&batch) {
+        let mut expected = request.outcome_headers.clone();
+        expected.sort();
+        assert_eq!(
+            event.headers, expected,
+            "the outcome of {} keeps its own trace context",
+            request.transfer.payment_id
+        );
+    }
+}
+
 async fn contract_an_oversized_batch_or_a_payment_to_oneself_is_refused_and_writes_nothing<H: Harness>(h: H) {
     let payer = h.open("EUR", "1000.00").await;
     let payee = h.open("EUR", "0").await;
@@ -336,6 +377,7 @@ securepay_testkit::contract_suite! {
         contract_a_batch_with_one_bad_request_still_settles_the_others,
         contract_a_mixed_batch_conserves_the_sum_of_balances_and_decides_in_order,
         contract_outbox_events_stay_unpublished_until_marked_in_sequence_order,
+        contract_each_outcome_event_carries_the_headers_of_its_own_request,
         contract_an_oversized_batch_or_a_payment_to_oneself_is_refused_and_writes_nothing,
     ],
     implementations: { memory => memory_harness, postgres => pg_harness },
