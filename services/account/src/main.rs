@@ -129,6 +129,11 @@ mod real {
         let batch_len = batch_len()?;
 
         tracing::info!(service = SERVICE, version = env!("CARGO_PKG_VERSION"), %listen, %admin, batch_len, "starting");
+        // The recorder first: the identity exports its SVID's expiry as soon as it has one.
+        let metrics = securepay_runtime::install_metrics().context("cannot install the metrics recorder")?;
+        securepay_kit::metrics::register_known_series(SERVICE);
+        securepay_account::metrics::register_known_series();
+
         // Fail closed: no SVID, no service (the error names the agent and the SPIFFE ID).
         let identity = WorkloadIdentity::from_env(ServiceIdentity::AccountService).await?;
         tracing::info!(service = SERVICE, spiffe_id = ServiceIdentity::AccountService.spiffe_id(), "SVID obtained");
@@ -139,10 +144,6 @@ mod real {
                 "TESTS ONLY: {NAME_SUFFIX_ENV} renames every topic and the consumer group"
             );
         }
-
-        let metrics = securepay_runtime::install_metrics().context("cannot install the metrics recorder")?;
-        securepay_kit::metrics::register_known_series(SERVICE);
-        securepay_account::metrics::register_known_series();
 
         let ledger = Arc::new(PgLedgerStore::connect(pg_options, PG_CONNECTIONS_MAX).await.map_err(|_| {
             anyhow!("cannot connect to PostgreSQL as account_service: check SECUREPAY_PG_ADDR, SECUREPAY_PG_DATABASE and the password file in SECUREPAY_SECRETS_DIR")

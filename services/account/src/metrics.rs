@@ -8,7 +8,7 @@
 //! - `securepay_account_settle_batch_events`: events per settled batch.
 //! - `securepay_account_cache_invalidation_failures_total`: invalidations Redis did not take (the
 //!   short TTL then bounds how long a stale balance is served).
-//! - `securepay_grpc_requests_total` of both methods is exported at zero from start-up.
+//! - The gRPC RED series of both methods are exported from start-up (`register_grpc_method`).
 //! - Dead letters: `securepay_dead_letters_total{topic,reason}` (`securepay_kit::metrics::dead_letter`).
 
 use std::time::Duration;
@@ -53,8 +53,6 @@ pub fn register_known_series() {
     }
     counter!(CACHE_INVALIDATION_FAILURES).increment(0);
     for method in [method::CHECK_BALANCE, method::GET_BALANCE] {
-        let code = format!("{:?}", tonic::Code::Ok); // as `securepay_kit::metrics::grpc_request` labels it
-        counter!(securepay_kit::metrics::GRPC_REQUESTS, "service" => SERVICE, "method" => method, "code" => code)
-            .increment(0);
+        securepay_kit::metrics::register_grpc_method(SERVICE, method);
     }
 }

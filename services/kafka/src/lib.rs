@@ -7,7 +7,10 @@
 //! redelivery, never loss. rdkafka errors become [`PortError`]s in one place ([`unavailable`]): the
 //! driver text goes to the log, never into `Display`.
 //!
-//! Architecture invariant: depends on the ports only; the simulator (`--cfg madsim`) never builds
+//! Every consumer exports its lag per partition (`securepay_consumer_lag_records`, see
+//! `securepay_kit::metrics`) from librdkafka's statistics, on the thread that polls it.
+//!
+//! Architecture invariant: depends on the ports (and `kit`'s metric names) only; the simulator (`--cfg madsim`) never builds
 //! rdkafka and uses `securepay_memory::MemoryEventLog` instead, checked by the same contract suite
 //! (`tests/event_log_contract.rs`).
 

@@ -24,6 +24,15 @@ pub fn grpc_request(service: &'static str, method: &'static str, code: tonic::Co
     histogram!(GRPC_REQUEST_DURATION, "service" => service, "method" => method).record(elapsed.as_secs_f64());
 }
 
+/// Exports a served gRPC method's RED series before its first call (its `Ok` count at 0, its latency
+/// histogram with empty buckets), so `rate()` over them has samples from start-up.
+pub fn register_grpc_method(service: &'static str, method: &'static str) {
+    let code = format!("{:?}", tonic::Code::Ok); // as `grpc_request` labels it
+    counter!(GRPC_REQUESTS, "service" => service, "method" => method, "code" => code).increment(0);
+    // Taking the handle registers the histogram; the Prometheus exporter renders it from then on.
+    let _ = histogram!(GRPC_REQUEST_DURATION, "service" => service, "method" => method);
+}
+
 /// A refused caller (`reason` e.g. `svid_missing`, `peer_not_allowed`, `object_forbidden`).
 pub fn auth_failure(reason: &'static str) {
     counter!(AUTH_FAILURES, "reason" => reason).increment(1);
@@ -32,6 +41,13 @@ pub fn auth_failure(reason: &'static str) {
 /// Outbox rows not yet published, as last seen by the relay.
 pub fn outbox_lag(service: &'static str, events: usize) {
     gauge!(OUTBOX_LAG, "service" => service).set(events as f64);
+}
+
+/// Records of one partition the consumer `group` has not committed past (high watermark − committed
+/// offset), as last reported by the consumer's client.
+pub fn consumer_lag(group: &str, topic: &str, partition: i32, records: i64) {
+    let (group, topic, partition) = (group.to_owned(), topic.to_owned(), partition.to_string());
+    gauge!(CONSUMER_LAG, "group" => group, "topic" => topic, "partition" => partition).set(records as f64);
 }
 
 /// A record sent to a dead-letter topic instead of being processed.

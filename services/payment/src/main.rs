@@ -190,12 +190,13 @@ mod real {
             );
         }
 
+        // The recorder first: the identity exports its SVID's expiry as soon as it has one.
+        let metrics = securepay_runtime::install_metrics().context("cannot install the metrics recorder")?;
+        securepay_payment::metrics::register_known_series();
+
         // No SVID, no service: the identity error is the one line saying why.
         let identity = WorkloadIdentity::from_env(ServiceIdentity::PaymentService).await?;
         tracing::info!(service = SERVICE, spiffe_id = ServiceIdentity::PaymentService.spiffe_id(), "SVID obtained");
-
-        let metrics = securepay_runtime::install_metrics().context("cannot install the metrics recorder")?;
-        securepay_payment::metrics::register_known_series();
 
         let store = Arc::new(PgPaymentStore::connect(pg_options, PG_CONNECTIONS_MAX).await.map_err(|_| {
             anyhow!("cannot connect to PostgreSQL as payment_service: check SECUREPAY_PG_ADDR, SECUREPAY_PG_DATABASE and the password file in SECUREPAY_SECRETS_DIR")

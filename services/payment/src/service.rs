@@ -345,7 +345,7 @@ where
         }
         .instrument(span.clone())
         .await;
-        record("InitiatePayment", &result, started);
+        record(method::INITIATE_PAYMENT, &result, started);
         result
     }
 
@@ -360,7 +360,7 @@ where
         }
         .instrument(span)
         .await;
-        record("GetPayment", &result, started);
+        record(method::GET_PAYMENT, &result, started);
         result
     }
 }

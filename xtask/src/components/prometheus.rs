@@ -1,6 +1,7 @@
 //! Prometheus from Debian's `prometheus` package; its config is generated from
 //! `xtask/templates/prometheus.yml` with every service's and component's metrics endpoint, and
-//! the alert rules in `observability/prometheus/rules/*.yml` when that directory exists.
+//! the alert rules in `observability/prometheus/rules/*.yml` when that directory exists. Also the
+//! `promtool` checks `cargo xtask test` runs on the repository's Prometheus files.
 
 use std::process::Command;
 
@@ -16,6 +17,41 @@ use crate::{fsutil, net, process};
 pub const PORT: Port = Port { key: "PROMETHEUS", dev: 9090 };
 const TEMPLATE: &str = include_str!("../../templates/prometheus.yml");
 const RULES_DIR: &str = "observability/prometheus/rules";
+/// promtool unit tests of the alert rules (outside `RULES_DIR`, which Prometheus loads whole).
+const RULE_TESTS_DIR: &str = "observability/prometheus/tests";
+/// The Prometheus config compose runs (the runner's own is generated, and checked by Prometheus).
+const COMPOSE_CONFIG: &str = "observability/prometheus/prometheus.yml";
+
+/// The `promtool` commands that check the repository's Prometheus files, run from the workspace
+/// root: every rule file parses, every unit test of the alerts passes, compose's config is valid.
+pub fn promtool_checks(ctx: &Ctx) -> Result<Vec<Command>> {
+    let promtool = which("promtool").context("promtool is not installed (Debian package prometheus)")?;
+    let command = |args: &[&str], files: Vec<String>| {
+        let mut cmd = Command::new(&promtool);
+        cmd.args(args).args(files);
+        cmd
+    };
+    Ok(vec![
+        command(&["check", "rules"], yml_files(ctx, RULES_DIR)?),
+        command(&["test", "rules"], yml_files(ctx, RULE_TESTS_DIR)?),
+        command(&["check", "config"], vec![COMPOSE_CONFIG.to_string()]),
+    ])
+}
+
+/// The `*.yml` files of `dir` (relative to the workspace root, sorted); an empty dir is an error.
+fn yml_files(ctx: &Ctx, dir: &str) -> Result<Vec<String>> {
+    let entries = std::fs::read_dir(ctx.root.join(dir)).with_context(|| format!("reading {dir}"))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".yml") {
+            files.push(format!("{dir}/{name}"));
+        }
+    }
+    files.sort();
+    anyhow::ensure!(!files.is_empty(), "no *.yml file in {dir}");
+    Ok(files)
+}
 
 pub struct Prometheus;
 
