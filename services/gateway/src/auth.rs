@@ -269,13 +269,16 @@ impl Authenticator {
         if key.algorithm != header.alg {
             return Err(AuthFailure::Invalid);
         }
-        // Signature, iss, aud and the presence of exp by the library; times on our clock.
+        // Signature, iss and aud by the library; exp (required by `Claims`) and nbf read by
+        // `seconds` and checked on our clock. Not "exp" among the library's required claims: it
+        // counts an exp as present only if it is a whole u64, so an RFC 7519 NumericDate with a
+        // fraction (`1767225600.5`) was refused as invalid (found by tests/fuzz.rs).
         let mut validation = Validation::new(key.algorithm);
         validation.validate_exp = false;
         validation.validate_nbf = false;
         validation.set_issuer(&[self.config.issuer.as_str()]);
         validation.set_audience(&[self.config.audience.as_str()]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.set_required_spec_claims(&["iss", "aud", "sub"]);
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|_| AuthFailure::Invalid)?;
         let exp = seconds(&data.claims.exp).ok_or(AuthFailure::Invalid)?;
         let nbf = data.claims.nbf.as_ref().map(|nbf| seconds(nbf).ok_or(AuthFailure::Invalid)).transpose()?;

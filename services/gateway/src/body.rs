@@ -57,6 +57,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     if nesting_exceeds(bytes, JSON_DEPTH_MAX) {
         return Err(Problem::bad_request("invalid_json", "the JSON body is nested too deeply"));
     }
+    // Syntax first: decoding into `T` stops at the first missing or unknown field, before it has
+    // seen the rest, so a broken body would be named `invalid_request` (found by tests/fuzz.rs).
+    if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_err() {
+        return Err(Problem::bad_request("invalid_json", "the body is not valid JSON"));
+    }
     serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
