@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         root.join("payment/v1/payment.proto"),
         root.join("account/v1/account.proto"),
+        root.join("notification/v1/notification.proto"),
         root.join("events/v1/events.proto"),
     ];
     for proto in &protos {

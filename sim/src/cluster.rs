@@ -5,7 +5,7 @@
 //! - [`start`] runs, on the nodes of [`Infra`], the code production runs: the payment node serves
 //!   `PaymentService` (with `AccountClient` towards the account node) and runs its outbox relay and
 //!   `run_outcome_consumer`; the account node serves `AccountGrpc` and runs `run_settlement` and its
-//!   relay; the notification node runs `run_consumer`. Every gRPC server is wrapped in the SVID
+//!   relay; the notification node runs `run_consumer` and serves `NotificationGrpc`. Every gRPC server is wrapped in the SVID
 //!   interceptor and the invariant's audit ([`ServicePorts::audited`]); every client call carries the
 //!   node's simulated SVID. Stores, cache and broker are the remote twins of [`crate::remote`].
 //! - a node killed and restarted rebuilds its service from the durable stores: everything that lived
@@ -53,6 +53,7 @@ use securepay_memory::SeededIds;
 use securepay_payment::{AccountClient, AccountClientConfig, ConsumerConfig, PaymentService, ServiceConfig};
 use securepay_ports::{EventLog, Ids, Outbox, PortResult};
 use securepay_proto::account::v1::account_service_server::AccountServiceServer;
+use securepay_proto::notification::v1::notification_service_server::NotificationServiceServer;
 use securepay_proto::payment::v1::payment_service_server::PaymentServiceServer;
 use tokio::time::{Instant, sleep};
 use tonic::transport::Server;
@@ -174,21 +175,35 @@ async fn account_node(ports: ServicePorts) {
         .expect("the account node serves gRPC");
 }
 
-/// The notification service: its consumer (the HTTP read side is real-mode only).
+/// The notification service: its consumer, and gRPC notification.v1 (the gateway's query).
 async fn notification_node(ports: ServicePorts) {
     let config = securepay_notification::ConsumerConfig::default();
     let mut consumer = ports.consumer(&config.group, &config.topics.all());
-    // The sender lives as long as the node: the loop stops only when the node dies.
-    let (_keep, shutdown) = tokio::sync::watch::channel(false);
-    securepay_notification::run_consumer(&ports.notifications, &mut consumer, ports.clock.as_ref(), &config, shutdown)
-        .await;
+    let (store, clock) = (ports.notifications.clone(), Arc::clone(&ports.clock));
+    madsim::task::spawn(async move {
+        // The sender lives as long as the task: the loop stops only when the node dies.
+        let (_keep, shutdown) = tokio::sync::watch::channel(false);
+        securepay_notification::run_consumer(&store, &mut consumer, clock.as_ref(), &config, shutdown).await;
+    });
+    let grpc =
+        securepay_notification::NotificationGrpc::new(Arc::new(ports.notifications.clone()), Arc::clone(&ports.clock));
+    Server::builder()
+        .add_service(ports.audited(NotificationServiceServer::with_interceptor(grpc, ports.server_interceptor())))
+        .serve(addr(Node::Notification))
+        .await
+        .expect("the notification node serves gRPC");
 }
 
-/// The gateway: the production router at [`http_addr`], calling payment and account as the
-/// gateway node (its SVID on every call).
+/// The gateway: the production router at [`http_addr`], calling payment, account and notification
+/// as the gateway node (its SVID on every call).
 async fn gateway_node(ports: ServicePorts) {
     let interceptor = CallInterceptor::new(ports.client_interceptor());
-    let backends = Backends::new(ports.channel(Node::Payment), ports.channel(Node::Account), interceptor);
+    let channels = securepay_gateway::Channels {
+        payment: ports.channel(Node::Payment),
+        account: ports.channel(Node::Account),
+        notification: ports.channel(Node::Notification),
+    };
+    let backends = Backends::new(channels, interceptor);
     // Token times on the node's clock: a `clock_skew` of the gateway reaches its JWT checks.
     let auth = DevIssuer::new().authenticator_on(Arc::clone(&ports.clock));
     let state = AppState::new(edge::gateway_config(), auth, backends, None);

@@ -129,7 +129,7 @@ async fn the_gateway_refuses_every_hostile_probe_and_limits_each_client_ip() {
             };
             // No backend listens there: every probe must be refused before any backend call.
             let nowhere = tonic::transport::Endpoint::from_static("http://10.9.9.9:50051").connect_lazy();
-            let backends = Backends::new(nowhere.clone(), nowhere, CallInterceptor::none());
+            let backends = Backends::new(securepay_gateway::Channels::one(nowhere), CallInterceptor::none());
             let state = AppState::new(config, DevIssuer::new().authenticator(), backends, None);
             serve_router(addr, securepay_gateway::router(state), ServerFaults::new()).await;
         })
@@ -219,7 +219,7 @@ async fn a_gateway_whose_clock_is_skewed_past_the_leeway_refuses_fresh_tokens() 
             let node_clock = node_clock.clone();
             async move {
                 let nowhere = tonic::transport::Endpoint::from_static("http://10.9.9.9:50051").connect_lazy();
-                let backends = Backends::new(nowhere.clone(), nowhere, CallInterceptor::none());
+                let backends = Backends::new(securepay_gateway::Channels::one(nowhere), CallInterceptor::none());
                 let auth = DevIssuer::new().authenticator_on(Arc::new(node_clock));
                 let state = AppState::new(edge::gateway_config(), auth, backends, None);
                 serve_router(addr, securepay_gateway::router(state), ServerFaults::new()).await;

@@ -176,7 +176,6 @@ fn print_first_payment(ctx: &Ctx) {
     }
     let (from, to) = (demo[0], demo[2]);
     let key = crate::services::dev_key_path(ctx);
-    let notification = ctx.port(SERVICES[3].main).unwrap_or(8083);
     let jaeger = ctx.port(crate::components::jaeger::QUERY_PORT).unwrap_or(16686);
     let gw = format!("http://127.0.0.1:{gateway}");
     println!(
@@ -187,7 +186,7 @@ fn print_first_payment(ctx: &Ctx) {
          \x20   -d '{{\"from_account\":\"{}\",\"to_account\":\"{}\",\"amount\":\"10.50\",\"currency\":\"{}\"}}'\n\
          \x20 curl -sS {gw}/api/v1/payments/<payment_id> -H \"Authorization: Bearer $TOKEN\"\n\
          \x20 curl -sS {gw}/api/v1/accounts/{}/balance -H \"Authorization: Bearer $TOKEN\"\n\
-         \x20 curl -sS 'http://127.0.0.1:{notification}/api/v1/notifications?payment_id=<payment_id>'\n\
+         \x20 curl -sS {gw}/api/v1/payments/<payment_id>/notifications -H \"Authorization: Bearer $TOKEN\"\n\
          \x20 traces: http://127.0.0.1:{jaeger}/api/traces?service=api-gateway  metrics: http://127.0.0.1:{prometheus}\n",
         from.owner,
         to.owner,

@@ -27,13 +27,14 @@ const SERVICE_READY_WAIT: Duration = Duration::from_secs(60);
 
 pub struct Service {
     pub identity: ServiceIdentity,
-    /// The port clients call (HTTP for gateway/notification, gRPC for payment/account).
+    /// The port clients call (HTTP for the gateway, gRPC over mTLS for the others).
     pub main: Port,
     /// The admin HTTP port (`/health`, `/metrics`) for gRPC services; `None`: served on `main`.
     pub admin: Option<Port>,
 }
 
-/// SPEC §2. Admin ports are ours: payment 9181, account 9151 (test profile: +10000).
+/// SPEC §2. Admin ports are ours: payment 9181, account 9151, notification 8083 (its gRPC query on
+/// 50052); test profile: +10000.
 pub const SERVICES: [Service; 4] = [
     Service { identity: ServiceIdentity::ApiGateway, main: Port { key: "GATEWAY", dev: 8080 }, admin: None },
     Service {
@@ -48,8 +49,8 @@ pub const SERVICES: [Service; 4] = [
     },
     Service {
         identity: ServiceIdentity::NotificationService,
-        main: Port { key: "NOTIFICATION", dev: 8083 },
-        admin: None,
+        main: Port { key: "NOTIFICATION", dev: 50052 },
+        admin: Some(Port { key: "NOTIFICATION_ADMIN", dev: 8083 }),
     },
 ];
 
@@ -221,7 +222,7 @@ pub fn test_env(ctx: &Ctx) -> Result<Vec<(String, String)>> {
     let [gateway, payment, account, notification] = &SERVICES;
     Ok(vec![
         (var::GATEWAY_URL.into(), url(gateway.main)?),
-        (var::NOTIFICATION_URL.into(), url(notification.main)?),
+        (var::NOTIFICATION_ADMIN_URL.into(), url(notification.admin.expect("notification has an admin port"))?),
         (var::PAYMENT_ADMIN_URL.into(), url(payment.admin.expect("payment has an admin port"))?),
         (var::ACCOUNT_ADMIN_URL.into(), url(account.admin.expect("account has an admin port"))?),
         (var::JWT_DEV_KEY.into(), dev_key_path(ctx).display().to_string()),

@@ -27,12 +27,12 @@ const DB_ROLES: [(&str, &str); 3] =
     [("payment", "payment_service"), ("account", "account_service"), ("notification", "notification_service")];
 /// Where every container finds its password files (`SECUREPAY_SECRETS_DIR`).
 const SECRETS_DIR: &str = "/run/secrets";
-/// SPEC §2 and the seed's port table: compose service → port published on the host.
-const PUBLISHED_PORTS: [(&str, u16); 10] = [
+/// SPEC §2 and the seed's port table: compose service → port published on the host. The
+/// notification service publishes nothing: clients read notifications through the gateway.
+const PUBLISHED_PORTS: [(&str, u16); 9] = [
     ("gateway", 8080),
     ("payment", 8081),
     ("account", 50051),
-    ("notification", 8083),
     ("postgres", 5432),
     ("redis", 6379),
     ("kafka", 9092),
@@ -268,6 +268,8 @@ fn published_ports_match_spec_and_seed() {
         let ports = published_ports(service(&services, name));
         assert!(ports.contains(&(port, port)), "{name} must publish {port}:{port}, publishes {ports:?}");
     }
+    let notification = published_ports(service(&services, "notification"));
+    assert!(notification.is_empty(), "notification must publish no port (the gateway fronts it): {notification:?}");
     let mut owners: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
     for (name, body) in &services {
         for (host, _) in published_ports(body) {

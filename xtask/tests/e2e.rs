@@ -41,9 +41,15 @@ const SPANS: [&str; 8] = [
     "notification.record",
 ];
 
+/// The spans the outcome of a COMPLETED payment adds to the request's trace (the account outbox
+/// writes the `account.settle` span's `traceparent` into the outcome event): the account relay's
+/// publish, then the payment service's and the notification service's consumers, both its children.
+const OUTCOME_PUBLISH: &str = "kafka.publish payment.completed";
+const OUTCOME_SPANS: [&str; 2] = [OUTCOME_PUBLISH, "payment.outcome"];
+
 struct Stack {
     gateway: String,
-    notification: String,
+    notification_admin: String,
     jaeger: String,
     key: String,
     http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
@@ -59,7 +65,7 @@ impl Stack {
     fn new() -> Option<Stack> {
         Some(Stack {
             gateway: component(var::GATEWAY_URL)?,
-            notification: component(var::NOTIFICATION_URL)?,
+            notification_admin: component(var::NOTIFICATION_ADMIN_URL)?,
             jaeger: component(var::JAEGER_QUERY_URL)?,
             key: component(var::JWT_DEV_KEY)?,
             http: Client::builder(TokioExecutor::new()).build_http(),
@@ -144,11 +150,12 @@ impl Stack {
         }
     }
 
-    async fn notifications(&self, id: &str, expected: usize) -> Vec<Value> {
-        let url = format!("{}/api/v1/notifications?payment_id={id}", self.notification);
+    /// The payment's notifications through the gateway, once `expected` arrived (or the wait ran out).
+    async fn notifications(&self, token: &str, id: &str, expected: usize) -> Vec<Value> {
+        let url = format!("{}/api/v1/payments/{id}/notifications", self.gateway);
         let started = Instant::now();
         loop {
-            let reply = self.call("GET", &url, None, &[], None).await;
+            let reply = self.call("GET", &url, Some(token), &[], None).await;
             assert_eq!(reply.status, 200, "notifications of {id}: {}", reply.body);
             let list = reply.body["notifications"].as_array().cloned().unwrap_or_default();
             if list.len() >= expected || started.elapsed() > SETTLE_WAIT {
@@ -158,18 +165,18 @@ impl Stack {
         }
     }
 
-    /// The span names of one trace in Jaeger, once all `SPANS` arrived (or the wait ran out).
-    async fn trace_spans(&self, trace_id: &str) -> Vec<String> {
+    /// The spans of one trace in Jaeger (its JSON), once all `SPANS` and `OUTCOME_SPANS` and the
+    /// completed event's `notification.record` arrived (or the wait ran out).
+    async fn trace_spans(&self, trace_id: &str) -> Vec<Value> {
         let url = format!("{}/api/traces/{trace_id}", self.jaeger);
         let started = Instant::now();
         loop {
             let reply = self.call("GET", &url, None, &[], None).await;
-            let names: Vec<String> = reply.body["data"][0]["spans"]
-                .as_array()
-                .map(|spans| spans.iter().filter_map(|s| s["operationName"].as_str().map(str::to_owned)).collect())
-                .unwrap_or_default();
-            if SPANS.iter().all(|s| names.iter().any(|n| n == s)) || started.elapsed() > Duration::from_secs(45) {
-                return names;
+            let spans = reply.body["data"][0]["spans"].as_array().cloned().unwrap_or_default();
+            let names = span_names(&spans);
+            let all = SPANS.iter().chain(&OUTCOME_SPANS).all(|s| names.contains(s));
+            if (all && completed_notification(&spans).is_some()) || started.elapsed() > Duration::from_secs(45) {
+                return spans;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -186,7 +193,8 @@ async fn the_payment_flow_end_to_end() {
 }
 
 /// One payment through the gateway: accepted (202 + Location), settled COMPLETED, balances moved
-/// by exactly the amount, one notification per event, and one trace in Jaeger with all 8 spans.
+/// by exactly the amount, one notification per event, and one trace in Jaeger with all 8 spans
+/// and the outcome's consumers, children of the settlement's outcome publish.
 async fn a_payment_settles_with_one_notification_per_event_and_one_trace(stack: &Stack) {
     let (alice, bob) = (stack.token("alice"), stack.token("bob"));
     let (alice_before, bob_before) = (stack.balance(&alice, ALICE_EUR).await, stack.balance(&bob, BOB_EUR).await);
@@ -209,14 +217,72 @@ async fn a_payment_settles_with_one_notification_per_event_and_one_trace(stack: 
     assert_eq!(stack.balance(&alice, ALICE_EUR).await, alice_before - Decimal::new(125, 2));
     assert_eq!(stack.balance(&bob, BOB_EUR).await, bob_before + Decimal::new(125, 2));
 
-    let notifications = stack.notifications(&id, 2).await;
+    let notifications = stack.notifications(&alice, &id, 2).await;
     let kinds: Vec<&str> = notifications.iter().filter_map(|n| n["kind"].as_str()).collect();
     assert_eq!(kinds.len(), 2, "one notification per event (initiated, completed): {notifications:?}");
     assert!(kinds.contains(&"initiated") && kinds.contains(&"completed"), "{kinds:?}");
+    notifications_are_only_for_the_payments_parties(stack, &id, &bob).await;
 
     let spans = stack.trace_spans(&trace_id).await;
-    let missing: Vec<&str> = SPANS.iter().copied().filter(|s| !spans.iter().any(|n| n == s)).collect();
-    assert!(missing.is_empty(), "trace {trace_id} lacks {missing:?}; has {spans:?}");
+    let names = span_names(&spans);
+    let missing: Vec<&str> = SPANS.iter().chain(&OUTCOME_SPANS).copied().filter(|s| !names.contains(s)).collect();
+    assert!(missing.is_empty(), "trace {trace_id} lacks {missing:?}; has {names:?}");
+    // The outcome continues the request's trace from its settlement, not a trace of its own.
+    let named = |name: &str| spans.iter().find(|s| s["operationName"] == name).expect("checked above");
+    let outcome_consumers = [
+        named("payment.outcome"),
+        completed_notification(&spans).expect("a notification.record of the completed event"),
+    ];
+    assert_eq!(parent_name(&spans, named(OUTCOME_PUBLISH)), Some("account.settle"), "trace {trace_id}");
+    for consumer in outcome_consumers {
+        assert_eq!(parent_name(&spans, consumer), Some(OUTCOME_PUBLISH), "trace {trace_id}: {consumer}");
+    }
+}
+
+/// The operation names of Jaeger spans.
+fn span_names(spans: &[Value]) -> Vec<&str> {
+    spans.iter().filter_map(|s| s["operationName"].as_str()).collect()
+}
+
+/// The `notification.record` span of the completed event (its `kind` attribute), if any.
+fn completed_notification(spans: &[Value]) -> Option<&Value> {
+    spans.iter().find(|s| {
+        let tags = s["tags"].as_array().map(Vec::as_slice).unwrap_or_default();
+        s["operationName"] == "notification.record"
+            && tags.iter().any(|t| t["key"] == "kind" && t["value"] == "completed")
+    })
+}
+
+/// The operation name of `span`'s parent (its `CHILD_OF` reference) among `spans`.
+fn parent_name<'a>(spans: &'a [Value], span: &Value) -> Option<&'a str> {
+    let references = span["references"].as_array()?;
+    let parent = references.iter().find(|r| r["refType"] == "CHILD_OF")?["spanID"].as_str()?;
+    spans.iter().find(|s| s["spanID"] == parent)?["operationName"].as_str()
+}
+
+/// The payment's notifications are read under the payment's own object-level authorization: a
+/// subject the payment service does not show the payment to (the payee, a stranger) is refused
+/// exactly as for the payment, no token is 401, and the notification service serves no data on
+/// its own HTTP port.
+async fn notifications_are_only_for_the_payments_parties(stack: &Stack, id: &str, payee: &str) {
+    let url = format!("{}/api/v1/payments/{id}/notifications", stack.gateway);
+    let payment_url = format!("{}/api/v1/payments/{id}", stack.gateway);
+    for token in [payee.to_owned(), stack.token("carol")] {
+        let payment = stack.call("GET", &payment_url, Some(&token), &[], None).await;
+        let listed = stack.call("GET", &url, Some(&token), &[], None).await;
+        assert!([403, 404].contains(&listed.status), "another subject: {} {}", listed.status, listed.body);
+        assert_eq!(
+            (listed.status, &listed.body["code"]),
+            (payment.status, &payment.body["code"]),
+            "as for the payment"
+        );
+        assert_eq!(listed.body.get("notifications"), None, "nothing listed: {}", listed.body);
+    }
+    let anonymous = stack.call("GET", &url, None, &[], None).await;
+    assert_eq!(anonymous.status, 401, "no token: {}", anonymous.body);
+    let direct = format!("{}/api/v1/notifications?payment_id={id}", stack.notification_admin);
+    let direct = stack.call("GET", &direct, None, &[], None).await;
+    assert_eq!(direct.status, 404, "the notification service's HTTP port serves no data: {}", direct.body);
 }
 
 /// Unaffordable payments move nothing: refused up front when the balance plainly cannot cover

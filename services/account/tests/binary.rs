@@ -20,13 +20,13 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::spire::Spire;
 use common::{Infra, Payment, consume, create_topics, dec, wait_until};
 use securepay_account::settlement::DLQ_REASON_HEADER;
 use securepay_core::identity::ServiceIdentity;
 use securepay_core::ids::AccountId;
 use securepay_core::ids::Subject;
 use securepay_core::topology::topic;
+use securepay_identity::testing::Spire;
 use securepay_kafka::KafkaConsumer;
 use securepay_ports::{EventConsumer, EventLog, OutgoingRecord};
 use securepay_proto::account::v1::GetBalanceRequest;
@@ -53,7 +53,10 @@ struct Service {
 
 impl Service {
     async fn new(infra: &Infra, spire: &Spire, batch_len: usize) -> Service {
-        spire.register_account_binary();
+        spire.ensure_registered(
+            std::path::Path::new(env!("CARGO_BIN_EXE_securepay-account")),
+            ServiceIdentity::AccountService,
+        );
         let suffix = format!(".test-{}", Uuid::new_v4().simple());
         let topics: Vec<String> = topic::ALL.iter().map(|t| format!("{t}{suffix}")).collect();
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();

@@ -63,6 +63,7 @@ pub mod method {
     pub const GET_PAYMENT: &str = "/securepay.payment.v1.PaymentService/GetPayment";
     pub const CHECK_BALANCE: &str = "/securepay.account.v1.AccountService/CheckBalance";
     pub const GET_BALANCE: &str = "/securepay.account.v1.AccountService/GetBalance";
+    pub const LIST_NOTIFICATIONS: &str = "/securepay.notification.v1.NotificationService/ListNotifications";
 }
 
 /// SPEC §2 allow-list: which workload may call which method. Everything not listed is denied.
@@ -71,6 +72,7 @@ pub const ALLOWED_CALLERS: &[(&str, &[ServiceIdentity])] = &[
     (method::GET_PAYMENT, &[ServiceIdentity::ApiGateway]),
     (method::CHECK_BALANCE, &[ServiceIdentity::PaymentService]),
     (method::GET_BALANCE, &[ServiceIdentity::ApiGateway]),
+    (method::LIST_NOTIFICATIONS, &[ServiceIdentity::ApiGateway]),
 ];
 
 /// Whether `caller` may invoke `method`. Unknown methods are denied (fail closed).

@@ -13,6 +13,7 @@ use securepay_core::idempotency::IdempotencyKey;
 use securepay_core::ids::{AccountId, PaymentId};
 use securepay_core::money::{Amount, Currency};
 use securepay_proto::account::v1 as account;
+use securepay_proto::notification::v1 as notification;
 use securepay_proto::payment::v1 as payment;
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
@@ -35,22 +36,44 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 #[serde(deny_unknown_fields)]
 pub struct CreatePaymentRequest {
     /// Optional client-chosen payment id (UUID).
-    #[schema(example = "7b0e1f8a-3c5d-4e2f-9a1b-6c7d8e9f0a1b")]
+    #[schema(
+        pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+        example = "7b0e1f8a-3c5d-4e2f-9a1b-6c7d8e9f0a1b"
+    )]
     pub payment_id: Option<String>,
-    #[schema(example = "3f2b8c1e-9d4a-4e7b-8f6a-2c1d0e9b7a65")]
+    /// The payer's account (UUID), owned by the token's subject.
+    #[schema(
+        pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+        example = "a11ce000-0000-4000-8000-000000000001"
+    )]
     pub from_account: String,
-    #[schema(example = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d")]
+    /// The payee's account (UUID), another account of the same currency.
+    #[schema(
+        pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+        example = "b0b00000-0000-4000-8000-000000000001"
+    )]
     pub to_account: String,
     /// A decimal string (`"10.50"`); a JSON number is accepted too and read exactly, never as a
     /// float. At most the currency's minor units of decimals; positive; at most the maximum.
-    #[schema(value_type = String, example = "10.50")]
+    #[schema(schema_with = amount_schema)]
     pub amount: serde_json::Value,
-    /// ISO 4217 alphabetic code.
-    #[schema(example = "EUR")]
+    /// ISO 4217 alphabetic code of a supported currency.
+    #[schema(pattern = "^[A-Z]{3}$", example = "EUR")]
     pub currency: String,
     /// Alternative to the `Idempotency-Key` header (both given must be equal).
-    #[schema(example = "order-1234")]
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,255}$", example = "order-1234")]
     pub idempotency_key: Option<String>,
+}
+
+/// `amount`: a decimal string, or a JSON number read exactly.
+fn amount_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::String).pattern(Some("^[0-9]+(\\.[0-9]+)?$")))
+        .item(ObjectBuilder::new().schema_type(Type::Number).exclusive_minimum(Some(0.0)))
+        .examples([serde_json::json!("10.50")])
+        .build()
+        .into()
 }
 
 /// A payment as the API shows it.
@@ -89,6 +112,40 @@ pub struct BalanceView {
     pub currency: String,
 }
 
+/// One notification of a payment: one per event of its flow.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct NotificationView {
+    pub event_id: String,
+    /// `initiated`, `completed` or `failed`.
+    #[schema(example = "completed")]
+    pub kind: String,
+    /// The payment status the event announces: `PENDING`, `COMPLETED` or `FAILED`.
+    #[schema(example = "COMPLETED")]
+    pub status: String,
+    /// Stable code when the payment `FAILED` (e.g. `insufficient_funds`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    #[schema(example = "10.50")]
+    pub amount: String,
+    #[schema(example = "EUR")]
+    pub currency: String,
+    pub from_account: String,
+    pub to_account: String,
+    /// When the event happened (RFC 3339).
+    #[schema(example = "2026-01-01T12:00:00Z")]
+    pub occurred_at: String,
+    /// When the notification service recorded it (RFC 3339).
+    #[schema(example = "2026-01-01T12:00:00.1Z")]
+    pub recorded_at: String,
+}
+
+/// `GET /api/v1/payments/{id}/notifications`: first recorded first.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct NotificationList {
+    pub payment_id: String,
+    pub notifications: Vec<NotificationView>,
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -96,8 +153,8 @@ pub struct BalanceView {
         description = "Payments between accounts. Errors are RFC 9457 application/problem+json with a stable `code`.",
         license(name = "Apache-2.0"),
     ),
-    paths(create_payment, get_payment, get_balance),
-    components(schemas(CreatePaymentRequest, PaymentView, BalanceView, ProblemDocument)),
+    paths(create_payment, get_payment, list_notifications, get_balance),
+    components(schemas(CreatePaymentRequest, PaymentView, BalanceView, NotificationView, NotificationList, ProblemDocument)),
     modifiers(&BearerAuth),
     tags((name = "payments"), (name = "accounts")),
 )]
@@ -268,7 +325,7 @@ fn path_id(path: Result<Path<String>, PathRejection>) -> Result<String, Problem>
     path = "/api/v1/payments",
     tag = "payments",
     request_body(content = CreatePaymentRequest, content_type = "application/json"),
-    params(("Idempotency-Key" = Option<String>, Header, description = "Idempotency key (or the body field idempotency_key)")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Idempotency key (or the body field idempotency_key)", pattern = "^[A-Za-z0-9._:-]{1,255}$")),
     responses(
         (status = 202, description = "Accepted for settlement", body = PaymentView,
             headers(("Location" = String, description = "/api/v1/payments/{payment_id}"),
@@ -330,12 +387,12 @@ pub async fn create_payment(
     Ok(response)
 }
 
-/// Read one payment (only payments touching the caller's accounts).
+/// Read one payment (only the subject that initiated it; the payment service decides).
 #[utoipa::path(
     get,
     path = "/api/v1/payments/{id}",
     tag = "payments",
-    params(("id" = String, Path, description = "Payment id (UUID)")),
+    params(("id" = String, Path, description = "Payment id (UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "The payment", body = PaymentView),
         (status = 400, description = "invalid_payment_id", body = ProblemDocument, content_type = "application/problem+json"),
@@ -343,6 +400,7 @@ pub async fn create_payment(
         (status = 403, description = "forbidden, insufficient_scope", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "payment_not_found", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 429, description = "rate_limited", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "service_unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["payments:read"])),
 )]
@@ -357,12 +415,65 @@ pub async fn get_payment(
     Ok(json(StatusCode::OK, &payment_view(reply.into_inner())?))
 }
 
+/// A backend notification as the API shows it; a malformed one is the platform's fault (502).
+fn notification_view(n: notification::Notification) -> Result<NotificationView, Problem> {
+    Ok(NotificationView {
+        occurred_at: timestamp(n.occurred_at.as_ref()).ok_or_else(bad_gateway)?,
+        recorded_at: timestamp(n.recorded_at.as_ref()).ok_or_else(bad_gateway)?,
+        event_id: n.event_id,
+        kind: n.kind,
+        status: n.status,
+        failure_reason: Some(n.failure_reason).filter(|r| !r.is_empty()),
+        amount: n.amount,
+        currency: n.currency,
+        from_account: n.from_account,
+        to_account: n.to_account,
+    })
+}
+
+/// List a payment's notifications, under the payment's own object-level authorization: the
+/// payment service decides, as for `GET /api/v1/payments/{id}`, before anything is read.
+#[utoipa::path(
+    get,
+    path = "/api/v1/payments/{id}/notifications",
+    tag = "payments",
+    params(("id" = String, Path, description = "Payment id (UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
+    responses(
+        (status = 200, description = "The payment's notifications, first recorded first", body = NotificationList),
+        (status = 400, description = "invalid_payment_id", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "forbidden, insufficient_scope", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "payment_not_found", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 429, description = "rate_limited", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "service_unavailable", body = ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["payments:read"])),
+)]
+pub async fn list_notifications(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, Problem> {
+    let id = payment_id(&path_id(path)?)?;
+    // Object-level authorization first: the payment service shows the payment only to the subject
+    // allowed to read it (403/404 otherwise), and nothing is listed unless it did.
+    let request = grpc_request(payment::GetPaymentRequest { payment_id: id.to_string() }, &principal, &state);
+    state.backends.payment.clone().get_payment(request).await.map_err(|s| problem::from_status(&s))?;
+    let request =
+        grpc_request(notification::ListNotificationsRequest { payment_id: id.to_string() }, &principal, &state);
+    let reply =
+        state.backends.notification.clone().list_notifications(request).await.map_err(|s| problem::from_status(&s))?;
+    let notifications =
+        reply.into_inner().notifications.into_iter().map(notification_view).collect::<Result<Vec<_>, _>>()?;
+    Ok(json(StatusCode::OK, &NotificationList { payment_id: id.to_string(), notifications }))
+}
+
 /// Read the balance of one of the caller's accounts.
 #[utoipa::path(
     get,
     path = "/api/v1/accounts/{id}/balance",
     tag = "accounts",
-    params(("id" = String, Path, description = "Account id (UUID)")),
+    params(("id" = String, Path, description = "Account id (UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "The balance", body = BalanceView),
         (status = 400, description = "invalid_account", body = ProblemDocument, content_type = "application/problem+json"),
@@ -370,6 +481,7 @@ pub async fn get_payment(
         (status = 403, description = "forbidden, insufficient_scope", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "unknown_account", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 429, description = "rate_limited", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "service_unavailable", body = ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["payments:read"])),
 )]

@@ -1,5 +1,6 @@
-//! The gateway's gRPC clients of the payment and account services, built in ONE constructor,
-//! [`Backends::new`]: two channels plus a [`CallInterceptor`] every call passes through.
+//! The gateway's gRPC clients of the payment, account and notification services, built in ONE
+//! constructor, [`Backends::new`]: three channels plus a [`CallInterceptor`] every call passes
+//! through.
 //!
 //! Production builds them with [`Backends::connect`]: mTLS with the gateway's own X.509-SVID
 //! (`spiffe://securepay.dev/api-gateway`, from the SPIRE agent), each server presenting exactly the
@@ -16,6 +17,7 @@ use securepay_core::identity::ServiceIdentity;
 #[cfg(not(madsim))]
 use securepay_identity::x509::WorkloadIdentity;
 use securepay_proto::account::v1::account_service_client::AccountServiceClient;
+use securepay_proto::notification::v1::notification_service_client::NotificationServiceClient;
 use securepay_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use tonic::service::Interceptor;
 #[cfg(madsim)]
@@ -75,35 +77,56 @@ pub type AccountClient =
     AccountServiceClient<tonic::service::interceptor::InterceptedService<BackendChannel, CallInterceptor>>;
 #[cfg(madsim)]
 pub type AccountClient = AccountServiceClient<Channel, CallInterceptor>;
+#[cfg(not(madsim))]
+pub type NotificationClient =
+    NotificationServiceClient<tonic::service::interceptor::InterceptedService<BackendChannel, CallInterceptor>>;
+#[cfg(madsim)]
+pub type NotificationClient = NotificationServiceClient<Channel, CallInterceptor>;
+
+/// The three channels the gateway calls over, one per backend service (or their addresses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Channels<C> {
+    pub payment: C,
+    pub account: C,
+    pub notification: C,
+}
+
+impl<C: Clone> Channels<C> {
+    /// All three backends over one channel (in-process fakes serving every service).
+    pub fn one(channel: C) -> Channels<C> {
+        Channels { payment: channel.clone(), account: channel.clone(), notification: channel }
+    }
+}
 
 /// Cheap to clone: each client shares one HTTP/2 connection.
 #[derive(Clone)]
 pub struct Backends {
     pub payment: PaymentClient,
     pub account: AccountClient,
+    pub notification: NotificationClient,
 }
 
 impl Backends {
-    /// Clients over `payment` and `account`, every call passing through `interceptor`. The binary
-    /// calls it only through [`Backends::connect`].
-    pub fn new(
-        payment: impl Into<BackendChannel>,
-        account: impl Into<BackendChannel>,
-        interceptor: CallInterceptor,
-    ) -> Backends {
+    /// Clients over `channels`, every call passing through `interceptor`. The binary calls it only
+    /// through [`Backends::connect`].
+    pub fn new(channels: Channels<impl Into<BackendChannel>>, interceptor: CallInterceptor) -> Backends {
         Backends {
-            payment: PaymentServiceClient::with_interceptor(payment.into(), interceptor.clone()),
-            account: AccountServiceClient::with_interceptor(account.into(), interceptor),
+            payment: PaymentServiceClient::with_interceptor(channels.payment.into(), interceptor.clone()),
+            account: AccountServiceClient::with_interceptor(channels.account.into(), interceptor.clone()),
+            notification: NotificationServiceClient::with_interceptor(channels.notification.into(), interceptor),
         }
     }
 
-    /// Lazily connecting mTLS clients to `payment_addr` and `account_addr` (host:port), presenting
-    /// `identity`'s current SVID and accepting only the payment service's and the account
-    /// service's SVID respectively.
+    /// Lazily connecting mTLS clients to each address (host:port), presenting `identity`'s current
+    /// SVID and accepting only the SVID of the service that address is supposed to be.
     #[cfg(not(madsim))]
-    pub fn connect(payment_addr: &str, account_addr: &str, identity: &WorkloadIdentity) -> anyhow::Result<Backends> {
-        let payment = securepay_identity::grpc::channel(payment_addr, ServiceIdentity::PaymentService, identity)?;
-        let account = securepay_identity::grpc::channel(account_addr, ServiceIdentity::AccountService, identity)?;
-        Ok(Backends::new(payment, account, CallInterceptor::none()))
+    pub fn connect(addrs: &Channels<String>, identity: &WorkloadIdentity) -> anyhow::Result<Backends> {
+        use securepay_identity::grpc::channel;
+        let channels = Channels {
+            payment: channel(&addrs.payment, ServiceIdentity::PaymentService, identity)?,
+            account: channel(&addrs.account, ServiceIdentity::AccountService, identity)?,
+            notification: channel(&addrs.notification, ServiceIdentity::NotificationService, identity)?,
+        };
+        Ok(Backends::new(channels, CallInterceptor::none()))
     }
 }

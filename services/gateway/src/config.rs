@@ -10,6 +10,7 @@ use securepay_core::money::AmountPolicy;
 pub const ENV_LISTEN_ADDR: &str = "SECUREPAY_LISTEN_ADDR";
 pub const ENV_PAYMENT_ADDR: &str = "SECUREPAY_PAYMENT_ADDR";
 pub const ENV_ACCOUNT_ADDR: &str = "SECUREPAY_ACCOUNT_ADDR";
+pub const ENV_NOTIFICATION_ADDR: &str = "SECUREPAY_NOTIFICATION_ADDR";
 pub const ENV_JWKS_PATH: &str = "SECUREPAY_JWKS_PATH";
 pub const ENV_JWT_ISSUER: &str = "SECUREPAY_JWT_ISSUER";
 pub const ENV_JWT_AUDIENCE: &str = "SECUREPAY_JWT_AUDIENCE";
@@ -100,8 +101,8 @@ impl Default for GatewayConfig {
 #[derive(Debug, Clone)]
 pub struct ProcessConfig {
     pub listen_addr: std::net::SocketAddr,
-    pub payment_addr: String,
-    pub account_addr: String,
+    /// The backends' gRPC addresses (host:port).
+    pub backends: crate::backends::Channels<String>,
     pub jwks_path: PathBuf,
     pub gateway: GatewayConfig,
 }
@@ -167,8 +168,11 @@ impl ProcessConfig {
             listen_addr: listen.parse().map_err(|_| {
                 anyhow::anyhow!("{ENV_LISTEN_ADDR} must be an address like 127.0.0.1:8080, not {listen:?}")
             })?,
-            payment_addr: host_port(ENV_PAYMENT_ADDR)?,
-            account_addr: host_port(ENV_ACCOUNT_ADDR)?,
+            backends: crate::backends::Channels {
+                payment: host_port(ENV_PAYMENT_ADDR)?,
+                account: host_port(ENV_ACCOUNT_ADDR)?,
+                notification: host_port(ENV_NOTIFICATION_ADDR)?,
+            },
             jwks_path: PathBuf::from(
                 std::env::var(ENV_JWKS_PATH).map_err(|_| anyhow::anyhow!("{ENV_JWKS_PATH} is not set"))?,
             ),

@@ -1,6 +1,6 @@
 //! securepay-gateway: the public edge (SPEC §2–§5, §8) — the `/api/v1` HTTP API on axum, JWT
 //! verification, rate limits, strict input, RFC 9457 errors, the OpenAPI document — in front of
-//! the payment and account services (gRPC).
+//! the payment, account and notification services (gRPC).
 //!
 //! [`router`] builds the whole HTTP application, so tests drive it in-process. Module map:
 //! [`edge`] (request id, limits, timeout, problem rendering, RED metrics), [`auth`] (JWT/JWKS),
@@ -32,7 +32,7 @@ use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 pub use auth::Authenticator;
-pub use backends::Backends;
+pub use backends::{Backends, Channels};
 pub use config::GatewayConfig;
 pub use ratelimit::RateLimits;
 
@@ -85,6 +85,7 @@ pub fn router(state: AppState) -> Router {
     let resources = Router::new()
         .route("/api/v1/payments", post(api::create_payment))
         .route("/api/v1/payments/{id}", get(api::get_payment))
+        .route("/api/v1/payments/{id}/notifications", get(api::list_notifications))
         .route("/api/v1/accounts/{id}/balance", get(api::get_balance))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), api::authenticate));
     Router::new()

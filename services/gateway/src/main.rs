@@ -4,13 +4,13 @@
 //! signing key and JWKS; `token --key PEM --sub alice [--scope ..] [--ttl ..]` mints a development
 //! token; `openapi` prints the OpenAPI document; `identity` prints this process's SVID.
 //!
-//! Serving calls the payment and account services over mTLS only, with the gateway's X.509-SVID
+//! Serving calls the payment, account and notification services over mTLS only, with the gateway's X.509-SVID
 //! (`spiffe://securepay.dev/api-gateway`) from the SPIRE agent; without one within 30 s the gateway
 //! does not start (one line on stderr, exit status 1): it fails closed.
 //!
 //! Environment (serve): `SPIFFE_ENDPOINT_SOCKET` (required: the SPIRE agent's Workload API,
-//! `unix:///path/api.sock`), `SECUREPAY_LISTEN_ADDR` (default 127.0.0.1:8080), `SECUREPAY_PAYMENT_ADDR` and
-//! `SECUREPAY_ACCOUNT_ADDR` (host:port, required), `SECUREPAY_JWKS_PATH` (required),
+//! `unix:///path/api.sock`), `SECUREPAY_LISTEN_ADDR` (default 127.0.0.1:8080), `SECUREPAY_PAYMENT_ADDR`,
+//! `SECUREPAY_ACCOUNT_ADDR` and `SECUREPAY_NOTIFICATION_ADDR` (host:port, required), `SECUREPAY_JWKS_PATH` (required),
 //! `SECUREPAY_JWT_ISSUER` (default https://auth.securepay.dev), `SECUREPAY_JWT_AUDIENCE` (default
 //! securepay-api), `SECUREPAY_RATE_LIMIT_IP_PER_S`/`_IP_BURST` (50/100),
 //! `SECUREPAY_RATE_LIMIT_SUBJECT_PER_S`/`_SUBJECT_BURST` (10/20), `SECUREPAY_REQUEST_TIMEOUT_MS`
@@ -96,12 +96,13 @@ mod real {
         let config = ProcessConfig::from_env()?;
         let jwt: JwtConfig = config.gateway.jwt.clone();
         let auth = Authenticator::from_jwks_file(&config.jwks_path, jwt)?;
+        // Before the SVID is fetched, so its first expiry reading is exported.
+        let metrics = securepay_runtime::install_metrics()?;
+        securepay_gateway::register_known_series();
         // Fail closed: no SVID, no gateway (the error names the agent and the SPIFFE ID).
         let identity = WorkloadIdentity::from_env(ServiceIdentity::ApiGateway).await?;
         tracing::info!(service = "gateway", spiffe_id = ServiceIdentity::ApiGateway.spiffe_id(), "SVID obtained");
-        let backends = Backends::connect(&config.payment_addr, &config.account_addr, &identity)?;
-        let metrics = securepay_runtime::install_metrics()?;
-        securepay_gateway::register_known_series();
+        let backends = Backends::connect(&config.backends, &identity)?;
         let state = AppState::new(config.gateway.clone(), auth, backends, Some(metrics));
 
         let janitor_state = state.clone();

@@ -1,12 +1,9 @@
 //! The gateway driven in-process (`tower::ServiceExt::oneshot`) in front of in-process tonic
-//! servers that implement payment.v1 and account.v1 and RECORD every call: "nothing written" below
+//! servers that implement payment.v1, account.v1 and notification.v1 and RECORD every call: "nothing written" below
 //! means "no backend call was made". The backends also check what the gateway sends them (the
 //! verified subject). Most tests reach the fakes over a test-only plaintext channel; one test runs
 //! them behind the real mTLS transport with SVIDs from the test platform's SPIRE and checks the
 //! gateway is served as `api-gateway` and refuses a server with the wrong identity.
-
-#[path = "support/spire.rs"]
-mod spire;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -24,6 +21,7 @@ use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
 use securepay_gateway::config::{GatewayConfig, JwtConfig, RateQuota};
 use securepay_gateway::{AppState, Authenticator, Backends, api, devkeys};
 use securepay_proto::account::v1 as account;
+use securepay_proto::notification::v1 as notification;
 use securepay_proto::payment::v1 as payment;
 use serde_json::{Value, json};
 use tonic::{Code, Status};
@@ -155,6 +153,36 @@ impl account::account_service_server::AccountService for Fake {
     }
 }
 
+#[tonic::async_trait]
+impl notification::notification_service_server::NotificationService for Fake {
+    async fn list_notifications(
+        &self,
+        request: tonic::Request<notification::ListNotificationsRequest>,
+    ) -> Result<tonic::Response<notification::ListNotificationsResponse>, Status> {
+        let id = request.get_ref().payment_id.clone();
+        self.0.record("ListNotifications", &request, id.clone()).await?;
+        let one = |event: &str, kind: &str, status: &str, failure: &str, at: i64| notification::Notification {
+            event_id: event.to_owned(),
+            kind: kind.to_owned(),
+            status: status.to_owned(),
+            failure_reason: failure.to_owned(),
+            amount: "10.50".into(),
+            currency: "EUR".into(),
+            from_account: FROM.into(),
+            to_account: TO.into(),
+            occurred_at: ts(at),
+            recorded_at: ts(at + 1),
+        };
+        Ok(tonic::Response::new(notification::ListNotificationsResponse {
+            payment_id: id,
+            notifications: vec![
+                one("0196f0c0-0000-7000-8000-000000000001", "initiated", "PENDING", "", 1_767_225_600),
+                one("0196f0c0-0000-7000-8000-000000000002", "failed", "FAILED", "insufficient_funds", 1_767_225_601),
+            ],
+        }))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Harness
 
@@ -174,7 +202,8 @@ async fn start_backend() -> (SocketAddr, Arc<Recorder>) {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(payment::payment_service_server::PaymentServiceServer::new(fake.clone()))
-            .add_service(account::account_service_server::AccountServiceServer::new(fake))
+            .add_service(account::account_service_server::AccountServiceServer::new(fake.clone()))
+            .add_service(notification::notification_service_server::NotificationServiceServer::new(fake))
             .serve_with_incoming(incoming),
     );
     (addr, recorder)
@@ -535,6 +564,61 @@ async fn a_missing_scope_is_403_and_nothing_is_written() {
     gw.assert_no_backend_call("missing scope");
 }
 
+fn notifications_path(id: &str) -> String {
+    format!("/api/v1/payments/{id}/notifications")
+}
+
+#[tokio::test]
+async fn notifications_are_listed_only_after_the_payment_service_let_the_subject_read_the_payment() {
+    let gw = gateway().await;
+    let reply = gw.send(get(&notifications_path(PAYMENT), Some(&gw.token("alice")))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply.bytes));
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let at = |second: &str| format!("2026-01-01T00:00:0{second}Z");
+    assert_eq!(
+        reply.json(),
+        json!({"payment_id": PAYMENT, "notifications": [
+            {"event_id": "0196f0c0-0000-7000-8000-000000000001", "kind": "initiated", "status": "PENDING",
+             "amount": "10.50", "currency": "EUR", "from_account": FROM, "to_account": TO,
+             "occurred_at": at("0"), "recorded_at": at("1")},
+            {"event_id": "0196f0c0-0000-7000-8000-000000000002", "kind": "failed", "status": "FAILED",
+             "failure_reason": "insufficient_funds", "amount": "10.50", "currency": "EUR",
+             "from_account": FROM, "to_account": TO, "occurred_at": at("1"), "recorded_at": at("2")},
+        ]})
+    );
+    let calls: Vec<_> = gw.calls().into_iter().map(|c| (c.method, c.subject.unwrap(), c.detail)).collect();
+    assert_eq!(
+        calls,
+        [
+            ("GetPayment", "alice".to_owned(), PAYMENT.to_owned()),
+            ("ListNotifications", "alice".to_owned(), PAYMENT.to_owned())
+        ],
+        "the payment's object-level check first, as the verified subject"
+    );
+}
+
+#[tokio::test]
+async fn notifications_of_a_payment_the_subject_may_not_read_are_never_listed() {
+    for (code, error, status) in
+        [(Code::PermissionDenied, "forbidden", 403), (Code::NotFound, "payment_not_found", 404)]
+    {
+        let gw = gateway().await;
+        *gw.backend.fail_with.lock().unwrap() = Some(securepay_kit::status::status(code, error, "not yours"));
+        gw.send(get(&notifications_path(PAYMENT), Some(&gw.token("mallory")))).await.assert_problem(status, error);
+        let methods: Vec<_> = gw.calls().into_iter().map(|c| c.method).collect();
+        assert_eq!(methods, ["GetPayment"], "{error}: nothing is listed after a refusal");
+    }
+    let gw = gateway().await;
+    gw.send(get(&notifications_path(PAYMENT), None)).await.assert_problem(401, "unauthorized");
+    let write_only = gw.sign(&gw.claims("alice", "payments:write"));
+    gw.send(get(&notifications_path(PAYMENT), Some(&write_only))).await.assert_problem(403, "insufficient_scope");
+    for hostile in ["not-a-uuid", "..%2F..%2Fadmin", "%00", &"a".repeat(2_000)] {
+        let reply = gw.send(get(&notifications_path(hostile), Some(&gw.token("alice")))).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{hostile:.40}: {}", String::from_utf8_lossy(&reply.bytes));
+    }
+    gw.assert_no_backend_call("no token, no scope, or a malformed id");
+}
+
 #[tokio::test]
 async fn someone_elses_account_is_403_forbidden_from_the_owning_service() {
     let gw = gateway().await;
@@ -778,6 +862,7 @@ fn the_binary_refuses_to_serve_without_an_svid() {
         .env("SECUREPAY_LISTEN_ADDR", "127.0.0.1:0")
         .env("SECUREPAY_PAYMENT_ADDR", "127.0.0.1:1")
         .env("SECUREPAY_ACCOUNT_ADDR", "127.0.0.1:1")
+        .env("SECUREPAY_NOTIFICATION_ADDR", "127.0.0.1:1")
         .env("SECUREPAY_JWKS_PATH", &jwks_path)
         .env("RUST_LOG", "off")
         .output()
@@ -789,13 +874,14 @@ fn the_binary_refuses_to_serve_without_an_svid() {
 }
 
 /// The fakes behind the real mTLS transport, one per service identity (this test executable is
-/// registered with SPIRE as the gateway and as both services).
+/// registered with SPIRE as the gateway and as each of the three services).
 async fn start_mtls_backend(identity: &securepay_identity::x509::WorkloadIdentity, recorder: Arc<Recorder>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let fake = Fake(recorder);
     let routes = tonic::service::Routes::new(payment::payment_service_server::PaymentServiceServer::new(fake.clone()))
-        .add_service(account::account_service_server::AccountServiceServer::new(fake));
+        .add_service(account::account_service_server::AccountServiceServer::new(fake.clone()))
+        .add_service(notification::notification_service_server::NotificationServiceServer::new(fake));
     let identity = identity.clone();
     tokio::spawn(async move {
         let server = tonic::transport::Server::builder();
@@ -809,13 +895,15 @@ async fn start_mtls_backend(identity: &securepay_identity::x509::WorkloadIdentit
 #[tokio::test]
 async fn the_gateway_calls_the_services_over_mtls_as_itself() {
     use securepay_core::identity::ServiceIdentity;
-    let Some(spire) = spire::Spire::from_env() else { return };
+    let Some(spire) = securepay_identity::testing::Spire::from_env() else { return };
     let gateway_id = spire.identity_of_this_test(ServiceIdentity::ApiGateway).await;
     let payment_id = spire.identity_of_this_test(ServiceIdentity::PaymentService).await;
     let account_id = spire.identity_of_this_test(ServiceIdentity::AccountService).await;
     let recorder = Arc::new(Recorder::default());
     let payment_addr = start_mtls_backend(&payment_id, recorder.clone()).await;
     let account_addr = start_mtls_backend(&account_id, recorder.clone()).await;
+    let notification_id = spire.identity_of_this_test(ServiceIdentity::NotificationService).await;
+    let notification_addr = start_mtls_backend(&notification_id, recorder.clone()).await;
 
     let dir = tempfile::tempdir().unwrap();
     let (key_path, jwks_path) = devkeys::ensure_dev_keys(dir.path()).unwrap();
@@ -824,7 +912,12 @@ async fn the_gateway_calls_the_services_over_mtls_as_itself() {
     let token = devkeys::mint_token(&key, &config.jwt, "alice", "payments:read payments:write", 60).unwrap();
     let app_with = |payment: &str, account: &str| {
         let auth = Authenticator::from_jwks_file(&jwks_path, config.jwt.clone()).unwrap();
-        let backends = Backends::connect(payment, account, &gateway_id).unwrap();
+        let addrs = securepay_gateway::Channels {
+            payment: payment.to_owned(),
+            account: account.to_owned(),
+            notification: notification_addr.clone(),
+        };
+        let backends = Backends::connect(&addrs, &gateway_id).unwrap();
         securepay_gateway::router(AppState::new(config.clone(), auth, backends, None))
     };
     let send = |app: Router, mut request: Request<Body>| async move {
@@ -834,10 +927,19 @@ async fn the_gateway_calls_the_services_over_mtls_as_itself() {
 
     let app = app_with(&payment_addr, &account_addr);
     assert_eq!(send(app.clone(), get(&balance_path(FROM), Some(&token))).await, StatusCode::OK);
-    assert_eq!(send(app, post(Some(&token), payment_body().to_string())).await, StatusCode::ACCEPTED);
+    assert_eq!(send(app.clone(), post(Some(&token), payment_body().to_string())).await, StatusCode::ACCEPTED);
+    assert_eq!(send(app, get(&notifications_path(PAYMENT), Some(&token))).await, StatusCode::OK);
     let calls = recorder.calls.lock().unwrap().clone();
     let seen: Vec<(&str, Option<&str>)> = calls.iter().map(|c| (c.method, c.peer.as_deref())).collect();
-    assert_eq!(seen, [("GetBalance", Some(GATEWAY_ID)), ("InitiatePayment", Some(GATEWAY_ID))]);
+    assert_eq!(
+        seen,
+        [
+            ("GetBalance", Some(GATEWAY_ID)),
+            ("InitiatePayment", Some(GATEWAY_ID)),
+            ("GetPayment", Some(GATEWAY_ID)),
+            ("ListNotifications", Some(GATEWAY_ID)),
+        ]
+    );
 
     // The account service's address given as the payment service's: its SVID is not the payment
     // service's, so the gateway never sends it the call.
@@ -847,7 +949,7 @@ async fn the_gateway_calls_the_services_over_mtls_as_itself() {
         StatusCode::SERVICE_UNAVAILABLE
     );
     assert_eq!(send(crossed, get(&balance_path(FROM), Some(&token))).await, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(recorder.calls.lock().unwrap().len(), 2, "no call reached a server with the wrong identity");
+    assert_eq!(recorder.calls.lock().unwrap().len(), 4, "no call reached a server with the wrong identity");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -959,9 +1061,9 @@ async fn metrics_name_the_route_template_and_the_auth_failure_reason() {
     );
 }
 
-/// TEST-ONLY transport: both clients over one lazily connecting plaintext channel to the
+/// TEST-ONLY transport: every client over one lazily connecting plaintext channel to the
 /// in-process fakes at `addr` (the binary only ever uses `Backends::connect`, mTLS).
 fn plaintext_backends(addr: &str) -> Backends {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
-    Backends::new(channel.clone(), channel, securepay_gateway::backends::CallInterceptor::none())
+    Backends::new(securepay_gateway::Channels::one(channel), securepay_gateway::backends::CallInterceptor::none())
 }

@@ -315,9 +315,9 @@ async fn a_refused_request_is_still_logged_inside_its_span_with_the_clients_trac
     assert_eq!(line["fields"]["status"], 401, "{line}");
 }
 
-/// TEST-ONLY transport: both clients over one lazily connecting plaintext channel to the
+/// TEST-ONLY transport: every client over one lazily connecting plaintext channel to the
 /// in-process fakes at `addr` (the binary only ever uses `Backends::connect`, mTLS).
 fn plaintext_backends(addr: &str) -> Backends {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
-    Backends::new(channel.clone(), channel, securepay_gateway::backends::CallInterceptor::none())
+    Backends::new(securepay_gateway::Channels::one(channel), securepay_gateway::backends::CallInterceptor::none())
 }

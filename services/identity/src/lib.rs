@@ -15,6 +15,8 @@
 
 #[cfg(not(madsim))]
 pub mod grpc;
+#[cfg(all(not(madsim), feature = "testing"))]
+pub mod testing;
 #[cfg(not(madsim))]
 pub mod x509;
 

@@ -20,6 +20,13 @@ pub mod account {
 }
 
 #[allow(clippy::all, unreachable_pub, missing_docs)]
+pub mod notification {
+    pub mod v1 {
+        tonic::include_proto!("securepay.notification.v1");
+    }
+}
+
+#[allow(clippy::all, unreachable_pub, missing_docs)]
 pub mod events {
     pub mod v1 {
         tonic::include_proto!("securepay.events.v1");

@@ -33,10 +33,10 @@ pub mod var {
     pub const PROMETHEUS_URL: &str = "SECUREPAY_TEST_PROMETHEUS_URL";
     /// The runner's state directory for this test run.
     pub const STATE_DIR: &str = "SECUREPAY_TEST_STATE_DIR";
-    /// The services of the test platform (end-to-end tests): base URLs of the gateway, the
-    /// notification service and the admin listeners of payment and account.
+    /// The services of the test platform (end-to-end tests): base URLs of the gateway and of the
+    /// admin listeners of notification, payment and account.
     pub const GATEWAY_URL: &str = "SECUREPAY_TEST_GATEWAY_URL";
-    pub const NOTIFICATION_URL: &str = "SECUREPAY_TEST_NOTIFICATION_URL";
+    pub const NOTIFICATION_ADMIN_URL: &str = "SECUREPAY_TEST_NOTIFICATION_ADMIN_URL";
     pub const PAYMENT_ADMIN_URL: &str = "SECUREPAY_TEST_PAYMENT_ADMIN_URL";
     pub const ACCOUNT_ADMIN_URL: &str = "SECUREPAY_TEST_ACCOUNT_ADMIN_URL";
     /// The development JWT signing key the gateway trusts (mint tokens with `securepay-gateway token`).

@@ -26,8 +26,6 @@ use sqlx::postgres::PgPoolOptions;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-pub mod spire;
-
 pub const PARTITIONS: i32 = 3;
 
 /// The real components of one test.

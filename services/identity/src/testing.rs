@@ -1,16 +1,18 @@
-//! The real SPIRE of the test platform, for tests that hold SVIDs themselves (the test executable
-//! is registered by its path as the workloads it plays).
+//! TESTS ONLY (feature `testing`): the real SPIRE of the test platform, for tests that hold SVIDs
+//! themselves (the test executable is registered by its path as the workloads it plays) or run a
+//! service binary (which serves gRPC over mTLS only and does not start without its SVID).
 //!
-//! Registration entries are created idempotently and left in place; the runner replaces every
-//! entry of a SecurePay ID that is not its own at its next start.
+//! Registration entries are created idempotently and left in place: a binary's entry is the one
+//! the runner itself creates when the build directory is the workspace's `target/`, and the runner
+//! replaces every other entry of a SecurePay ID at its next start.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::x509::WorkloadIdentity;
 use securepay_core::identity::ServiceIdentity;
-use securepay_identity::x509::WorkloadIdentity;
 use securepay_testkit::{component, var};
 
 /// The agent syncs new entries within a few seconds; this bounds the wait for an SVID.
