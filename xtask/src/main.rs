@@ -7,6 +7,7 @@
 //!   `cargo xtask sim`: the whole-platform simulation sweep with its controls as flags;
 //! - `load/`       — `cargo xtask load`: the load generator against a running platform;
 //! - `bench/`      — `cargo xtask bench`: pgbench baseline + a ramp of load steps, table/JSON/SVG;
+//! - `deny.rs`     — `cargo xtask deny`: the dependency policy with cargo-deny from the tool cache;
 //! - `components/` — one file per infrastructure process (PostgreSQL, Redis, Kafka, Prometheus,
 //!   ...); see `components/mod.rs` for how to add one;
 //! - `services.rs` — the four SecurePay services and their port table;
@@ -23,10 +24,12 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod apifuzz;
 mod bench;
 mod builds;
 mod components;
 mod ctx;
+mod deny;
 mod fsutil;
 mod install;
 mod load;
@@ -102,6 +105,14 @@ enum Command {
     /// Run the whole-platform simulation: fault plans x seeds, with the per-plan report
     /// (`cargo sim --test platform` with the flags turned into its environment).
     Sim(test::SimArgs),
+    /// Check the dependency policy (deny.toml) with cargo-deny from the tool cache (built on first
+    /// use); default: the offline checks the test command runs. `deny advisories` needs the
+    /// RustSec advisory database from the network.
+    Deny {
+        /// cargo-deny checks: bans, licenses, sources, advisories.
+        #[arg(default_values_t = ["bans".to_string(), "licenses".to_string(), "sources".to_string()])]
+        checks: Vec<String>,
+    },
 }
 
 /// The load generator runs on the machine it measures: mimalloc keeps its share small.
@@ -143,6 +154,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Logs { component, tail } => platform::logs(&ctx, &component, tail)?,
         Command::Load(args) => return load::run(&ctx, args),
         Command::Bench(args) => return bench::run(&ctx, args),
+        Command::Deny { checks } => return deny::run(&ctx, &checks),
         Command::Test(_) | Command::Sim(_) => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)

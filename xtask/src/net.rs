@@ -30,8 +30,14 @@ pub fn port_open(port: u16) -> bool {
 
 /// `GET http://127.0.0.1:<port><path>`; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    http_get_with(port, path, &[])
+}
+
+/// `GET http://127.0.0.1:<port><path>` with extra `headers`; returns (status, body).
+pub fn http_get_with(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<(u16, String)> {
     let mut stream = connect(port)?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")?;
+    let extra: String = headers.iter().map(|(name, value)| format!("{name}: {value}\r\n")).collect();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Connection: close\r\n\r\n")?;
     let mut response = String::new();
     stream.take(RESPONSE_BYTES_MAX).read_to_string(&mut response)?;
     let status = response

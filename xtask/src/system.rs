@@ -28,6 +28,8 @@ pub enum Step {
     Prometheus,
     /// `cargo xtask bench`: pgbench against the platform's PostgreSQL.
     Bench,
+    /// `cargo xtask test`'s API fuzzing: schemathesis from PyPI in a virtualenv.
+    ApiFuzz,
 }
 
 impl Step {
@@ -39,6 +41,7 @@ impl Step {
             Step::Kafka => "kafka",
             Step::Prometheus => "prometheus",
             Step::Bench => "bench",
+            Step::ApiFuzz => "api-fuzz",
         }
     }
 }
@@ -74,7 +77,9 @@ pub const NEEDS: &[Need] = &[
     Need { step: Step::Kafka, program: "java", package: "openjdk-17-jre-headless", why: "the Kafka broker" },
     Need { step: Step::Kafka, program: "mvn", package: "maven", why: "fetches the Kafka jars" },
     Need { step: Step::Prometheus, program: "prometheus", package: "prometheus", why: "metrics" },
+    Need { step: Step::Prometheus, program: "promtool", package: "prometheus", why: "tests the alert rules" },
     Need { step: Step::Bench, program: "pgbench", package: "postgresql-client", why: "TPC-B baseline" },
+    Need { step: Step::ApiFuzz, program: "python3", package: "python3-venv", why: "schemathesis runs in a virtualenv" },
 ];
 
 /// Programs xtask runs that the stock image brings (package as the image lists it), or that the

@@ -4,7 +4,9 @@
 //!    running dev platform is never touched);
 //! 2. exports `securepay_testkit::var::*` and `SECUREPAY_INFRA_REQUIRED=1`, so an integration test
 //!    whose component is missing fails instead of skipping;
-//! 3. runs clippy, `cargo test --workspace`, then the madsim simulation tests;
+//! 3. runs clippy, `cargo deny check bans licenses sources` (deny.toml), the `promtool` checks of
+//!    the alert rules and their unit tests, `cargo test --workspace`, then the madsim simulation
+//!    tests;
 //! 4. always tears the test platform down (also after a failure, Ctrl-C or SIGTERM), prints one
 //!    summary line per stage and exits non-zero if any stage failed.
 
@@ -29,6 +31,9 @@ pub struct Args {
     /// Skip `cargo test --workspace`.
     #[arg(long)]
     skip_unit: bool,
+    /// Skip the API fuzzing (schemathesis against the running test gateway).
+    #[arg(long)]
+    skip_api_fuzz: bool,
     /// Skip the deterministic simulation tests (`cargo sim`).
     #[arg(long)]
     skip_sim: bool,
@@ -140,6 +145,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
         runner.stage(&mut stages, "fmt + clippy", vec![fmt, clippy]);
     }
 
+    // The dependency policy (deny.toml), offline: seconds, once cargo-deny is in the tool cache.
+    match crate::deny::check_command(&ctx) {
+        Ok(deny) => runner.stage(&mut stages, "cargo deny", vec![deny]),
+        Err(e) => {
+            timed(&mut stages, "cargo deny", || Err(format!("{e:#}")));
+        }
+    }
+
+    // Seconds, and independent of the platform: the alert rules parse and their unit tests pass.
+    match crate::system::ensure(&ctx, crate::system::Step::Prometheus)
+        .and_then(|()| crate::components::prometheus::promtool_checks(&ctx))
+    {
+        Ok(commands) => runner.stage(&mut stages, "promtool", commands),
+        Err(e) => {
+            timed(&mut stages, "promtool", || Err(format!("{e:#}")));
+        }
+    }
+
     if args.skip_unit {
         skip(&mut stages, "cargo test", "--skip-unit");
     } else if !platform_up {
@@ -152,6 +175,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         cmd.args(&args.cargo_test_args);
         runner.stage(&mut stages, "cargo test", vec![cmd]);
+    }
+
+    if args.skip_api_fuzz {
+        skip(&mut stages, "api fuzzing", "--skip-api-fuzz");
+    } else if !platform_up {
+        skip(&mut stages, "api fuzzing", "the test platform did not come up");
+    } else if !interrupted.load(Ordering::SeqCst) {
+        timed(&mut stages, "api fuzzing", || crate::apifuzz::run(&ctx).map_err(|e| format!("{e:#}")));
     }
 
     if args.skip_sim {

@@ -138,9 +138,15 @@ pub fn conservation(before: &Audit, after: &Audit) -> ConservationLine {
     }
 }
 
-/// One token per owner, minted by `gateway token --key <dev key> --sub <owner> --ttl <ttl>`
-/// (a few processes at a time).
+/// One token per load user `0..n`; see [`mint_tokens_for`].
 pub fn mint_tokens(gateway_bin: &Path, dev_key: &Path, n: usize, ttl_seconds: u64) -> Result<Vec<String>> {
+    mint_tokens_for(gateway_bin, dev_key, &(0..n).map(owner).collect::<Vec<_>>(), ttl_seconds)
+}
+
+/// One token per subject of `owners`, in order, minted by `gateway token --key <dev key> --sub
+/// <owner> --ttl <ttl>` (a few processes at a time).
+pub fn mint_tokens_for(gateway_bin: &Path, dev_key: &Path, owners: &[String], ttl_seconds: u64) -> Result<Vec<String>> {
+    let n = owners.len();
     if !gateway_bin.is_file() {
         bail!("{} is missing: run `cargo xtask up` first", gateway_bin.display());
     }
@@ -152,11 +158,11 @@ pub fn mint_tokens(gateway_bin: &Path, dev_key: &Path, n: usize, ttl_seconds: u6
             .arg("token")
             .arg("--key")
             .arg(dev_key)
-            .args(["--sub", &owner(i), "--ttl", &ttl_seconds.to_string()])
+            .args(["--sub", &owners[i], "--ttl", &ttl_seconds.to_string()])
             .output()
             .with_context(|| format!("running {}", gateway_bin.display()))?;
         if !out.status.success() {
-            bail!("minting a token for {} failed: {}", owner(i), String::from_utf8_lossy(&out.stderr).trim());
+            bail!("minting a token for {} failed: {}", owners[i], String::from_utf8_lossy(&out.stderr).trim());
         }
         let token = String::from_utf8(out.stdout).context("the token is not UTF-8")?.trim().to_string();
         if token.split('.').count() != 3 {
