@@ -55,8 +55,33 @@ impl Selection {
     }
 }
 
+/// One `up` or `down` of a profile at a time: two at once (say `cargo xtask test` in two
+/// terminals) would race to start the same service — the loser's pid file names a process that
+/// exited on a busy port, and the next `up` refuses the survivor as not its own. Held until the
+/// returned file is dropped; the kernel releases it if xtask dies.
+fn exclusive(ctx: &Ctx) -> Result<std::fs::File> {
+    let path = ctx.state.join("run").join("platform.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            ctx.progress.step("platform", "wait for another `cargo xtask up/down` of this profile", || {
+                file.lock().with_context(|| format!("locking {}", path.display()))
+            })?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
 pub fn up(ctx: &Ctx, selection: &Selection) -> Result<()> {
     ctx.create_state_dirs()?;
+    let _one_at_a_time = exclusive(ctx)?;
     eprintln!(
         "SecurePay platform, profile {} ({} build of the services): state {}, tool cache {}",
         ctx.profile,
@@ -135,6 +160,8 @@ fn build_jobs<'a>(ctx: &'a Ctx, selection: &Selection) -> Vec<Job<'a>> {
 }
 
 pub fn down(ctx: &Ctx, selection: &Selection) -> Result<()> {
+    ctx.create_state_dirs()?;
+    let _one_at_a_time = exclusive(ctx)?;
     if selection.includes(SERVICES_NAME) {
         services::down(ctx)?;
     }
