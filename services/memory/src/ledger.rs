@@ -5,8 +5,9 @@
 //! contract the production store keeps:
 //! - single writer: one `std::sync::Mutex`, never held across an `.await` (every method does its
 //!   work synchronously, then returns);
-//! - a batch is atomic: it is applied to a copy of the state, which replaces the state only when the
-//!   whole batch went through; a refused batch writes nothing;
+//! - a batch is atomic: it is checked whole first (`check_batch`; a refused batch writes nothing),
+//!   then applied under the one lock, where no request can fail (each gets its verdict), so no
+//!   other call ever sees part of a batch;
 //! - dedupe by event id AND by payment id: a request whose event, or whose payment, was processed
 //!   before is `Settled::Duplicate(first verdict)` and writes nothing (no money, no outbox event);
 //! - the verdict is `securepay_core::ledger`'s, the one settlement rule;
@@ -33,6 +34,8 @@ use securepay_ports::{
 };
 use time::OffsetDateTime;
 
+use crate::outbox::OutboxRows;
+
 /// Most outbox events one `unpublished`/`mark_published` call handles (as `PgLedgerStore`).
 pub const OUTBOX_BATCH_LEN_MAX: usize = 1024;
 
@@ -52,14 +55,7 @@ pub struct LedgerSnapshot {
     owners: BTreeMap<AccountId, Subject>,
     /// Processed `payment.initiated` events and the payment each settled.
     processed_events: BTreeMap<EventId, PaymentId>,
-    /// Only ever appended to, so an event's sequence is its position + 1.
-    outbox: Vec<OutboxRow>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct OutboxRow {
-    event: OutboxEvent,
-    published: bool,
+    outbox: OutboxRows,
 }
 
 impl MemoryLedgerStore {
@@ -110,20 +106,19 @@ impl MemoryLedgerStore {
     ) -> PortResult<Vec<SettlementResult>> {
         securepay_ports::ledger::check_batch(batch)?;
         let mut state = self.lock();
-        let mut next = state.clone();
+        let before = state.ledger.totals();
         let results: Vec<SettlementResult> = batch
             .iter()
             .enumerate()
-            .map(|(i, request)| SettlementResult { event_id: request.event_id, settled: one(&mut next, i, request) })
+            .map(|(i, request)| SettlementResult { event_id: request.event_id, settled: one(&mut state, i, request) })
             .collect();
-        assert_eq!(next.ledger.totals(), state.ledger.totals(), "a settlement batch changed a currency's total");
-        *state = next;
+        assert_eq!(state.ledger.totals(), before, "a settlement batch changed a currency's total");
         Ok(results)
     }
 
     fn lock(&self) -> MutexGuard<'_, LedgerSnapshot> {
-        // A panic while holding the lock happens only on a broken invariant, which already failed
-        // the run; the state is still the last committed one (batches are swapped in whole).
+        // A panic while holding the lock happens only on a broken invariant (the totals check),
+        // which already failed the run.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -175,16 +170,12 @@ impl LedgerSnapshot {
     fn record_new(&mut self, request: &SettlementRequest, outcome: Outcome, now: OffsetDateTime) {
         self.processed_events.insert(request.event_id, request.transfer.payment_id);
         let event = request.outcome_event(outcome, now);
-        let sequence = i64::try_from(self.outbox.len() + 1).expect("outbox length fits i64");
-        self.outbox.push(OutboxRow {
-            event: OutboxEvent {
-                sequence,
-                topic: event.topic().to_owned(),
-                key: event.payment_id.to_string(),
-                payload: securepay_proto::convert::encode_settled(&event),
-                headers: outbox_headers(&request.outcome_headers),
-            },
-            published: false,
+        self.outbox.push(OutboxEvent {
+            sequence: self.outbox.next_sequence(),
+            topic: event.topic().to_owned(),
+            key: event.payment_id.to_string(),
+            payload: securepay_proto::convert::encode_settled(&event),
+            headers: outbox_headers(&request.outcome_headers),
         });
     }
 }
@@ -235,18 +226,14 @@ impl LedgerStore for MemoryLedgerStore {
 impl Outbox for MemoryLedgerStore {
     async fn unpublished(&self, limit: usize) -> PortResult<Vec<OutboxEvent>> {
         let limit = limit.min(OUTBOX_BATCH_LEN_MAX);
-        let state = self.lock();
-        Ok(state.outbox.iter().filter(|row| !row.published).take(limit).map(|row| row.event.clone()).collect())
+        Ok(self.lock().outbox.unpublished(limit))
     }
 
     async fn mark_published(&self, sequences: &[i64]) -> PortResult<()> {
         if sequences.len() > OUTBOX_BATCH_LEN_MAX {
             return Err(PortError::Refused { rule: "outbox_batch_len_max" });
         }
-        let mut state = self.lock();
-        for row in state.outbox.iter_mut().filter(|row| sequences.contains(&row.event.sequence)) {
-            row.published = true;
-        }
+        self.lock().outbox.mark_published(sequences);
         Ok(())
     }
 }

@@ -20,6 +20,7 @@ pub mod event_log;
 pub mod idempotency;
 pub mod ledger;
 pub mod notifications;
+mod outbox;
 pub mod payments;
 pub mod runtime;
 

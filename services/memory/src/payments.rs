@@ -40,6 +40,7 @@ use securepay_ports::{
 use time::{Duration, OffsetDateTime};
 
 use crate::ledger::OUTBOX_BATCH_LEN_MAX;
+use crate::outbox::OutboxRows;
 
 /// As `PgPaymentStore` (and `PgLedgerStore`) name it, so a caller cannot tell the twin from the real store.
 const COMPONENT: &str = "postgresql";
@@ -64,8 +65,7 @@ struct State {
 pub struct PaymentSnapshot {
     payments: BTreeMap<PaymentId, Payment>,
     keys: BTreeMap<(Subject, IdempotencyKey), KeyRow>,
-    /// Only ever appended to, so an event's sequence is its position + 1.
-    outbox: Vec<OutboxRow>,
+    outbox: OutboxRows,
     event_ids: BTreeSet<EventId>,
 }
 
@@ -93,12 +93,6 @@ impl KeyRow {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct OutboxRow {
-    event: OutboxEvent,
-    published: bool,
-}
-
 impl PaymentSnapshot {
     /// Every payment, in id order.
     pub fn payments(&self) -> impl Iterator<Item = &Payment> {
@@ -115,7 +109,7 @@ impl PaymentSnapshot {
 
     /// Every outbox event, published or not, in sequence order.
     pub fn outbox(&self) -> impl Iterator<Item = &OutboxEvent> {
-        self.outbox.iter().map(|row| &row.event)
+        self.outbox.events()
     }
 }
 
@@ -227,18 +221,15 @@ impl PaymentStore for MemoryPaymentStore {
         stored.updated_at = at_pg_precision(payment.updated_at);
         committed.payments.insert(payment.id, stored);
         committed.event_ids.insert(event.event_id);
-        let sequence = i64::try_from(committed.outbox.len() + 1).expect("outbox length fits i64");
+        let sequence = committed.outbox.next_sequence();
         // Headers are a JSON object in PostgreSQL: one value per name (the last), sorted by name.
         let headers: BTreeMap<String, String> = headers.iter().cloned().collect();
-        committed.outbox.push(OutboxRow {
-            event: OutboxEvent {
-                sequence,
-                topic: topic::PAYMENT_INITIATED.to_owned(),
-                key: payment.id.to_string(),
-                payload: securepay_proto::convert::encode_initiated(event),
-                headers: headers.into_iter().collect(),
-            },
-            published: false,
+        committed.outbox.push(OutboxEvent {
+            sequence,
+            topic: topic::PAYMENT_INITIATED.to_owned(),
+            key: payment.id.to_string(),
+            payload: securepay_proto::convert::encode_initiated(event),
+            headers: headers.into_iter().collect(),
         });
         if let Some((pair, completion)) = claim {
             let completed = KeyState::Completed { response: completion.response.clone(), payment_id: Some(payment.id) };
@@ -312,25 +303,14 @@ impl PaymentStore for MemoryPaymentStore {
 impl Outbox for MemoryPaymentStore {
     async fn unpublished(&self, limit: usize) -> PortResult<Vec<OutboxEvent>> {
         let limit = limit.min(OUTBOX_BATCH_LEN_MAX);
-        let state = self.up()?;
-        Ok(state
-            .committed
-            .outbox
-            .iter()
-            .filter(|row| !row.published)
-            .take(limit)
-            .map(|row| row.event.clone())
-            .collect())
+        Ok(self.up()?.committed.outbox.unpublished(limit))
     }
 
     async fn mark_published(&self, sequences: &[i64]) -> PortResult<()> {
         if sequences.len() > OUTBOX_BATCH_LEN_MAX {
             return Err(refused("outbox_batch_len_max"));
         }
-        let mut state = self.up()?;
-        for row in state.committed.outbox.iter_mut().filter(|row| sequences.contains(&row.event.sequence)) {
-            row.published = true;
-        }
+        self.up()?.committed.outbox.mark_published(sequences);
         Ok(())
     }
 }
