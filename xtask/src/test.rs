@@ -305,6 +305,7 @@ fn sim_command(cargo: &str) -> Command {
     let mut cmd = Command::new(cargo);
     cmd.args(["test", "-p", "securepay-sim", "--features", "sim"])
         .args(["--config", "target.'cfg(all())'.rustflags=['--cfg','madsim']", "--target-dir", "target/sim"])
+        .args(["--profile", "sim"])
         .env_remove("RUSTFLAGS");
     cmd
 }
