@@ -257,23 +257,22 @@ fn observe(observed: &SharedObserved, f: impl FnOnce(&mut Observed)) {
     f(&mut observed.lock().unwrap_or_else(|p| p.into_inner()));
 }
 
-/// One workload client: its HTTP client on its node, its tokens, its record.
+/// The end users' bearer tokens, shared by every client of a run: a user holds one token and
+/// uses it from every client (as from a phone and a browser), so a run mints one per subject (on
+/// the simulated clock) instead of one per (client, subject); a `401` to a token believed valid
+/// replaces it for everyone.
 #[derive(Clone)]
-struct Client {
-    index: usize,
-    http: RemoteHttp,
+pub struct Wallet {
     issuer: DevIssuer,
     tokens: Arc<Mutex<BTreeMap<Subject, String>>>,
-    requests: Arc<AtomicU64>,
-    observed: SharedObserved,
-    /// The client's pause between operations (later reads wait up to this).
-    pace: Duration,
-    /// Reads scheduled for later, awaited before the client finishes.
-    later: Arc<Mutex<Vec<madsim::task::JoinHandle<()>>>>,
 }
 
-impl Client {
-    /// The bearer token of `subject` (minted once per client, on the simulated clock).
+impl Wallet {
+    pub fn new() -> Wallet {
+        Wallet { issuer: DevIssuer::new(), tokens: Arc::default() }
+    }
+
+    /// The bearer token of `subject` (minted once per run, on the simulated clock).
     fn token(&self, subject: &Subject) -> String {
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         tokens.entry(subject.clone()).or_insert_with(|| self.issuer.token(subject)).clone()
@@ -284,7 +283,29 @@ impl Client {
         let fresh = self.issuer.token(subject);
         self.tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(subject.clone(), fresh);
     }
+}
 
+impl Default for Wallet {
+    fn default() -> Wallet {
+        Wallet::new()
+    }
+}
+
+/// One workload client: its HTTP client on its node, the users' tokens, its record.
+#[derive(Clone)]
+struct Client {
+    index: usize,
+    http: RemoteHttp,
+    wallet: Wallet,
+    requests: Arc<AtomicU64>,
+    observed: SharedObserved,
+    /// The client's pause between operations (later reads wait up to this).
+    pace: Duration,
+    /// Reads scheduled for later, awaited before the client finishes.
+    later: Arc<Mutex<Vec<madsim::task::JoinHandle<()>>>>,
+}
+
+impl Client {
     /// A fresh request id (`X-Request-Id`).
     fn request_id(&self) -> String {
         format!("c{}-{}", self.index, self.requests.fetch_add(1, Ordering::SeqCst))
@@ -294,15 +315,21 @@ impl Client {
 /// Starts client `index` on its own node: it plays `ops`, pausing a random time up to `pace`
 /// before each, re-sends until `deadline` and starts nothing after it; the hostile probes go out
 /// before randomly chosen operations. Returns when it is done.
-pub async fn run_client(index: usize, ops: Vec<Op>, pace: Duration, deadline: Instant, observed: SharedObserved) {
+pub async fn run_client(
+    index: usize,
+    ops: Vec<Op>,
+    pace: Duration,
+    deadline: Instant,
+    wallet: Wallet,
+    observed: SharedObserved,
+) {
     let node = Handle::current().create_node().name(format!("client-{index}")).ip(client_ip(index)).build();
     let task = node.spawn(async move {
         let http = RemoteHttp::connect(http_addr(), CLIENT_TIMEOUT).await;
         let client = Client {
             index,
             http,
-            issuer: DevIssuer::new(),
-            tokens: Arc::default(),
+            wallet,
             requests: Arc::default(),
             observed: Arc::clone(&observed),
             pace,
@@ -320,7 +347,13 @@ pub async fn run_client(index: usize, ops: Vec<Op>, pace: Duration, deadline: In
             for n in 0..HOSTILE_PER_CLIENT.min(kinds.len()) {
                 let kind = kinds.swap_remove(thread_rng().gen_range(0..kinds.len()));
                 let key = format!("hostile-c{index}-{n}");
-                let probe = kind.probe(&client.issuer, &client.token(&pay.subject), &pay, &key, &client.request_id());
+                let probe = kind.probe(
+                    &client.wallet.issuer,
+                    &client.wallet.token(&pay.subject),
+                    &pay,
+                    &key,
+                    &client.request_id(),
+                );
                 probes.push((thread_rng().gen_range(0..total), probe));
             }
         }
@@ -340,7 +373,7 @@ pub async fn run_client(index: usize, ops: Vec<Op>, pace: Duration, deadline: In
             match op {
                 Op::Pay(pay) => pay_op(&client, pay, deadline).await,
                 Op::ReadBalance { subject, account } => {
-                    let request = edge::get_balance(&client.request_id(), &client.token(&subject), account);
+                    let request = edge::get_balance(&client.request_id(), &client.wallet.token(&subject), account);
                     let answer = client.http.send(request).await;
                     if let Ok(response) = answer.as_ref()
                         && response.status == StatusCode::OK
@@ -454,7 +487,7 @@ async fn send_until_answered(client: &Client, pay: &Pay, body: Vec<u8>, deadline
     loop {
         let request: Request<Vec<u8>> = edge::create_payment(
             &client.request_id(),
-            Some(&client.token(&pay.subject)),
+            Some(&client.wallet.token(&pay.subject)),
             pay.key.as_str(),
             body.clone(),
         );
@@ -507,7 +540,7 @@ fn refused_valid_token(
     }
     *retries += 1;
     observe(&client.observed, |o| o.valid_token_refused += 1);
-    client.remint(subject);
+    client.wallet.remint(subject);
     true
 }
 
@@ -527,7 +560,7 @@ async fn get_until_answered(
     let mut pause = Duration::from_millis(100);
     let mut token_retries = 0;
     loop {
-        let answer = client.http.send(build(&client.request_id(), &client.token(subject))).await;
+        let answer = client.http.send(build(&client.request_id(), &client.wallet.token(subject))).await;
         let mut wait = pause.mul_f64(thread_rng().gen_range(0.5..1.0));
         if refused_valid_token(client, &answer, subject, &mut token_retries) {
             wait = token_retry_pause();

@@ -48,9 +48,20 @@ pub fn replay_command(plan: &str, seed: u64, planted: Option<PlantedBug>) -> Str
     )
 }
 
-/// Small enough for a seed in well under the budget, mean enough to collide on hot accounts.
-pub fn workload_config() -> WorkloadConfig {
-    WorkloadConfig { clients: 4, ops_per_client: 10, ..WorkloadConfig::default() }
+/// The workload's size and shape, drawn from the seed (issue 17): from 2 clients doing a handful
+/// of operations to 24 clients doing 60 each (a few to several hundred payments), over 2-10
+/// accounts per currency, with a hot-account share from none to most payments, so batching code
+/// sees partial and full batches and hot accounts are contended by many clients.
+pub fn workload_config<R: madsim::rand::Rng + ?Sized>(rng: &mut R) -> WorkloadConfig {
+    let accounts_per_currency = rng.gen_range(2..=10);
+    WorkloadConfig {
+        clients: rng.gen_range(2..=24),
+        ops_per_client: rng.gen_range(5..=60),
+        accounts_per_currency,
+        subjects: rng.gen_range(2..=2 * accounts_per_currency),
+        hot_per_mille: rng.gen_range(0..=800),
+        ..WorkloadConfig::default()
+    }
 }
 
 /// What one seed did, for its summary line and the sweep's report.
@@ -76,7 +87,8 @@ pub async fn run_seed(plan: &Plan, planted: Option<PlantedBug>) -> Outcome {
     let started = Instant::now();
     let mut check = Checker::with_replay(replay_command(&plan.name, run::seed(), planted));
     let schedule = Schedule::draw(plan, &mut thread_rng()).unwrap_or_else(|e| panic!("{e}"));
-    let workload = Workload::draw(&workload_config(), &mut thread_rng());
+    let config = workload_config(&mut thread_rng());
+    let workload = Workload::draw(&config, &mut thread_rng());
     let mut infra = Infra::start(plan);
     infra.planted = planted;
     cluster::open_accounts(&infra, &workload);
@@ -84,16 +96,18 @@ pub async fn run_seed(plan: &Plan, planted: Option<PlantedBug>) -> Outcome {
 
     // Clients re-send until half the liveness bound has passed after healing.
     let observed = SharedObserved::default();
+    let wallet = cluster::Wallet::new();
     let client_deadline = started + plan.safety() + plan.liveness() / 2;
     // A pause of up to `pace` before each operation: on average the operations take the first half
     // of the safety phase, leaving the rest for answers slowed by the faults.
-    let pace = plan.safety() / u32::try_from(workload_config().ops_per_client).expect("small");
+    let pace = plan.safety() / u32::try_from(config.ops_per_client).expect("small");
     let clients: Vec<_> = workload
         .clients
         .iter()
         .enumerate()
         .map(|(i, ops)| {
-            madsim::task::spawn(cluster::run_client(i, ops.clone(), pace, client_deadline, Arc::clone(&observed)))
+            let (ops, wallet, observed) = (ops.clone(), wallet.clone(), Arc::clone(&observed));
+            madsim::task::spawn(cluster::run_client(i, ops, pace, client_deadline, wallet, observed))
         })
         .collect();
     let injected = Injector::new(&infra).run(&schedule).await;
